@@ -1,0 +1,106 @@
+"""Input checks shared by every public op: run once, before any kernel, with errors naming the argument.
+
+Everything here looks only at metadata (dtype, shape, strides, device), so it traces under
+``torch.compile`` without a graph break. The one data-dependent check, labels in ``[0, V)``,
+runs inside the custom op (``rlhf_fast.ops._custom.check_labels_in_range``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def check_logits(logits, name: str = "logits") -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in LOGITS_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() < 1:
+        raise ValueError(f"{name} must have shape [..., V], got a 0-d tensor")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dimension (V = 0)")
+
+
+def check_labels(labels, logits: Tensor, name: str = "labels") -> None:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"{name} must be int64 or int32, got {labels.dtype}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"{name} must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    check_same_device(labels, logits, name)
+
+
+def check_same_device(t: Tensor, ref: Tensor, name: str, ref_name: str = "logits") -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, Tensor) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return temperature
+
+
+def check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return ignore_index
+
+
+def as_rows(logits: Tensor) -> Tensor:
+    """View ``[..., V]`` logits as ``[A, B, V]`` without copying whenever the strides allow.
+
+    Leading dims merge where they are contiguous with each other; two groups of them is what
+    a ``[B, T, V][:, :-1]`` slice needs. A last dim that is not contiguous, or more than two
+    unmergeable groups of leading dims, costs a copy.
+    """
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        logits = logits.contiguous()
+    V = logits.shape[-1]
+    groups: list[int] = []  # sizes of mergeable runs of leading dims, innermost first
+    prev = None  # (stride, size) of the previous, inner, non-trivial dim
+    for size, stride in zip(reversed(logits.shape[:-1]), reversed(logits.stride()[:-1]), strict=True):
+        if size == 1:
+            continue
+        if prev is not None and stride == prev[0] * prev[1]:
+            groups[-1] *= size
+        else:
+            groups.append(size)
+        prev = (stride, size)
+    groups.reverse()
+    if len(groups) > 2:
+        logits = logits.contiguous()
+        groups = [math.prod(groups)]
+    shape = [1] * (2 - len(groups)) + groups
+    return logits.view(shape[0], shape[1], V)
+
+
+def as_rows_pair(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """``as_rows`` for two tensors of one shape: both views get the same ``[A, B]`` split."""
+    p_rows, q_rows = as_rows(p), as_rows(q)
+    if p_rows.shape == q_rows.shape:
+        return p_rows, q_rows
+    for rows, other in ((p_rows, q_rows), (q_rows, p_rows)):
+        try:
+            matched = other.view(rows.shape)
+        except RuntimeError:  # strides of `other` do not admit this split
+            continue
+        return (rows, matched) if rows is p_rows else (matched, rows)
+    return p_rows, q_rows.contiguous().view(p_rows.shape)
+
+
+def flat_labels(labels: Tensor) -> Tensor:
+    """Labels as the kernels want them: contiguous int64 ``[N]`` (a few bytes per token)."""
+    return labels.reshape(-1).to(torch.int64).contiguous()

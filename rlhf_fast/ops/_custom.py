@@ -1,0 +1,185 @@
+"""The kernel interface as registered torch custom ops, with fake implementations and autograd.
+
+Every backend implements four functions on logits viewed as ``[A, B, V]`` (last dim contiguous, the
+two leading strides arbitrary, so a ``logits[:, :-1]`` slice arrives without a copy; ``N = A*B``
+rows; per-row tensors are contiguous ``[N]``; labels int64):
+
+``token_stats_fwd(logits, labels?, temperature, ignore_index, with_logp, with_entropy)``
+    -> ``(logp [N], entropy [N], lse [N])``, float32. With ``x = logits / T``: ``lse = logsumexp(x)``,
+    ``logp = x[label] - lse``, ``entropy = lse - sum softmax(x) * x``. Rows whose label is
+    ``ignore_index`` are skipped (all three 0). Outputs not asked for are empty ``[0]`` tensors.
+``token_stats_bwd(logits, labels?, lse, entropy?, grad_logp?, grad_entropy?, temperature, ignore_index)``
+    -> ``grad_logits [A, B, V]`` in the logits' dtype:
+    ``(g_lp * (onehot - p) - g_H * p * (log p + H)) / T``, zero rows where the label is ignored.
+``kl_fwd(p_logits, q_logits, temperature)`` -> ``(kl [N], lse_p [N], lse_q [N])``, exact KL(P||Q).
+``kl_bwd(p_logits, q_logits, lse_p, lse_q, kl, grad_kl, temperature, need_p, need_q)``
+    -> ``(g * P * (log P - log Q - kl) / T, g * (Q - P) / T)``, each empty ``[0]`` when not needed.
+
+The registered ops take one more argument, ``backend`` (``"triton" | "cpp" | "torch"``), already
+resolved by the caller; the op body looks the function up in ``rlhf_fast._dispatch.TABLE``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlhf_fast._dispatch import TABLE
+
+
+def _rows(t: Tensor) -> int:
+    return t.shape[0] * t.shape[1]
+
+
+def _f32(n: int, like: Tensor) -> Tensor:
+    return like.new_empty(n, dtype=torch.float32)
+
+
+def check_labels_in_range(labels: Tensor, vocab: int, ignore_index: int) -> None:
+    """Labels outside ``[0, V)`` other than ``ignore_index`` must never reach a kernel.
+
+    Runs inside the op body (not in the traced Python), so it works under ``torch.compile``;
+    on CUDA it costs one host synchronization.
+    """
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}"
+        )
+
+
+# ---------------------------------------------------------------------------------------- log-probs
+@torch.library.custom_op("rlhf_fast::token_stats_fwd", mutates_args=())
+def token_stats_fwd(
+    logits: Tensor,
+    labels: Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    with_logp: bool,
+    with_entropy: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if labels is not None:
+        check_labels_in_range(labels, logits.shape[-1], ignore_index)
+    if _rows(logits) == 0:
+        return _f32(0, logits), _f32(0, logits), _f32(0, logits)
+    return TABLE[backend].token_stats_fwd(logits, labels, temperature, ignore_index, with_logp, with_entropy)
+
+
+@token_stats_fwd.register_fake
+def _(logits, labels, temperature, ignore_index, with_logp, with_entropy, backend):
+    n = _rows(logits)
+    return _f32(n if with_logp else 0, logits), _f32(n if with_entropy else 0, logits), _f32(n, logits)
+
+
+@torch.library.custom_op("rlhf_fast::token_stats_bwd", mutates_args=())
+def token_stats_bwd(
+    logits: Tensor,
+    labels: Tensor | None,
+    lse: Tensor,
+    entropy: Tensor | None,
+    grad_logp: Tensor | None,
+    grad_entropy: Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+) -> Tensor:
+    if _rows(logits) == 0:
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return TABLE[backend].token_stats_bwd(
+        logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index
+    )
+
+
+@token_stats_bwd.register_fake
+def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, backend):
+    return logits.new_empty(logits.shape)
+
+
+def _stats_setup(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, with_logp, with_entropy, backend = inputs
+    _, entropy, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(logits, labels, lse, entropy if with_entropy else None)
+    ctx.args = (temperature, ignore_index, with_logp, with_entropy, backend)
+
+
+def _stats_backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    temperature, ignore_index, with_logp, with_entropy, backend = ctx.args
+    grad_logp = grad_logp.contiguous() if with_logp and grad_logp is not None else None
+    grad_entropy = grad_entropy.contiguous() if with_entropy and grad_entropy is not None else None
+    if grad_logp is None and grad_entropy is None:
+        return (None,) * 7
+    grad = token_stats_bwd(
+        logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, backend
+    )
+    return grad, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "rlhf_fast::token_stats_fwd", _stats_backward, setup_context=_stats_setup
+)
+
+
+# --------------------------------------------------------------------------------------------- KL
+@torch.library.custom_op("rlhf_fast::kl_fwd", mutates_args=())
+def kl_fwd(p_logits: Tensor, q_logits: Tensor, temperature: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if _rows(p_logits) == 0:
+        return _f32(0, p_logits), _f32(0, p_logits), _f32(0, p_logits)
+    return TABLE[backend].kl_fwd(p_logits, q_logits, temperature)
+
+
+@kl_fwd.register_fake
+def _(p_logits, q_logits, temperature, backend):
+    n = _rows(p_logits)
+    return _f32(n, p_logits), _f32(n, p_logits), _f32(n, p_logits)
+
+
+@torch.library.custom_op("rlhf_fast::kl_bwd", mutates_args=())
+def kl_bwd(
+    p_logits: Tensor,
+    q_logits: Tensor,
+    lse_p: Tensor,
+    lse_q: Tensor,
+    kl: Tensor,
+    grad_kl: Tensor,
+    temperature: float,
+    need_p: bool,
+    need_q: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    if _rows(p_logits) == 0:
+        return p_logits.new_empty(p_logits.shape), q_logits.new_empty(q_logits.shape)
+    return TABLE[backend].kl_bwd(p_logits, q_logits, lse_p, lse_q, kl, grad_kl, temperature, need_p, need_q)
+
+
+@kl_bwd.register_fake
+def _(p_logits, q_logits, lse_p, lse_q, kl, grad_kl, temperature, need_p, need_q, backend):
+    grad_p = p_logits.new_empty(p_logits.shape) if need_p else _f32(0, p_logits)
+    grad_q = q_logits.new_empty(q_logits.shape) if need_q else _f32(0, q_logits)
+    return grad_p, grad_q
+
+
+def _kl_setup(ctx, inputs, output):
+    p_logits, q_logits, temperature, backend = inputs
+    kl, lse_p, lse_q = output
+    ctx.mark_non_differentiable(lse_p, lse_q)
+    ctx.save_for_backward(p_logits, q_logits, lse_p, lse_q, kl)
+    ctx.args = (temperature, backend)
+
+
+def _kl_backward(ctx, grad_kl, _grad_lse_p, _grad_lse_q):
+    p_logits, q_logits, lse_p, lse_q, kl = ctx.saved_tensors
+    temperature, backend = ctx.args
+    need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_kl is None or not (need_p or need_q):
+        return None, None, None, None
+    grad_p, grad_q = kl_bwd(
+        p_logits, q_logits, lse_p, lse_q, kl, grad_kl.contiguous(), temperature, need_p, need_q, backend
+    )
+    return (grad_p if need_p else None), (grad_q if need_q else None), None, None
+
+
+torch.library.register_autograd("rlhf_fast::kl_fwd", _kl_backward, setup_context=_kl_setup)
