@@ -34,7 +34,7 @@ def _p_times(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def token_stats_fwd(logits, labels, temperature, ignore_index, with_logp, with_entropy):
-    A, B, V = logits.shape
+    A, B, _ = logits.shape
     N = A * B
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
     logp = torch.empty(N, dtype=torch.float32, device=logits.device) if with_logp else _empty(logits)
@@ -80,7 +80,7 @@ def token_stats_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, tempe
 
 
 def kl_fwd(p_logits, q_logits, temperature):
-    A, B, V = p_logits.shape
+    A, B, _ = p_logits.shape
     N = A * B
     kl = torch.empty(N, dtype=torch.float32, device=p_logits.device)
     lse_p = torch.empty_like(kl)

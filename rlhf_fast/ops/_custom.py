@@ -44,9 +44,7 @@ def check_labels_in_range(labels: Tensor, vocab: int, ignore_index: int) -> None
     bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
     if bool(bad.any()):
         first = labels[bad][0].item()
-        raise ValueError(
-            f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}"
-        )
+        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}")
 
 
 # ---------------------------------------------------------------------------------------- log-probs
@@ -112,15 +110,11 @@ def _stats_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     grad_entropy = grad_entropy.contiguous() if with_entropy and grad_entropy is not None else None
     if grad_logp is None and grad_entropy is None:
         return (None,) * 7
-    grad = token_stats_bwd(
-        logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, backend
-    )
+    grad = token_stats_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, backend)
     return grad, None, None, None, None, None, None
 
 
-torch.library.register_autograd(
-    "rlhf_fast::token_stats_fwd", _stats_backward, setup_context=_stats_setup
-)
+torch.library.register_autograd("rlhf_fast::token_stats_fwd", _stats_backward, setup_context=_stats_setup)
 
 
 # --------------------------------------------------------------------------------------------- KL

@@ -95,7 +95,9 @@ def kl_divergence(p_logits: Tensor, q_logits: Tensor, *, temperature: float = 1.
     v.check_logits(p_logits, "p_logits")
     v.check_logits(q_logits, "q_logits")
     if q_logits.shape != p_logits.shape:
-        raise ValueError(f"q_logits must have the shape of p_logits {tuple(p_logits.shape)}, got {tuple(q_logits.shape)}")
+        raise ValueError(
+            f"q_logits must have the shape of p_logits {tuple(p_logits.shape)}, got {tuple(q_logits.shape)}"
+        )
     if q_logits.dtype != p_logits.dtype:
         raise TypeError(f"q_logits must have the dtype of p_logits ({p_logits.dtype}), got {q_logits.dtype}")
     v.check_same_device(q_logits, p_logits, "q_logits", "p_logits")
