@@ -35,6 +35,9 @@ from rlhf_fast import reference  # noqa: E402
 from rlhf_fast._dispatch import BackendStatus, backends  # noqa: E402
 from rlhf_fast.ops import (  # noqa: E402
     kl_divergence,
+    kl_estimate,
+    ranking_loss,
+    reward_loss,
     token_entropy,
     token_logprobs,
     token_logprobs_and_entropy,
@@ -46,7 +49,10 @@ __all__ = [
     "BackendStatus",
     "backends",
     "kl_divergence",
+    "kl_estimate",
+    "ranking_loss",
     "reference",
+    "reward_loss",
     "token_entropy",
     "token_logprobs",
     "token_logprobs_and_entropy",

@@ -50,3 +50,26 @@ def kl_divergence(p_logits, q_logits, *, temperature=1.0):
     logq = torch.log_softmax(_scaled(q_logits, temperature), dim=-1)
     p = logp.exp()
     return _xlogy_safe(p, logp - logq).sum(-1)
+
+
+def kl_estimate(logprobs, ref_logprobs, kind="k3"):
+    """k1 = logp - ref, k2 = (logp - ref)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1."""
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    return torch.exp(-log_ratio) + log_ratio - 1
+
+
+def reward_loss(chosen_rewards, rejected_rewards, *, margin=None):
+    """-log sigmoid(r_chosen - r_rejected - margin), mean over the batch."""
+    diff = chosen_rewards - rejected_rewards - (0.0 if margin is None else margin)
+    return -torch.log(torch.sigmoid(diff)).mean()
+
+
+def ranking_loss(rewards):
+    """Mean over the batch and all pairs i < j (i ranked better) of -log sigmoid(r_i - r_j)."""
+    K = rewards.shape[1]
+    pairs = [-torch.log(torch.sigmoid(rewards[:, i] - rewards[:, j])) for i in range(K) for j in range(i + 1, K)]
+    return torch.stack(pairs, dim=1).mean()
