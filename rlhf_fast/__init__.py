@@ -34,10 +34,13 @@ _alias_source_kernels()
 from rlhf_fast import reference  # noqa: E402
 from rlhf_fast._dispatch import BackendStatus, backends  # noqa: E402
 from rlhf_fast.ops import (  # noqa: E402
+    dpo_loss,
     kl_divergence,
     kl_estimate,
+    ppo_loss,
     ranking_loss,
     reward_loss,
+    sequence_logprobs,
     token_entropy,
     token_logprobs,
     token_logprobs_and_entropy,
@@ -48,11 +51,14 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendStatus",
     "backends",
+    "dpo_loss",
     "kl_divergence",
     "kl_estimate",
+    "ppo_loss",
     "ranking_loss",
     "reference",
     "reward_loss",
+    "sequence_logprobs",
     "token_entropy",
     "token_logprobs",
     "token_logprobs_and_entropy",

@@ -1,0 +1,287 @@
+"""Policy losses on top of the per-token ops: sequence log-probs, PPO, DPO and its relatives.
+
+The ``[tokens, vocab]`` work is one :func:`token_logprobs_and_entropy` (or :func:`token_logprobs`)
+call; everything after it is element-wise math on ``[B, T]`` numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rlhf_fast import _validate as v
+from rlhf_fast.ops.elementwise import KL_ESTIMATORS, kl_estimate
+from rlhf_fast.ops.token_ops import token_logprobs, token_logprobs_and_entropy
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+
+
+def _per_token(t, name: str, labels: Tensor) -> Tensor:
+    """A float ``[...]`` input that must broadcast to the labels' shape (e.g. ``[B, 1]`` advantages)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    try:
+        shape = torch.broadcast_shapes(t.shape, labels.shape)
+    except RuntimeError:
+        shape = None
+    if shape != labels.shape:
+        raise ValueError(f"{name} must broadcast to the labels' shape {tuple(labels.shape)}, got {tuple(t.shape)}")
+    v.check_same_device(t, labels, name, "labels")
+    return t.float()
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over ``mask``; 0 (not NaN) when nothing is valid."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _aggregate(per_token: Tensor, mask: Tensor, loss_agg: str) -> Tensor:
+    """Reduce a ``[..., T]`` per-token loss; sequences are the rows of the last dim."""
+    if loss_agg == "token-mean":
+        return _masked_mean(per_token, mask)
+    per_seq = (per_token * mask).sum(-1)
+    n_tokens = mask.sum(-1)
+    if loss_agg == "seq-mean-token-mean":
+        per_seq = per_seq / n_tokens.clamp(min=1)
+    # Sequences with no valid token take no part in the mean over sequences.
+    return _masked_mean(per_seq, (n_tokens > 0).float())
+
+
+def sequence_logprobs(
+    logits: Tensor, labels: Tensor, *, ignore_index: int = -100, average: bool = False, backend=None
+) -> Tensor:
+    """Sum (or, with ``average=True``, mean) of the label log-probs over each sequence's valid tokens.
+
+    Args:
+        logits: ``[..., T, V]``; labels: ``[..., T]`` (see :func:`token_logprobs`).
+        average: divide by the number of valid tokens (0 for a sequence with none).
+
+    Returns:
+        ``[...]`` float32.
+    """
+    logp = token_logprobs(logits, labels, ignore_index=ignore_index, backend=backend)
+    total = logp.sum(-1)
+    if not average:
+        return total
+    return total / (labels != ignore_index).sum(-1).clamp(min=1)
+
+
+def ppo_loss(
+    logits: Tensor,
+    labels: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    *,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    loss_agg: str = "token-mean",
+    backend=None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped PPO policy loss (Schulman et al., 2017) with a KL penalty and an entropy bonus.
+
+    Per valid token, with ``ratio = exp(logp - old_logp)``::
+
+        pg = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high))
+        pg = min(pg, -A * dual_clip)                  where A < 0 (dual clip, Ye et al., 2020)
+        loss_t = pg + kl_coef * k(logp, ref_logp) - entropy_coef * entropy
+
+    and ``loss_agg`` reduces ``loss_t``: ``token-mean`` over all valid tokens of the batch,
+    ``seq-mean-token-mean`` (mean per sequence, then over sequences) or ``seq-mean-token-sum``.
+
+    Args:
+        logits: ``[B, T, V]`` (any ``[..., T, V]``) policy logits; labels: ``[B, T]`` sampled tokens.
+        old_logprobs: ``[B, T]`` log-probs under the rollout policy.
+        advantages: ``[B, T]``, or anything broadcasting to it (``[B, 1]`` for sequence-level).
+        clip_eps, clip_eps_high: the clip range ``[1 - clip_eps, 1 + clip_eps_high]``
+            (``clip_eps_high`` defaults to ``clip_eps``; a larger one is DAPO's clip-higher).
+        dual_clip: ``c > 1`` caps the loss of negative-advantage tokens at ``-A * c``.
+        ref_logprobs: ``[B, T]`` reference-policy log-probs for the KL penalty (``kl_coef > 0``).
+        kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (see :func:`rlhf_fast.kl_estimate`).
+        entropy_coef: weight of the entropy bonus.
+        temperature: the sampling temperature the rollout used (logits are divided by it).
+
+    Returns:
+        ``(loss, stats)``: a 0-d float32 loss and float32 0-d detached tensors (no host sync)
+        ``clip_frac`` (share of valid tokens where the clipped branch is taken), ``approx_kl``
+        (mean k3 estimate of KL(new || old) per valid token), ``entropy`` (mean), ``kl_ref``
+        (mean of the KL estimator against the reference; 0 without one).
+    """
+    v.check_logits(logits)
+    v.check_labels(labels, logits)
+    old_logprobs = _per_token(old_logprobs, "old_logprobs", labels)
+    advantages = _per_token(advantages, "advantages", labels)
+    if ref_logprobs is not None:
+        ref_logprobs = _per_token(ref_logprobs, "ref_logprobs", labels)
+    clip_low = _check_range("clip_eps", clip_eps, 0.0, 1.0)
+    clip_high = clip_low if clip_eps_high is None else _check_range("clip_eps_high", clip_eps_high, 0.0, None)
+    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1.0):
+        raise ValueError(f"dual_clip must be a float > 1 or None, got {dual_clip!r}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    if kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError("kl_coef != 0 needs ref_logprobs")
+
+    logp, entropy = token_logprobs_and_entropy(
+        logits, labels, temperature=temperature, ignore_index=ignore_index, backend=backend
+    )
+    mask = (labels != ignore_index).float()
+    # Ignored positions may hold anything (padding, -inf): zero them so 0 * NaN never reaches a sum.
+    valid = mask.bool()
+    old_logprobs = torch.where(valid, old_logprobs, 0.0)
+    advantages = torch.where(valid, advantages, 0.0)
+
+    log_ratio = logp - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg_unclipped = -advantages * ratio
+    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg = torch.maximum(pg_unclipped, pg_clipped)
+    if dual_clip is not None:
+        pg = torch.where(advantages < 0, torch.minimum(pg, -advantages * dual_clip), pg)
+    per_token = pg
+    kl_ref = torch.zeros((), device=logp.device)
+    if ref_logprobs is not None:
+        kl = kl_estimate(logp, torch.where(valid, ref_logprobs, 0.0), kl_estimator)
+        per_token = per_token + kl_coef * kl
+        kl_ref = _masked_mean(kl.detach(), mask)
+    if entropy_coef != 0.0:
+        per_token = per_token - entropy_coef * entropy
+    loss = _aggregate(per_token, mask, loss_agg)
+
+    with torch.no_grad():
+        stats = {
+            "clip_frac": _masked_mean((pg_clipped > pg_unclipped).float(), mask),
+            "approx_kl": _masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),
+            "entropy": _masked_mean(entropy, mask),
+            "kl_ref": kl_ref,
+        }
+    return loss, stats
+
+
+def _check_range(name: str, value, low: float, high: float | None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (value >= low and (high is None or value < high)):
+        bound = f"[{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be in {bound}, got {value}")
+    return float(value)
+
+
+def dpo_loss(
+    chosen_logits: Tensor,
+    chosen_labels: Tensor,
+    rejected_logits: Tensor,
+    rejected_labels: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    average_logprobs: bool = False,
+    nll_coef: float = 0.0,
+    backend=None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Direct Preference Optimization (Rafailov et al., 2023) and its relatives, from logits.
+
+    With sequence log-probs ``pc, pr`` (policy) and ``rc, rr`` (reference) of the chosen and
+    rejected responses and ``z = (pc - rc) - (pr - rr)``, per pair:
+
+    - ``sigmoid``: ``-(1 - ls) * logsigmoid(beta * z) - ls * logsigmoid(-beta * z)``
+      (``ls = label_smoothing > 0``: conservative DPO);
+    - ``hinge``: ``relu(1 - beta * z)`` (SLiC-HF's calibration loss, Zhao et al., 2023);
+    - ``ipo``: ``(z - 1 / (2 * beta))**2`` (Azar et al., 2023);
+    - ``robust``: ``(-(1 - ls) * logsigmoid(beta * z) + ls * logsigmoid(-beta * z)) / (1 - 2 * ls)``
+      (Chowdhury et al., 2024);
+
+    averaged over the batch, plus ``nll_coef`` times the mean NLL of the chosen tokens (the SLiC-HF
+    / RPO regularizer). With both reference tensors ``None`` the loss is reference-free.
+
+    Args:
+        chosen_logits, rejected_logits: ``[B, T, V]`` (may be views into one ``[2B, T, V]`` output).
+        chosen_labels, rejected_labels: ``[B, T]``, ``ignore_index`` on prompt and padding.
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` reference sequence log-probs, or both ``None``.
+        average_logprobs: use per-token means instead of sums for the sequence log-probs.
+
+    Returns:
+        ``(loss, stats)`` with float32 0-d detached ``chosen_rewards`` (mean ``beta * (pc - rc)``),
+        ``rejected_rewards``, ``reward_margin`` and ``reward_accuracy`` (share of pairs with the
+        chosen reward above the rejected one).
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+        raise ValueError(f"beta must be a float > 0, got {beta!r}")
+    ls = _check_range("label_smoothing", label_smoothing, 0.0, 0.5)
+    nll_coef = _check_range("nll_coef", nll_coef, 0.0, None)
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("ref_chosen_logps and ref_rejected_logps must both be tensors or both be None")
+    v.check_logits(chosen_logits, "chosen_logits")
+    v.check_logits(rejected_logits, "rejected_logits")
+    v.check_labels(chosen_labels, chosen_logits, "chosen_labels")
+    v.check_labels(rejected_labels, rejected_logits, "rejected_labels")
+
+    def sequence(logits, labels):
+        logp = token_logprobs(logits, labels, ignore_index=ignore_index, backend=backend)
+        mask = (labels != ignore_index).float()
+        total = logp.sum(-1)
+        return (total / mask.sum(-1).clamp(min=1) if average_logprobs else total), logp, mask
+
+    pc, chosen_token_logp, chosen_mask = sequence(chosen_logits, chosen_labels)
+    pr, _, _ = sequence(rejected_logits, rejected_labels)
+    if ref_chosen_logps is not None:
+        rc = _per_sequence(ref_chosen_logps, "ref_chosen_logps", pc)
+        rr = _per_sequence(ref_rejected_logps, "ref_rejected_logps", pr)
+        chosen_ratio, rejected_ratio = pc - rc, pr - rr
+    else:
+        chosen_ratio, rejected_ratio = pc, pr
+    if chosen_ratio.shape != rejected_ratio.shape:
+        raise ValueError(
+            f"rejected_labels must have as many sequences as chosen_labels: {tuple(rejected_ratio.shape)} "
+            f"vs {tuple(chosen_ratio.shape)}"
+        )
+    z = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -(1 - ls) * F.logsigmoid(beta * z) - ls * F.logsigmoid(-beta * z)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * z)
+    elif loss_type == "ipo":
+        losses = (z - 1 / (2 * beta)) ** 2
+    else:
+        losses = (-(1 - ls) * F.logsigmoid(beta * z) + ls * F.logsigmoid(-beta * z)) / (1 - 2 * ls)
+    loss = losses.mean()
+    if nll_coef != 0.0:
+        loss = loss + nll_coef * _masked_mean(-chosen_token_logp, chosen_mask)
+
+    with torch.no_grad():
+        chosen_rewards = beta * chosen_ratio
+        rejected_rewards = beta * rejected_ratio
+        stats = {
+            "chosen_rewards": chosen_rewards.mean(),
+            "rejected_rewards": rejected_rewards.mean(),
+            "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+            "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+        }
+    return loss, stats
+
+
+def _per_sequence(t, name: str, like: Tensor) -> Tensor:
+    if not isinstance(t, Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor")
+    if t.shape != like.shape:
+        raise ValueError(f"{name} must have shape {tuple(like.shape)} (one value per sequence), got {tuple(t.shape)}")
+    v.check_same_device(t, like, name, "the logits")
+    return t.float()
