@@ -31,7 +31,7 @@ def _alias_source_kernels() -> None:
 
 _alias_source_kernels()
 
-from rlhf_fast import reference  # noqa: E402
+from rlhf_fast import nn, reference  # noqa: E402
 from rlhf_fast._dispatch import BackendStatus, backends  # noqa: E402
 from rlhf_fast.ops import (  # noqa: E402
     dpo_loss,
@@ -54,6 +54,7 @@ __all__ = [
     "dpo_loss",
     "kl_divergence",
     "kl_estimate",
+    "nn",
     "ppo_loss",
     "ranking_loss",
     "reference",
