@@ -1,0 +1,151 @@
+"""Launch configurations shared by the Triton kernels, and the test hook that shrinks them.
+
+Every kernel here runs one program per logits row and walks the row in blocks of ``BLOCK_V``
+columns. The launchers pick a :class:`KernelConfig` from :data:`CONFIGS` (that list is also what
+the ahead-of-time compile test covers), unless a block size is forced:
+
+* ``block_v=`` on any launcher, for one call;
+* ``with force_block_v(64): ...``, for every launch inside the ``with`` block. Tests use this to
+  make rows of a few hundred columns span several blocks under ``TRITON_INTERPRET=1`` without
+  threading a keyword through the public ops.
+
+Nothing here imports triton: ``rlhf_fast.kernels`` stays cheap to import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_v: int  # columns per loop step; a power of two
+    num_warps: int
+
+    def __str__(self) -> str:
+        return f"BLOCK_V={self.block_v},warps={self.num_warps}"
+
+
+# Sized for H100/A100-class GPUs. 4096 columns over 8 warps is 16 values per thread per step:
+# two (bf16) or four (fp32) 16-byte loads in flight per thread and stream, one cross-warp max
+# reduction per 4096 columns, and at most 128 registers per thread (the KL forward; 2 programs of
+# 8 warps per SM), without spills. Vocabularies up to 1024 (toy models, tests) take the small
+# config instead of idling most of a 4096 block. tests/test_triton_aot.py compiles every config
+# for sm_80 and sm_90 and checks the loads, stores and spills.
+CONFIGS: tuple[KernelConfig, ...] = (
+    KernelConfig(block_v=1024, num_warps=4),
+    KernelConfig(block_v=4096, num_warps=8),
+)
+
+_forced_block_v: int | None = None
+
+
+@contextlib.contextmanager
+def force_block_v(block_v: int) -> Iterator[None]:
+    """Make every launch inside the ``with`` block use ``block_v`` columns per step (tests only)."""
+    global _forced_block_v
+    _check_block_v(block_v)
+    previous, _forced_block_v = _forced_block_v, block_v
+    try:
+        yield
+    finally:
+        _forced_block_v = previous
+
+
+def _check_block_v(block_v: int) -> None:
+    if block_v < 16 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
+
+
+def pick_config(vocab: int, block_v: int | None = None) -> KernelConfig:
+    """The config for rows of ``vocab`` columns; ``block_v`` (or :func:`force_block_v`) overrides."""
+    block_v = block_v if block_v is not None else _forced_block_v
+    if block_v is not None:
+        _check_block_v(block_v)
+        # Keep ~16 values per thread, as the tuned configs do.
+        return KernelConfig(block_v, num_warps=min(8, max(1, block_v // 512)))
+    for config in CONFIGS:
+        if vocab <= config.block_v:
+            return config
+    return CONFIGS[-1]
+
+
+def check_rows(name: str, logits: torch.Tensor) -> tuple[int, int, int]:
+    """(A, B, V) of a ``[A, B, V]`` logits view; the kernels rely on a contiguous last dim."""
+    if logits.dim() != 3 or logits.stride(2) != 1:
+        raise ValueError(
+            f"{name} must be a 3-D [A, B, V] view with stride(2) == 1, "
+            f"got shape {tuple(logits.shape)} strides {logits.stride()}"
+        )
+    return logits.shape[0], logits.shape[1], logits.shape[2]
+
+
+def empty_f32(device: torch.device) -> torch.Tensor:
+    """The ``[0]`` float32 placeholder returned for an output that was not asked for."""
+    return torch.empty(0, dtype=torch.float32, device=device)
+
+
+# Triton's name for each logits dtype, as used in a kernel signature ("*bf16").
+TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class AotSpec:
+    """One kernel specialization, as the launchers would JIT it, for kernels/aot.py to compile.
+
+    ``signature`` maps every argument name to a Triton type (``"*bf16"``, ``"i32"``, ``"fp32"``,
+    ``"constexpr"``); ``aligned`` names the arguments the runtime marks divisible by 16 for real
+    inputs (data pointers, and strides/sizes of vocabularies like 32000 or 128256). ``variant``
+    describes the feature switches for tables; ``rows_read``/``rows_written`` count the ``[V]`` row
+    streams the kernel loads/stores per step (what must compile to vector accesses).
+    """
+
+    kernel: object  # the @triton.jit object (a JITFunction, or the interpreter's wrapper)
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    aligned: tuple[str, ...]
+    config: KernelConfig
+    dtype: str
+    rows_read: int
+    rows_written: int
+    variant: str = ""
+
+
+def aot_spec(
+    kernel: object,
+    config: KernelConfig,
+    dtype: str,
+    *,
+    switches: dict[str, bool],
+    types: dict[str, str],
+    rows_read: int,
+    rows_written: int,
+    index_type: str = "i32",
+) -> AotSpec:
+    """The spec of ``kernel`` launched with ``config`` and the constexpr ``switches``.
+
+    Argument types follow the kernels' naming: ``*_ptr`` are pointers (``*fp32`` unless ``types``
+    says otherwise), ``*stride*`` are ``index_type`` (the runtime passes i64 once a stride reaches
+    2**31), other scalars ``i32`` unless in ``types``. Pointers, strides and ``V`` are marked
+    divisible by 16, as the runtime does for aligned tensors and a vocabulary like 32000.
+    """
+    constexprs = {**switches, "BLOCK_V": config.block_v}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in types:
+            signature[name] = types[name]
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32"
+        else:
+            signature[name] = index_type if "stride" in name else "i32"
+    aligned = tuple(n for n in kernel.arg_names if n.endswith("_ptr") or "stride" in n or n == "V")
+    variant = "+".join(name.lower() for name, on in switches.items() if on) or "plain"
+    if index_type != "i32":
+        variant += f"+{index_type}-strides"
+    return AotSpec(kernel, signature, constexprs, aligned, config, dtype, rows_read, rows_written, variant)
