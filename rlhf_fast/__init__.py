@@ -27,6 +27,7 @@ def _alias_source_kernels() -> None:
         module = importlib.util.module_from_spec(spec)
         sys.modules["rlhf_fast.kernels"] = module
         spec.loader.exec_module(module)
+        globals()["kernels"] = module  # as the import system does for a submodule it finds itself
 
 
 _alias_source_kernels()
@@ -34,6 +35,7 @@ _alias_source_kernels()
 from rlhf_fast import nn, reference  # noqa: E402
 from rlhf_fast._dispatch import BackendStatus, backends  # noqa: E402
 from rlhf_fast.ops import (  # noqa: E402
+    cross_entropy,
     dpo_loss,
     kl_divergence,
     kl_estimate,
@@ -51,6 +53,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendStatus",
     "backends",
+    "cross_entropy",
     "dpo_loss",
     "kl_divergence",
     "kl_estimate",

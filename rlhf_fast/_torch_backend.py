@@ -33,50 +33,128 @@ def _p_times(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * x, torch.zeros_like(p))
 
 
-def token_stats_fwd(logits, labels, temperature, ignore_index, with_logp, with_entropy):
+def _row_stats(x, lab, ignore_index, with_entropy, with_mean_logp):
+    """(lse, logp, entropy, mean_logp, valid) of one chunk of scaled rows ``x: [rows, V]``."""
+    lse = torch.logsumexp(x, dim=-1)
+    ent = mean_logp = logp = None
+    valid = None
+    if with_entropy:
+        # -sum p log p with log p = x - lse formed first: lse - sum p x would cancel catastrophically
+        # for large logits.
+        log_p = x - lse[:, None]
+        ent = -_p_times(torch.exp(log_p), log_p).sum(-1)
+    if with_mean_logp:
+        mean_logp = x.mean(-1) - lse
+    if lab is not None:
+        valid = lab != ignore_index
+        picked = x.gather(1, torch.where(valid, lab, 0)[:, None]).squeeze(1)
+        logp = torch.where(valid, picked - lse, 0.0)
+        lse, ent, mean_logp = (None if t is None else torch.where(valid, t, 0.0) for t in (lse, ent, mean_logp))
+    return lse, logp, ent, mean_logp, valid
+
+
+def _outputs(N, like, with_logp, with_entropy, with_mean_logp):
+    def f32(wanted):
+        return torch.empty(N if wanted else 0, dtype=torch.float32, device=like.device)
+
+    return f32(with_logp), f32(with_entropy), f32(True), f32(with_mean_logp)
+
+
+def token_stats_fwd(logits, labels, temperature, ignore_index, with_logp, with_entropy, with_mean_logp):
     A, B, _ = logits.shape
-    N = A * B
-    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
-    logp = torch.empty(N, dtype=torch.float32, device=logits.device) if with_logp else _empty(logits)
-    ent = torch.empty(N, dtype=torch.float32, device=logits.device) if with_entropy else _empty(logits)
+    logp, ent, lse, mean_logp = _outputs(A * B, logits, with_logp, with_entropy, with_mean_logp)
     for a, b0, b1 in _row_chunks(logits):
         r0, r1 = a * B + b0, a * B + b1
         x = logits[a, b0:b1].float() / temperature  # x: [rows, V]
-        row_lse = torch.logsumexp(x, dim=-1)
-        lse[r0:r1] = row_lse
-        if with_entropy:
-            p = torch.exp(x - row_lse[:, None])
-            ent[r0:r1] = row_lse - _p_times(p, x).sum(-1)
-        if with_logp:
-            lab = labels[r0:r1]
-            valid = lab != ignore_index
-            picked = x.gather(1, torch.where(valid, lab, 0)[:, None]).squeeze(1)
-            logp[r0:r1] = torch.where(valid, picked - row_lse, 0.0)
-            lse[r0:r1] = torch.where(valid, row_lse, 0.0)
-            if with_entropy:
-                ent[r0:r1] = torch.where(valid, ent[r0:r1], 0.0)
-    return logp, ent, lse
+        lab = labels[r0:r1] if with_logp else None
+        c_lse, c_logp, c_ent, c_u, _ = _row_stats(x, lab, ignore_index, with_entropy, with_mean_logp)
+        lse[r0:r1] = c_lse
+        for out, val in ((logp, c_logp), (ent, c_ent), (mean_logp, c_u)):
+            if val is not None:
+                out[r0:r1] = val
+    return logp, ent, lse, mean_logp
 
 
-def token_stats_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index):
+def _grad_rows(x, lab, lse, ent, g_lp, g_h, g_u, ignore_index, temperature):
+    """d/d logits of ``g_lp*logp + g_H*H + g_u*u`` for one chunk of scaled rows ``x: [rows, V]``."""
+    log_p = x - lse[:, None]
+    p = torch.exp(log_p)
+    g = torch.zeros_like(x)
+    if g_lp is not None:
+        g -= g_lp[:, None] * p
+        g.scatter_add_(1, torch.where(lab != ignore_index, lab, 0)[:, None], g_lp[:, None])
+    if g_h is not None:
+        g -= g_h[:, None] * _p_times(p, log_p + ent[:, None])
+    if g_u is not None:
+        g += g_u[:, None] * (1.0 / x.shape[-1] - p)
+    if lab is not None:
+        # where, not a product: ignored rows saved lse = 0, so their p may have overflowed to inf.
+        g = torch.where((lab != ignore_index)[:, None], g, 0.0)
+    return g / temperature
+
+
+def token_stats_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature, ignore_index):
     A, B, V = logits.shape
     grad = torch.empty((A, B, V), dtype=logits.dtype, device=logits.device)
     for a, b0, b1 in _row_chunks(logits):
         r0, r1 = a * B + b0, a * B + b1
         x = logits[a, b0:b1].float() / temperature
-        log_p = x - lse[r0:r1, None]
-        p = torch.exp(log_p)
-        g = torch.zeros_like(x)
-        if grad_logp is not None:
-            g_lp = grad_logp[r0:r1, None]
-            g -= g_lp * p
-            g.scatter_add_(1, torch.where(labels[r0:r1] != ignore_index, labels[r0:r1], 0)[:, None], g_lp)
-        if grad_entropy is not None:
-            g -= grad_entropy[r0:r1, None] * _p_times(p, log_p + entropy[r0:r1, None])
-        if labels is not None:
-            g *= (labels[r0:r1] != ignore_index)[:, None]
-        grad[a, b0:b1] = g / temperature
+        sl = slice(r0, r1)
+        grad[a, b0:b1] = _grad_rows(
+            x,
+            None if labels is None else labels[sl],
+            lse[sl],
+            None if entropy is None else entropy[sl],
+            *(None if t is None else t[sl] for t in (grad_logp, grad_entropy, grad_mean_logp)),
+            ignore_index,
+            temperature,
+        )
     return grad
+
+
+def _ppo_coefs(logp, coefs, params):
+    """(g_lp, g_H) of the PPO per-token loss; the formulas of the ``mode == 1`` interface."""
+    old, adv, ref, w = coefs
+    clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef = params
+    ratio = torch.exp(logp - old)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    d_pg = torch.where(unclipped >= clipped, -adv * ratio, 0.0)
+    if dual_clip > 0:
+        capped = (adv < 0) & (torch.maximum(unclipped, clipped) > -adv * dual_clip)
+        d_pg = torch.where(capped, 0.0, d_pg)
+    g_lp = d_pg
+    if kl_coef != 0:
+        d_kl = {1: torch.ones_like(logp), 2: logp - ref, 3: -torch.expm1(ref - logp)}[int(kl_kind)]
+        g_lp = g_lp + kl_coef * d_kl
+    return w * g_lp, -w * entropy_coef
+
+
+def token_stats_fused(
+    logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, mode, coefs, params, grad
+):
+    A, B, _ = logits.shape
+    logp, ent, lse, mean_logp = _outputs(A * B, logits, True, with_entropy, with_mean_logp)
+    for a, b0, b1 in _row_chunks(logits):
+        sl = slice(a * B + b0, a * B + b1)
+        x = logits[a, b0:b1].float() / temperature
+        lab = labels[sl]
+        c_lse, c_logp, c_ent, c_u, _ = _row_stats(x, lab, ignore_index, with_entropy, with_mean_logp)
+        if mode == 0:
+            g_lp, g_h, g_u = coefs[0, sl], coefs[1, sl], coefs[2, sl]
+        else:
+            g_lp, g_h = _ppo_coefs(c_logp, coefs[:, sl], params)
+            g_h, g_u = torch.broadcast_to(torch.as_tensor(g_h, dtype=torch.float32), g_lp.shape), None
+        lse[sl], logp[sl] = c_lse, c_logp
+        if with_entropy:
+            ent[sl] = c_ent
+        if with_mean_logp:
+            mean_logp[sl] = c_u
+        # The chunk is fully read (x is a float32 copy) before its gradient overwrites it in place.
+        grad[a, b0:b1] = _grad_rows(
+            x, lab, c_lse, c_ent, g_lp, g_h if with_entropy else None, g_u, ignore_index, temperature
+        )
+    return logp, ent, lse, mean_logp
 
 
 def kl_fwd(p_logits, q_logits, temperature):

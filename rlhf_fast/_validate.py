@@ -47,10 +47,22 @@ def check_same_device(t: Tensor, ref: Tensor, name: str, ref_name: str = "logits
 def check_temperature(temperature) -> float:
     if isinstance(temperature, Tensor) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
-    temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
+    # Comparisons rather than math.isfinite: under torch.compile a temperature that changes between
+    # calls arrives as a symbolic float, which comparisons handle and math.isfinite does not.
+    if not (0 < temperature < math.inf):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     return temperature
+
+
+def check_float(name: str, value, low: float, high: float | None = None, *, high_inclusive: bool = False) -> float:
+    """A Python number in ``[low, high)`` (``[low, high]`` with ``high_inclusive``; no upper bound if None)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    below_high = high is None or value < high or (high_inclusive and value == high)
+    if not (value >= low and below_high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}{']' if high_inclusive else ')'}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return float(value)
 
 
 def check_ignore_index(ignore_index) -> int:

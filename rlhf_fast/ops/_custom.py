@@ -1,16 +1,27 @@
 """The kernel interface as registered torch custom ops, with fake implementations and autograd.
 
-Every backend implements four functions on logits viewed as ``[A, B, V]`` (last dim contiguous, the
+Every backend implements five functions on logits viewed as ``[A, B, V]`` (last dim contiguous, the
 two leading strides arbitrary, so a ``logits[:, :-1]`` slice arrives without a copy; ``N = A*B``
 rows; per-row tensors are contiguous ``[N]``; labels int64):
 
-``token_stats_fwd(logits, labels?, temperature, ignore_index, with_logp, with_entropy)``
-    -> ``(logp [N], entropy [N], lse [N])``, float32. With ``x = logits / T``: ``lse = logsumexp(x)``,
-    ``logp = x[label] - lse``, ``entropy = lse - sum softmax(x) * x``. Rows whose label is
-    ``ignore_index`` are skipped (all three 0). Outputs not asked for are empty ``[0]`` tensors.
-``token_stats_bwd(logits, labels?, lse, entropy?, grad_logp?, grad_entropy?, temperature, ignore_index)``
+``token_stats_fwd(logits, labels?, temperature, ignore_index, with_logp, with_entropy, with_mean_logp)``
+    -> ``(logp [N], entropy [N], lse [N], mean_logp [N])``, float32. With ``x = logits / T``:
+    ``lse = logsumexp(x)``, ``logp = x[label] - lse``, ``entropy = lse - sum softmax(x) * x`` and
+    ``mean_logp = mean_v log softmax(x)_v`` (what label smoothing needs). Rows whose label is
+    ``ignore_index`` are skipped (all outputs 0). Outputs not asked for are empty ``[0]`` tensors.
+``token_stats_bwd(logits, labels?, lse, entropy?, grad_logp?, grad_entropy?, grad_mean_logp?, temperature,
+ignore_index)``
     -> ``grad_logits [A, B, V]`` in the logits' dtype:
-    ``(g_lp * (onehot - p) - g_H * p * (log p + H)) / T``, zero rows where the label is ignored.
+    ``(g_lp * (onehot - p) - g_H * p * (log p + H) + g_u * (1/V - p)) / T``, zero rows where the
+    label is ignored.
+``token_stats_fused(logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, mode, coefs,
+params, grad)`` -> the outputs of ``token_stats_fwd``, and writes the gradient of a loss into ``grad``
+    (a fresh buffer, or the logits themselves for an in-place backward) in the same pass: each row is
+    read, its coefficients ``(g_lp, g_H, g_u)`` computed, and its gradient row written while the row is
+    still in cache. ``mode 0``: the coefficients are ``coefs [3, N]``. ``mode 1`` (PPO): ``coefs`` is
+    ``[old_logp, adv, ref_logp, weight]`` and ``params`` is ``[clip_low, clip_high, dual_clip (0: off),
+    kl_coef, kl_kind (1|2|3), entropy_coef]``; ``g_lp = w * (d pg / d logp + kl_coef * d k / d logp)``,
+    ``g_H = -w * entropy_coef`` (see ``rlhf_fast._torch_backend._ppo_coefs``).
 ``kl_fwd(p_logits, q_logits, temperature)`` -> ``(kl [N], lse_p [N], lse_q [N])``, exact KL(P||Q).
 ``kl_bwd(p_logits, q_logits, lse_p, lse_q, kl, grad_kl, temperature, need_p, need_q)``
     -> ``(g * P * (log P - log Q - kl) / T, g * (Q - P) / T)``, each empty ``[0]`` when not needed.
@@ -56,19 +67,26 @@ def token_stats_fwd(
     ignore_index: int,
     with_logp: bool,
     with_entropy: bool,
+    with_mean_logp: bool,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if labels is not None:
         check_labels_in_range(labels, logits.shape[-1], ignore_index)
     if _rows(logits) == 0:
-        return _f32(0, logits), _f32(0, logits), _f32(0, logits)
-    return TABLE[backend].token_stats_fwd(logits, labels, temperature, ignore_index, with_logp, with_entropy)
+        return _f32(0, logits), _f32(0, logits), _f32(0, logits), _f32(0, logits)
+    return TABLE[backend].token_stats_fwd(
+        logits, labels, temperature, ignore_index, with_logp, with_entropy, with_mean_logp
+    )
+
+
+def _stats_outputs(logits, with_logp, with_entropy, with_mean_logp):
+    n = _rows(logits)
+    return tuple(_f32(n if wanted else 0, logits) for wanted in (with_logp, with_entropy, True, with_mean_logp))
 
 
 @token_stats_fwd.register_fake
-def _(logits, labels, temperature, ignore_index, with_logp, with_entropy, backend):
-    n = _rows(logits)
-    return _f32(n if with_logp else 0, logits), _f32(n if with_entropy else 0, logits), _f32(n, logits)
+def _(logits, labels, temperature, ignore_index, with_logp, with_entropy, with_mean_logp, backend):
+    return _stats_outputs(logits, with_logp, with_entropy, with_mean_logp)
 
 
 @torch.library.custom_op("rlhf_fast::token_stats_bwd", mutates_args=())
@@ -79,6 +97,7 @@ def token_stats_bwd(
     entropy: Tensor | None,
     grad_logp: Tensor | None,
     grad_entropy: Tensor | None,
+    grad_mean_logp: Tensor | None,
     temperature: float,
     ignore_index: int,
     backend: str,
@@ -86,35 +105,94 @@ def token_stats_bwd(
     if _rows(logits) == 0:
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     return TABLE[backend].token_stats_bwd(
-        logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index
+        logits, labels, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature, ignore_index
     )
 
 
 @token_stats_bwd.register_fake
-def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, backend):
+def _(logits, labels, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature, ignore_index, backend):
     return logits.new_empty(logits.shape)
 
 
 def _stats_setup(ctx, inputs, output):
-    logits, labels, temperature, ignore_index, with_logp, with_entropy, backend = inputs
-    _, entropy, lse = output
+    logits, labels, temperature, ignore_index, with_logp, with_entropy, with_mean_logp, backend = inputs
+    _, entropy, lse, _ = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(logits, labels, lse, entropy if with_entropy else None)
-    ctx.args = (temperature, ignore_index, with_logp, with_entropy, backend)
+    ctx.args = (temperature, ignore_index, (with_logp, with_entropy, with_mean_logp), backend)
 
 
-def _stats_backward(ctx, grad_logp, grad_entropy, _grad_lse):
+def _stats_backward(ctx, grad_logp, grad_entropy, _grad_lse, grad_mean_logp):
     logits, labels, lse, entropy = ctx.saved_tensors
-    temperature, ignore_index, with_logp, with_entropy, backend = ctx.args
-    grad_logp = grad_logp.contiguous() if with_logp and grad_logp is not None else None
-    grad_entropy = grad_entropy.contiguous() if with_entropy and grad_entropy is not None else None
-    if grad_logp is None and grad_entropy is None:
-        return (None,) * 7
-    grad = token_stats_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, backend)
-    return grad, None, None, None, None, None, None
+    temperature, ignore_index, wanted, backend = ctx.args
+    grads = [
+        g.contiguous() if w and g is not None else None
+        for g, w in zip((grad_logp, grad_entropy, grad_mean_logp), wanted, strict=True)
+    ]
+    if all(g is None for g in grads):
+        return (None,) * 8
+    grad = token_stats_bwd(logits, labels, lse, entropy, *grads, temperature, ignore_index, backend)
+    return grad, *(None,) * 7
 
 
 torch.library.register_autograd("rlhf_fast::token_stats_fwd", _stats_backward, setup_context=_stats_setup)
+
+
+# ------------------------------------------------------------------------- gradient in the forward
+def _fused(logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, mode, coefs, params, grad, backend):
+    check_labels_in_range(labels, logits.shape[-1], ignore_index)
+    if _rows(logits) == 0:
+        return _f32(0, logits), _f32(0, logits), _f32(0, logits), _f32(0, logits)
+    return TABLE[backend].token_stats_fused(
+        logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, mode, coefs, params, grad
+    )
+
+
+@torch.library.custom_op("rlhf_fast::token_stats_fused", mutates_args=("grad",))
+def token_stats_fused(
+    logits: Tensor,
+    labels: Tensor,
+    temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+    with_mean_logp: bool,
+    mode: int,
+    coefs: Tensor,
+    params: list[float],
+    grad: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward pass that also writes d loss / d logits into ``grad`` (modes: see module doc)."""
+    args = (with_entropy, with_mean_logp, mode, coefs, params)
+    return _fused(logits, labels, temperature, ignore_index, *args, grad, backend)
+
+
+@torch.library.custom_op("rlhf_fast::token_stats_fused_", mutates_args=("logits",))
+def token_stats_fused_(
+    logits: Tensor,
+    labels: Tensor,
+    temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+    with_mean_logp: bool,
+    mode: int,
+    coefs: Tensor,
+    params: list[float],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``token_stats_fused`` writing the gradient over the logits themselves (in-place backward)."""
+    args = (with_entropy, with_mean_logp, mode, coefs, params)
+    return _fused(logits, labels, temperature, ignore_index, *args, logits, backend)
+
+
+@token_stats_fused.register_fake
+def _(logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, mode, coefs, params, grad, backend):
+    return _stats_outputs(logits, True, with_entropy, with_mean_logp)
+
+
+@token_stats_fused_.register_fake
+def _(logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, mode, coefs, params, backend):
+    return _stats_outputs(logits, True, with_entropy, with_mean_logp)
 
 
 # --------------------------------------------------------------------------------------------- KL

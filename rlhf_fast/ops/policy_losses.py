@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlhf_fast import _validate as v
+from rlhf_fast.ops import fused
 from rlhf_fast.ops.elementwise import KL_ESTIMATORS, kl_estimate
-from rlhf_fast.ops.token_ops import token_logprobs, token_logprobs_and_entropy
+from rlhf_fast.ops.token_ops import _prepare, token_logprobs, token_logprobs_and_entropy
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
@@ -39,16 +40,20 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def _aggregate(per_token: Tensor, mask: Tensor, loss_agg: str) -> Tensor:
-    """Reduce a ``[..., T]`` per-token loss; sequences are the rows of the last dim."""
+def _aggregation_weights(mask: Tensor, loss_agg: str) -> Tensor:
+    """Per-token weights ``w`` with ``loss = sum(w * loss_t)``; sequences are the rows of the last dim.
+
+    ``token-mean``: ``1 / n_valid`` over the batch; ``seq-mean-token-mean``: ``1 / (n_t * n_seq)``;
+    ``seq-mean-token-sum``: ``1 / n_seq``, where ``n_t`` counts a sequence's valid tokens and ``n_seq``
+    the sequences with at least one (the others take no part in the mean). 0 on ignored tokens.
+    """
     if loss_agg == "token-mean":
-        return _masked_mean(per_token, mask)
-    per_seq = (per_token * mask).sum(-1)
-    n_tokens = mask.sum(-1)
+        return mask / mask.sum().clamp(min=1)
+    n_tokens = mask.sum(-1, keepdim=True)
+    n_seqs = (n_tokens > 0).sum().clamp(min=1)
     if loss_agg == "seq-mean-token-mean":
-        per_seq = per_seq / n_tokens.clamp(min=1)
-    # Sequences with no valid token take no part in the mean over sequences.
-    return _masked_mean(per_seq, (n_tokens > 0).float())
+        return mask / (n_tokens.clamp(min=1) * n_seqs)
+    return mask / n_seqs
 
 
 def sequence_logprobs(
@@ -86,6 +91,7 @@ def ppo_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     loss_agg: str = "token-mean",
+    inplace_backward: bool = False,
     backend=None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped PPO policy loss (Schulman et al., 2017) with a KL penalty and an entropy bonus.
@@ -110,6 +116,12 @@ def ppo_loss(
         kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (see :func:`rlhf_fast.kl_estimate`).
         entropy_coef: weight of the entropy bonus.
         temperature: the sampling temperature the rollout used (logits are divided by it).
+        inplace_backward: write the logits' gradient over the logits buffer (see
+            :func:`rlhf_fast.cross_entropy`; the logits are destroyed).
+
+    When the logits require grad, the forward pass also computes their gradient (the per-token
+    upstream gradient is known as soon as the token's log-prob is), so the logits are read twice
+    in all instead of three times.
 
     Returns:
         ``(loss, stats)``: a 0-d float32 loss and float32 0-d detached tensors (no host sync)
@@ -123,8 +135,8 @@ def ppo_loss(
     advantages = _per_token(advantages, "advantages", labels)
     if ref_logprobs is not None:
         ref_logprobs = _per_token(ref_logprobs, "ref_logprobs", labels)
-    clip_low = _check_range("clip_eps", clip_eps, 0.0, 1.0)
-    clip_high = clip_low if clip_eps_high is None else _check_range("clip_eps_high", clip_eps_high, 0.0, None)
+    clip_low = v.check_float("clip_eps", clip_eps, 0.0, 1.0)
+    clip_high = clip_low if clip_eps_high is None else v.check_float("clip_eps_high", clip_eps_high, 0.0, None)
     if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1.0):
         raise ValueError(f"dual_clip must be a float > 1 or None, got {dual_clip!r}")
     if kl_estimator not in KL_ESTIMATORS:
@@ -134,14 +146,36 @@ def ppo_loss(
     if kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("kl_coef != 0 needs ref_logprobs")
 
-    logp, entropy = token_logprobs_and_entropy(
-        logits, labels, temperature=temperature, ignore_index=ignore_index, backend=backend
-    )
     mask = (labels != ignore_index).float()
     # Ignored positions may hold anything (padding, -inf): zero them so 0 * NaN never reaches a sum.
     valid = mask.bool()
-    old_logprobs = torch.where(valid, old_logprobs, 0.0)
-    advantages = torch.where(valid, advantages, 0.0)
+    old_logprobs = torch.where(valid, old_logprobs, 0.0).expand(labels.shape)
+    advantages = torch.where(valid, advantages, 0.0).expand(labels.shape)
+    if ref_logprobs is not None:
+        ref_logprobs = torch.where(valid, ref_logprobs, 0.0).expand(labels.shape)
+    weight = _aggregation_weights(mask, loss_agg)
+
+    side_inputs_need_grad = any(t is not None and t.requires_grad for t in (old_logprobs, advantages, ref_logprobs))
+    fuse = logits.requires_grad and torch.is_grad_enabled() and not side_inputs_need_grad
+    if inplace_backward and not fuse:
+        raise ValueError("inplace_backward=True needs logits that require grad (and no grad to the other inputs)")
+    if fuse:
+        rows, flat, temperature, ignore_index, backend = _prepare(logits, labels, temperature, ignore_index, backend)
+        if inplace_backward:
+            fused.check_inplace(logits, rows)
+        ref = ref_logprobs if ref_logprobs is not None else torch.zeros_like(old_logprobs)
+        coefs = torch.stack([old_logprobs, advantages, ref, weight]).reshape(4, -1).contiguous()
+        kl_kind = KL_ESTIMATORS.index(kl_estimator) + 1
+        params = [clip_low, clip_high, float(dual_clip or 0.0), float(kl_coef), float(kl_kind), float(entropy_coef)]
+        (logp, entropy, _, _), grad = fused.stats_with_gradient(
+            logits, rows, flat, temperature, ignore_index, with_entropy=True, with_mean_logp=False, mode=1,
+            coefs=coefs, params=params, inplace=inplace_backward, backend=backend,
+        )  # fmt: skip
+        logp, entropy = logp.view(labels.shape), entropy.view(labels.shape)
+    else:
+        logp, entropy = token_logprobs_and_entropy(
+            logits, labels, temperature=temperature, ignore_index=ignore_index, backend=backend
+        )
 
     log_ratio = logp - old_logprobs
     ratio = torch.exp(log_ratio)
@@ -153,12 +187,14 @@ def ppo_loss(
     per_token = pg
     kl_ref = torch.zeros((), device=logp.device)
     if ref_logprobs is not None:
-        kl = kl_estimate(logp, torch.where(valid, ref_logprobs, 0.0), kl_estimator)
+        kl = kl_estimate(logp, ref_logprobs, kl_estimator)
         per_token = per_token + kl_coef * kl
         kl_ref = _masked_mean(kl.detach(), mask)
     if entropy_coef != 0.0:
         per_token = per_token - entropy_coef * entropy
-    loss = _aggregate(per_token, mask, loss_agg)
+    loss = (per_token * weight).sum()
+    if fuse:
+        loss = fused.attach_gradient(logits, loss, grad)
 
     with torch.no_grad():
         stats = {
@@ -168,15 +204,6 @@ def ppo_loss(
             "kl_ref": kl_ref,
         }
     return loss, stats
-
-
-def _check_range(name: str, value, low: float, high: float | None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not (value >= low and (high is None or value < high)):
-        bound = f"[{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be in {bound}, got {value}")
-    return float(value)
 
 
 def dpo_loss(
@@ -225,8 +252,8 @@ def dpo_loss(
         raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
         raise ValueError(f"beta must be a float > 0, got {beta!r}")
-    ls = _check_range("label_smoothing", label_smoothing, 0.0, 0.5)
-    nll_coef = _check_range("nll_coef", nll_coef, 0.0, None)
+    ls = v.check_float("label_smoothing", label_smoothing, 0.0, 0.5)
+    nll_coef = v.check_float("nll_coef", nll_coef, 0.0, None)
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("ref_chosen_logps and ref_rejected_logps must both be tensors or both be None")
     v.check_logits(chosen_logits, "chosen_logits")

@@ -43,7 +43,7 @@ def token_logprobs(
         ``[...]`` float32. Gradients flow to ``logits`` in its dtype.
     """
     rows, flat, temperature, ignore_index, backend = _prepare(logits, labels, temperature, ignore_index, backend)
-    logp, _, _ = _custom.token_stats_fwd(rows, flat, temperature, ignore_index, True, False, backend)
+    logp, _, _, _ = _custom.token_stats_fwd(rows, flat, temperature, ignore_index, True, False, False, backend)
     return logp.view(labels.shape)
 
 
@@ -60,7 +60,7 @@ def token_entropy(logits: Tensor, *, temperature: float = 1.0, backend=None) -> 
         ``[...]`` float32, differentiable with respect to ``logits``.
     """
     rows, _, temperature, _, backend = _prepare(logits, None, temperature, -100, backend)
-    _, entropy, _ = _custom.token_stats_fwd(rows, None, temperature, -100, False, True, backend)
+    _, entropy, _, _ = _custom.token_stats_fwd(rows, None, temperature, -100, False, True, False, backend)
     return entropy.view(logits.shape[:-1])
 
 
@@ -73,7 +73,7 @@ def token_logprobs_and_entropy(
     :func:`token_logprobs`; returns two ``[...]`` float32 tensors.
     """
     rows, flat, temperature, ignore_index, backend = _prepare(logits, labels, temperature, ignore_index, backend)
-    logp, entropy, _ = _custom.token_stats_fwd(rows, flat, temperature, ignore_index, True, True, backend)
+    logp, entropy, _, _ = _custom.token_stats_fwd(rows, flat, temperature, ignore_index, True, True, False, backend)
     return logp.view(labels.shape), entropy.view(labels.shape)
 
 

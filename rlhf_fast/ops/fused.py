@@ -1,0 +1,93 @@
+"""Gradient in the forward pass: for losses whose per-token upstream gradient is known as soon as
+the token's own statistics are (cross entropy with a mean/sum reduction, PPO), the forward pass
+writes ``d loss / d logits`` while each row is still in cache — two passes over the logits in total
+instead of three — and the backward pass only scales it by the incoming gradient.
+
+With ``inplace_backward=True`` the gradient overwrites the logits buffer itself, so no
+``[tokens, vocab]`` tensor is allocated at all; the logits are destroyed, and autograd's version
+counter makes any other use of them in the backward pass an error rather than a silent wrong answer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlhf_fast.ops import _custom
+
+
+class _AttachGradient(torch.autograd.Function):
+    """``loss`` (computed without autograd) with ``d loss / d logits = grad`` precomputed."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, loss: Tensor, grad: Tensor) -> Tensor:
+        ctx.save_for_backward(grad)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (grad,) = ctx.saved_tensors
+        # Scale in place: the buffer is ours (or the caller gave up the logits for it). Skipping the
+        # pass when grad_output == 1 needs its value: free on CPU, a sync on GPU, so only on CPU.
+        if torch.compiler.is_compiling() or grad_output.device.type != "cpu" or grad_output.item() != 1.0:
+            grad.mul_(grad_output.to(grad.dtype))
+        return grad, None, None
+
+
+def stats_with_gradient(
+    logits: Tensor,
+    rows: Tensor,
+    labels: Tensor,
+    temperature: float,
+    ignore_index: int,
+    *,
+    with_entropy: bool,
+    with_mean_logp: bool,
+    mode: int,
+    coefs: Tensor,
+    params: list[float],
+    inplace: bool,
+    backend: str,
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """Run ``token_stats_fused`` on ``rows`` (the ``[A, B, V]`` view of ``logits``).
+
+    Returns the per-row outputs of ``token_stats_fwd`` and the gradient as a tensor shaped like
+    ``logits``, to hand to :func:`attach_gradient`.
+    """
+    with torch.no_grad():
+        if inplace:
+            target = rows.detach()
+            outputs = _custom.token_stats_fused_(
+                target, labels, temperature, ignore_index, with_entropy, with_mean_logp, mode, coefs, params, backend
+            )
+            grad = logits.detach()
+        else:
+            grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+            outputs = _custom.token_stats_fused(
+                rows,
+                labels,
+                temperature,
+                ignore_index,
+                with_entropy,
+                with_mean_logp,
+                mode,
+                coefs,
+                params,
+                grad,
+                backend,
+            )
+            grad = grad.view(logits.shape)
+    return outputs, grad
+
+
+def attach_gradient(logits: Tensor, loss: Tensor, grad: Tensor) -> Tensor:
+    """Make ``loss`` differentiable with respect to ``logits``, with gradient ``grad``."""
+    if not logits.requires_grad:
+        return loss
+    return _AttachGradient.apply(logits, loss, grad)
+
+
+def check_inplace(logits: Tensor, rows: Tensor) -> None:
+    """An in-place backward needs the gradient's layout to be the logits' own."""
+    if rows.data_ptr() != logits.data_ptr() or rows.numel() != logits.numel():
+        raise ValueError("inplace_backward=True needs logits whose leading dims can be viewed as rows without a copy")

@@ -1,0 +1,261 @@
+"""The registered custom ops: the kernel interface itself, ``opcheck``, and ``torch.compile``.
+
+``torch.ops.rlhf_fast.{token_stats_fwd, token_stats_bwd, kl_fwd, kl_bwd}`` take the interface's
+arguments plus a trailing backend name. Logits reach them as ``[A, B, V]`` views with a contiguous
+last dim and free leading strides; per-row tensors are contiguous ``[N]``.
+"""
+
+import functools
+
+import pytest
+import torch
+from _cases import (
+    BACKENDS,
+    DTYPES,
+    IGNORE_INDEX,
+    assert_close,
+    dtype_ulp,
+    make_labels,
+    make_logits,
+    row_slack,
+    truncates_bf16,
+)
+
+import rlhf_fast as rf
+
+ops = torch.ops.rlhf_fast
+# opcheck's own internals still go through torch.jit
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+A, T, V = 2, 7, 301  # logits views are base[:, :-1] of an [A, T, V] tensor: B = T - 1
+N = A * (T - 1)
+
+
+def _view(dtype, requires_grad=False):
+    # [A, T-1, V] slice of an [A, T, V] tensor, not contiguous.
+    base = make_logits((A, T, V), dtype).requires_grad_(requires_grad)
+    return base[:, :-1]
+
+
+def _labels():
+    return make_labels((N,), V, ignore_frac=0.25)
+
+
+def _dtype_params():
+    return [pytest.param(dtype, id=name) for name, dtype in DTYPES.items()]
+
+
+def _empty(t):
+    return t.shape == (0,) and t.dtype == torch.float32
+
+
+# -------------------------------------------------------------------------- the kernel interface
+@pytest.mark.parametrize("dtype", _dtype_params())
+@pytest.mark.parametrize(
+    ("with_logp", "with_entropy", "with_mean_logp"),
+    [(True, True, False), (True, False, False), (False, True, False), (True, True, True), (False, False, True)],
+)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_token_stats_interface(backend, with_logp, with_entropy, with_mean_logp, dtype):
+    temperature = 0.9
+    logits = _view(dtype)
+    labels = _labels() if with_logp else None
+    logp, ent, lse, mean_logp = ops.token_stats_fwd(
+        logits, labels, temperature, IGNORE_INDEX, with_logp, with_entropy, with_mean_logp, backend
+    )
+
+    x = logits.double().reshape(N, V) / temperature
+    want_lse = torch.logsumexp(x, -1)
+    log_p = x - want_lse[:, None]
+    want_ent = -(log_p.exp() * log_p).sum(-1)
+    valid = labels != IGNORE_INDEX if with_logp else torch.ones(N, dtype=torch.bool)
+    slack = row_slack(logits.reshape(N, V), temperature=temperature)
+    wanted = ((logp, with_logp), (ent, with_entropy), (mean_logp, with_mean_logp))
+    for t in (lse, *(t for t, w in wanted if w)):
+        assert t.shape == (N,) and t.dtype == torch.float32 and t.is_contiguous()
+    assert all((not w) == _empty(t) for t, w in wanted)
+    # ignored rows are skipped: logp = entropy = lse = 0 there
+    assert_close(lse, torch.where(valid, want_lse, 0), dtype=dtype, kind="out", slack=slack, what="lse")
+    if with_logp:
+        want_logp = log_p.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
+        assert_close(logp, torch.where(valid, want_logp, 0), dtype=dtype, kind="out", slack=slack, what="logp")
+    if with_entropy:
+        assert_close(ent, torch.where(valid, want_ent, 0), dtype=dtype, kind="out", slack=slack, what="entropy")
+    if with_mean_logp:
+        want_u = torch.where(valid, log_p.mean(-1), 0)
+        assert_close(mean_logp, want_u, dtype=dtype, kind="out", slack=slack, what="mean_logp")
+
+    # backward, from the interface formula with the float64 lse / H
+    g_lp = torch.randn(N) if with_logp else None
+    g_h = torch.randn(N) if with_entropy else None
+    g_u = torch.randn(N) if with_mean_logp else None
+    grad = ops.token_stats_bwd(
+        logits, labels, lse, ent if with_entropy else None, g_lp, g_h, g_u, temperature, IGNORE_INDEX, backend
+    )
+    assert grad.shape == logits.shape and grad.dtype == dtype and grad.is_contiguous()
+    p = log_p.exp()
+    want = torch.zeros_like(x)
+    if with_logp:
+        onehot = torch.zeros_like(x).scatter_(1, labels.clamp_min(0)[:, None], 1.0)
+        want += g_lp.double()[:, None] * (onehot - p)
+    if with_entropy:
+        want -= g_h.double()[:, None] * p * (log_p + want_ent[:, None])
+    if with_mean_logp:
+        want += g_u.double()[:, None] * (1.0 / V - p)
+    want = torch.where(valid[:, None], want / temperature, 0).reshape(logits.shape)
+    g_abs = sum(g.abs() for g in (g_lp, g_h, g_u) if g is not None)
+    grad_slack = ((slack * g_abs / temperature)[:, None] * p).reshape(logits.shape)
+    assert_close(
+        grad, want, dtype=dtype, kind="grad", slack=grad_slack + _trunc_slack(backend, want, dtype),
+        baseline=want.to(dtype), what="grad_logits",
+    )
+
+
+@pytest.mark.parametrize("dtype", _dtype_params())
+@pytest.mark.parametrize(("need_p", "need_q"), [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_kl_interface(backend, need_p, need_q, dtype):
+    temperature = 1.1
+    p_logits = _view(dtype)
+    q_logits = make_logits((A, T + 2, V + 3), dtype)[:, 3:, :V]  # other strides than p
+    kl, lse_p, lse_q = ops.kl_fwd(p_logits, q_logits, temperature, backend)
+
+    x = p_logits.double().reshape(N, V) / temperature
+    y = q_logits.double().reshape(N, V) / temperature
+    log_p, log_q = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
+    want_kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    slack = row_slack(x, y)
+    for t in (kl, lse_p, lse_q):
+        assert t.shape == (N,) and t.dtype == torch.float32 and t.is_contiguous()
+    assert_close(lse_p, torch.logsumexp(x, -1), dtype=dtype, kind="out", slack=slack, what="lse_p")
+    assert_close(lse_q, torch.logsumexp(y, -1), dtype=dtype, kind="out", slack=slack, what="lse_q")
+    assert_close(kl, want_kl, dtype=dtype, kind="out", slack=slack, what="kl")
+
+    g = torch.randn(N)
+    grad_p, grad_q = ops.kl_bwd(p_logits, q_logits, lse_p, lse_q, kl, g, temperature, need_p, need_q, backend)
+    P, Q = log_p.exp(), log_q.exp()
+    row = (slack * g.abs() / temperature)[:, None]
+    wants = {
+        "grad_p": (grad_p, need_p, g.double()[:, None] * P * (log_p - log_q - want_kl[:, None]), row * P),
+        "grad_q": (grad_q, need_q, g.double()[:, None] * (Q - P), row * (P + Q)),
+    }
+    for what, (got, needed, want, weight) in wants.items():
+        if not needed:
+            assert _empty(got), f"{what} computed although not needed"
+            continue
+        assert got.shape == p_logits.shape and got.dtype == dtype and got.is_contiguous()
+        want = (want / temperature).reshape(p_logits.shape)
+        assert_close(
+            got, want, dtype=dtype, kind="grad", slack=weight.reshape(want.shape) + _trunc_slack(backend, want, dtype),
+            baseline=want.to(dtype), what=what,
+        )
+
+
+def _trunc_slack(backend, want, dtype):
+    # Triton's interpreter truncates to bfloat16 (see _cases.py)
+    return dtype_ulp(want, dtype) if dtype == torch.bfloat16 and truncates_bf16(backend) else 0.0
+
+
+# ---------------------------------------------------------------------------------------- opcheck
+def _token_stats_fwd_samples(backend):
+    yield _view(torch.float32, True), _labels(), 0.7, IGNORE_INDEX, True, True, True, backend
+    yield _view(torch.bfloat16, True), _labels(), 1.0, IGNORE_INDEX, True, False, False, backend
+    yield _view(torch.float16, True), None, 1.3, IGNORE_INDEX, False, True, False, backend
+
+
+def _token_stats_bwd_samples(backend):
+    for logits, labels, temperature, ignore_index, *wanted, _ in _token_stats_fwd_samples(backend):
+        logits = logits.detach()
+        _, ent, lse, _ = ops.token_stats_fwd(logits, labels, temperature, ignore_index, *wanted, backend)
+        g_lp, g_h, g_u = (torch.randn(N) if w else None for w in wanted)
+        yield logits, labels, lse, ent if wanted[1] else None, g_lp, g_h, g_u, temperature, ignore_index, backend
+
+
+def _kl_fwd_samples(backend):
+    for dtype, temperature in ((torch.float32, 0.8), (torch.bfloat16, 1.0)):
+        q = make_logits((A, T + 1, V), dtype)[:, 2:].requires_grad_()
+        yield _view(dtype, True), q, temperature, backend
+    yield _view(torch.float16, True), _view(torch.float16), 1.0, backend  # gradient to p only
+
+
+def _kl_bwd_samples(backend):
+    flags = [(True, True), (True, False), (False, True)]
+    for (p, q, temperature, _), (need_p, need_q) in zip(_kl_fwd_samples(backend), flags, strict=True):
+        p, q = p.detach(), q.detach()
+        kl, lse_p, lse_q = ops.kl_fwd(p, q, temperature, backend)
+        yield p, q, lse_p, lse_q, kl, torch.randn(N), temperature, need_p, need_q, backend
+
+
+SAMPLES = {
+    "token_stats_fwd": _token_stats_fwd_samples,
+    "token_stats_bwd": _token_stats_bwd_samples,
+    "kl_fwd": _kl_fwd_samples,
+    "kl_bwd": _kl_bwd_samples,
+}
+
+
+@pytest.mark.parametrize("op", list(SAMPLES))
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_opcheck(backend, op):
+    # schema, fake (meta) implementation vs. the real one, autograd registration, and
+    # AOTAutograd with dynamic shapes (forward and backward) for the differentiable ops.
+    for args in SAMPLES[op](backend):
+        torch.library.opcheck(getattr(ops, op).default, args)
+
+
+# ----------------------------------------------------------------------------------- torch.compile
+def _rl_loss(logits, labels, adv, ref_logits, *, backend):
+    # A policy-gradient step on the next-token slice that goes through all four public ops.
+    shifted = logits[:, :-1]
+    logp = rf.token_logprobs(shifted, labels, temperature=0.9, backend=backend)
+    entropy = rf.token_entropy(shifted, backend=backend)
+    logp_1, entropy_1 = rf.token_logprobs_and_entropy(shifted, labels, backend=backend)
+    kl = rf.kl_divergence(shifted, ref_logits[:, :-1], backend=backend)
+    loss = -(logp * adv).mean() + 0.01 * entropy.mean() + 0.1 * kl.mean()
+    return loss - (logp_1 * adv).mean() - 0.01 * entropy_1.mean()
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_compile_fullgraph(backend):
+    torch.compiler.reset()
+    B, T_, V_ = 2, 9, 263
+    base = make_logits((B, T_, V_), torch.float32)
+    ref_logits = make_logits((B, T_, V_), torch.float32)
+    labels = make_labels((B, T_ - 1), V_, ignore_frac=0.2)
+    adv = torch.randn(B, T_ - 1)
+    fn = functools.partial(_rl_loss, backend=backend)
+
+    results = []
+    for f in (fn, torch.compile(fn, fullgraph=True)):
+        logits = base.clone().requires_grad_()
+        loss = f(logits, labels, adv, ref_logits)
+        loss.backward()
+        results.append((loss.detach(), logits.grad))
+    (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_compile_with_runtime_temperature_and_lengths(backend):
+    # Temperature is a runtime scalar: a schedule that changes it (and batches whose length
+    # changes) must neither break the graph nor be baked in. Dynamo turns a float argument that
+    # changes between calls into a symbolic float, like a size that changes.
+    torch.compiler.reset()
+
+    def fn(logits, labels, temperature):
+        return rf.token_logprobs(logits[:, :-1], labels, temperature=temperature, backend=backend).sum()
+
+    compiled = torch.compile(fn, fullgraph=True)
+    for t, temperature in ((7, 1.0), (7, 0.7), (12, 1.3)):
+        base = make_logits((2, t, 129), torch.bfloat16)
+        labels = make_labels((2, t - 1), 129)
+        results = []
+        for f in (fn, compiled):
+            logits = base.clone().requires_grad_()
+            loss = f(logits, labels, temperature)
+            loss.backward()
+            results.append((loss.detach(), logits.grad))
+        (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
+        assert compiled_loss.dtype == torch.float32 and compiled_grad.dtype == torch.bfloat16
+        torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=0)
