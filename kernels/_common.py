@@ -32,8 +32,9 @@ class KernelConfig:
 
 # Sized for H100/A100-class GPUs. 4096 columns over 8 warps is 16 values per thread per step:
 # two (bf16) or four (fp32) 16-byte loads in flight per thread and stream, one cross-warp max
-# reduction per 4096 columns, and at most 128 registers per thread (the KL forward; 2 programs of
-# 8 warps per SM), without spills. Vocabularies up to 1024 (toy models, tests) take the small
+# reduction per 4096 columns, and at most 128 registers per thread (reached by the KL forward and,
+# on sm_80, by the token-stats forward and fused kernels with entropy and mean log-prob both on:
+# 2 programs of 8 warps per SM), without spills. Vocabularies up to 1024 (toy models, tests) take the small
 # config instead of idling most of a 4096 block. tests/test_triton_aot.py compiles every config
 # for sm_80 and sm_90 and checks the loads, stores and spills.
 CONFIGS: tuple[KernelConfig, ...] = (
@@ -120,13 +121,14 @@ def aot_spec(
     config: KernelConfig,
     dtype: str,
     *,
-    switches: dict[str, bool],
+    switches: dict[str, bool | int],
     types: dict[str, str],
     rows_read: int,
     rows_written: int,
     index_type: str = "i32",
 ) -> AotSpec:
-    """The spec of ``kernel`` launched with ``config`` and the constexpr ``switches``.
+    """The spec of ``kernel`` launched with ``config`` and the constexpr ``switches`` (on/off flags,
+    or small integers such as a mode; the variant name lists the flags that are on and every integer).
 
     Argument types follow the kernels' naming: ``*_ptr`` are pointers (``*fp32`` unless ``types``
     says otherwise), ``*stride*`` are ``index_type`` (the runtime passes i64 once a stride reaches
@@ -145,7 +147,9 @@ def aot_spec(
         else:
             signature[name] = index_type if "stride" in name else "i32"
     aligned = tuple(n for n in kernel.arg_names if n.endswith("_ptr") or "stride" in n or n == "V")
-    variant = "+".join(name.lower() for name, on in switches.items() if on) or "plain"
+    # flags that are on by name, integer switches with their value: "mode1+kl_kind3+with_entropy"
+    shown = [name.lower() if v is True else f"{name.lower()}{v}" for name, v in switches.items() if v is not False]
+    variant = "+".join(shown) or "plain"
     if index_type != "i32":
         variant += f"+{index_type}-strides"
     return AotSpec(kernel, signature, constexprs, aligned, config, dtype, rows_read, rows_written, variant)

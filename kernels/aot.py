@@ -48,10 +48,12 @@ AOT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def all_specs(dtypes: tuple[torch.dtype, ...] = AOT_DTYPES) -> list[AotSpec]:
-    """Every kernel specialization the launchers of ``token_stats`` and ``kl_div`` may JIT."""
-    from . import kl_div, token_stats
+    """Every kernel specialization the launchers of ``token_stats``, ``token_stats_fused`` and ``kl_div``
+    may JIT (for the token-stats kernels: every value of every switch, see their ``aot_specs``)."""
+    from . import kl_div, token_stats, token_stats_fused
 
-    return [spec for dtype in dtypes for module in (token_stats, kl_div) for spec in module.aot_specs(dtype)]
+    modules = (token_stats, token_stats_fused, kl_div)
+    return [spec for dtype in dtypes for module in modules for spec in module.aot_specs(dtype)]
 
 
 @dataclass(frozen=True)

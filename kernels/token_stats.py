@@ -1,18 +1,21 @@
-"""Per-token log-probability, entropy and log-sum-exp of ``softmax(logits / T)``, streamed per row.
+"""Per-token log-probability, entropy, mean log-probability and log-sum-exp of ``softmax(logits / T)``.
 
 Forward, per row ``r`` of a ``[A, B, V]`` logits view (``x = logits[r].float() / T``)::
 
-    lse     = log sum_v exp(x_v)
-    logp    = x[label] - lse                          (0 on ignored rows)
-    entropy = lse - sum_v softmax(x)_v x_v            (0 on ignored rows)
+    lse       = log sum_v exp(x_v)
+    logp      = x[label] - lse                          (0 on ignored rows)
+    entropy   = lse - sum_v softmax(x)_v x_v            (0 on ignored rows)
+    mean_logp = (1/V) sum_v log softmax(x)_v            (0 on ignored rows; label smoothing needs it)
 
-computed in one read of the row with an online log-sum-exp; only these three numbers per row are
-kept. Backward, with ``p = exp(x - lse)`` and ``log p = x - lse``::
+computed in one read of the row with an online log-sum-exp; only these numbers per row are kept.
+Backward, with ``p = exp(x - lse)`` and ``log p = x - lse``::
 
-    d logp / dx_v    = 1[v == label] - p_v
-    d entropy / dx_v = -p_v (log p_v + entropy)
+    d logp / dx_v      = 1[v == label] - p_v
+    d entropy / dx_v   = -p_v (log p_v + entropy)
+    d mean_logp / dx_v = 1/V - p_v
 
-written in one more read of the row and one write of ``grad_logits``.
+written in one more read of the row and one write of ``grad_logits``. The row walks themselves live
+in ``_softmax_row.py``, shared with the fused forward+gradient kernel (``token_stats_fused.py``).
 
 One program per row, grid ``(A * B,)``; row ``r`` sits at ``(r // B) * stride_a + (r % B) *
 stride_b``, so a ``logits[:, :-1]`` slice is read in place.
@@ -25,6 +28,10 @@ import triton
 import triton.language as tl
 
 from ._common import CONFIGS, TRITON_DTYPE, AotSpec, aot_spec, check_rows, empty_f32, pick_config
+from ._softmax_row import row_stats, write_grad_row
+
+# The fused forward+gradient variant lives in its own file; re-exported so that this module holds
+# the whole token-stats interface (rlhf_fast._dispatch looks the launchers up here).
 
 __all__ = ["CONFIGS", "aot_specs", "token_stats_bwd", "token_stats_fwd"]
 
@@ -37,6 +44,7 @@ def _token_stats_fwd_kernel(
     logp_ptr,  # [N] float32 out; unused unless WITH_LOGP
     entropy_ptr,  # [N] float32 out; unused unless WITH_ENTROPY
     lse_ptr,  # [N] float32 out
+    mean_logp_ptr,  # [N] float32 out; unused unless WITH_MEAN_LOGP
     # strides of logits, in elements
     stride_a,
     stride_b,
@@ -50,6 +58,7 @@ def _token_stats_fwd_kernel(
     HAS_LABELS: tl.constexpr,
     WITH_LOGP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    WITH_MEAN_LOGP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -61,52 +70,25 @@ def _token_stats_fwd_kernel(
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         valid = label != ignore_index
-        # An ignored row is never read: its loop below runs zero times.
+        # An ignored row is never read: the loop over it runs zero times.
         n_read = tl.where(valid, V, 0)
 
-    cols = tl.arange(0, BLOCK_V)
-    # Running max m is one scalar per row (a cross-warp max per block), so the per-lane sums
-    # share one reference point and are only reduced once, after the loop:
-    #   s_acc[i] = sum exp(x - m),   t_acc[i] = sum exp(x - m) * (x - m)
-    # t is kept relative to m so that H = log s - t / s does not cancel two numbers of the size of
-    # the logits (a 1e4 logit next to O(1) ones gives H ~ 0, not 1e4 - 1e4 in float32).
-    m = tl.full((), float("-inf"), tl.float32)
-    s_acc = tl.zeros([BLOCK_V], tl.float32)
-    t_acc = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, n_read, BLOCK_V):
-        offs = start + cols
-        # load and upcast; padding is -inf so it carries no probability mass
-        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temperature
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # While everything seen is -inf, use 0 as the reference: exp(-inf - -inf) would be NaN.
-        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - ref)
-        e = tl.exp(x - ref)
-        if WITH_ENTROPY:
-            # Moving the reference from m to ref shifts every (x - m) by (m - ref); nothing to shift
-            # (and -inf * 0 to avoid) while m is still -inf.
-            shift = tl.where(m == float("-inf"), 0.0, m - ref)
-            # a -inf logit has p = 0 and contributes 0, not 0 * -inf
-            xe = tl.where(x == float("-inf"), 0.0, e * (x - ref))
-            t_acc = alpha * (t_acc + shift * s_acc) + xe
-        s_acc = alpha * s_acc + e
-        m = m_new
-
-    s = tl.sum(s_acc, axis=0)
-    log_s = tl.log(s)
+    m, log_s, entropy, mean_logp = row_stats(row_ptr, n_read, V, inv_temperature, WITH_ENTROPY, WITH_MEAN_LOGP, BLOCK_V)
     lse = m + log_s
     if HAS_LABELS:
         lse = tl.where(valid, lse, 0.0)
+        entropy = tl.where(valid, entropy, 0.0)
+        mean_logp = tl.where(valid, mean_logp, 0.0)
     tl.store(lse_ptr + row, lse)
     if WITH_LOGP:
         # One extra scalar read of x[label], from L2: the loop has just streamed this row.
         x_label = tl.load(row_ptr + label, mask=valid, other=0.0).to(tl.float32) * inv_temperature
-        tl.store(logp_ptr + row, tl.where(valid, x_label - lse, 0.0))
+        # (x - m) - log_s: exact for a confident token, where x - lse would lose log_s ~ 0 to rounding
+        tl.store(logp_ptr + row, tl.where(valid, (x_label - m) - log_s, 0.0))
     if WITH_ENTROPY:
-        entropy = log_s - tl.sum(t_acc, axis=0) / s
-        if HAS_LABELS:
-            entropy = tl.where(valid, entropy, 0.0)
         tl.store(entropy_ptr + row, entropy)
+    if WITH_MEAN_LOGP:
+        tl.store(mean_logp_ptr + row, mean_logp)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -118,6 +100,7 @@ def _token_stats_bwd_kernel(
     entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
     grad_logp_ptr,  # [N] float32; unused unless GRAD_LOGP
     grad_entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
+    grad_mean_logp_ptr,  # [N] float32; unused unless GRAD_MEAN_LOGP
     grad_logits_ptr,  # [N, V] out, contiguous, logits dtype
     # strides of logits, in elements (grad_logits is contiguous: its row stride is V)
     stride_a,
@@ -132,50 +115,39 @@ def _token_stats_bwd_kernel(
     HAS_LABELS: tl.constexpr,
     GRAD_LOGP: tl.constexpr,
     GRAD_ENTROPY: tl.constexpr,
+    GRAD_MEAN_LOGP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = pid.to(tl.int64)
     a = pid // B
     row_ptr = logits_ptr + a.to(tl.int64) * stride_a + (pid - a * B).to(tl.int64) * stride_b
-    out_ptr = grad_logits_ptr + row * V
 
-    lse = tl.load(lse_ptr + row)
-    # grad_logits_v = p_v * (c - g_H * log p_v) + g_lp * 1[v == label], with c = -g_lp - g_H * H,
-    # all divided by T: the 1/T is folded into the per-row coefficients g_lp, g_H and c.
-    c = 0.0
+    # The 1/T of d x / d logits is folded into the per-row coefficients.
+    g_lp = 0.0
+    g_h = 0.0
+    entropy = 0.0
+    g_u = 0.0
     if GRAD_LOGP:
         g_lp = tl.load(grad_logp_ptr + row) * inv_temperature
-        c -= g_lp
     if GRAD_ENTROPY:
         g_h = tl.load(grad_entropy_ptr + row) * inv_temperature
-        c -= g_h * tl.load(entropy_ptr + row)
+        entropy = tl.load(entropy_ptr + row)
+    if GRAD_MEAN_LOGP:
+        g_u = tl.load(grad_mean_logp_ptr + row) * inv_temperature
 
     n_read = V
+    label = 0
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
-        # An ignored row is never read; the second loop fills it with zeros.
+        # An ignored row is never read; it gets a row of zeros.
         n_read = tl.where(label != ignore_index, V, 0)
 
-    cols = tl.arange(0, BLOCK_V)
-    for start in range(0, n_read, BLOCK_V):
-        offs = start + cols
-        mask = offs < V
-        x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-        logp = x - lse
-        p = tl.exp(logp)
-        if GRAD_ENTROPY:
-            # p = 0 where x = -inf; zero log p there so p * log p is 0, not 0 * -inf
-            grad = p * (c - g_h * tl.where(x == float("-inf"), 0.0, logp))
-        else:
-            grad = p * c
-        if GRAD_LOGP:
-            grad = tl.where(offs == label, grad + g_lp, grad)
-        tl.store(out_ptr + offs, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
-    for start in range(n_read, V, BLOCK_V):
-        offs = start + cols
-        zero = tl.zeros([BLOCK_V], grad_logits_ptr.dtype.element_ty)
-        tl.store(out_ptr + offs, zero, mask=offs < V)
+    write_grad_row(
+        row_ptr, grad_logits_ptr + row * V, n_read, V, inv_temperature, tl.load(lse_ptr + row),
+        label, g_lp, g_h, entropy, g_u,
+        GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN_LOGP, BLOCK_V,
+    )  # fmt: skip
 
 
 def token_stats_fwd(
@@ -185,10 +157,11 @@ def token_stats_fwd(
     ignore_index: int,
     with_logp: bool,
     with_entropy: bool,
+    with_mean_logp: bool,
     *,
     block_v: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row ``(logp, entropy, lse)`` of ``softmax(logits / temperature)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(logp, entropy, lse, mean_logp)`` of ``softmax(logits / temperature)``.
 
     Args:
         logits: ``[A, B, V]`` float32/bfloat16/float16 view with ``stride(2) == 1``; rows are
@@ -198,11 +171,13 @@ def token_stats_fwd(
         temperature: ``x = logits.float() / temperature``.
         with_logp: return ``logp[r] = x[r, labels[r]] - lse[r]`` (needs ``labels``).
         with_entropy: return ``entropy[r] = lse[r] - sum_v softmax(x[r])_v x[r, v]``.
+        with_mean_logp: return ``mean_logp[r] = (1/V) sum_v log softmax(x[r])_v = mean_v x[r, v] - lse[r]``
+            (``-inf`` if the row has a ``-inf`` logit).
         block_v: force the block size (a power of two); tests use it to make rows span blocks.
 
     Returns:
-        ``(logp, entropy, lse)``, float32 ``[N]``; ``logp``/``entropy`` are empty ``[0]`` when not
-        requested. ``lse`` is always returned: the backward needs it.
+        ``(logp, entropy, lse, mean_logp)``, float32 ``[N]``; ``logp``/``entropy``/``mean_logp`` are
+        empty ``[0]`` when not requested. ``lse`` is always returned: the backward needs it.
     """
     a_dim, b_dim, vocab = check_rows("logits", logits)
     if with_logp and labels is None:
@@ -212,20 +187,22 @@ def token_stats_fwd(
     lse = torch.empty(n_rows, dtype=torch.float32, device=device)
     logp = torch.empty(n_rows, dtype=torch.float32, device=device) if with_logp else empty_f32(device)
     entropy = torch.empty(n_rows, dtype=torch.float32, device=device) if with_entropy else empty_f32(device)
+    mean_logp = torch.empty(n_rows, dtype=torch.float32, device=device) if with_mean_logp else empty_f32(device)
     if n_rows == 0:
-        return logp, entropy, lse
+        return logp, entropy, lse, mean_logp
     config = pick_config(vocab, block_v)
     # Outputs (and labels) that are switched off are never touched; lse stands in for their pointer.
     _token_stats_fwd_kernel[(n_rows,)](
         logits, lse if labels is None else labels, logp if with_logp else lse,
-        entropy if with_entropy else lse, lse,
+        entropy if with_entropy else lse, lse, mean_logp if with_mean_logp else lse,
         logits.stride(0), logits.stride(1),
         b_dim, vocab,
         1.0 / temperature, ignore_index,
         HAS_LABELS=labels is not None, WITH_LOGP=with_logp, WITH_ENTROPY=with_entropy,
+        WITH_MEAN_LOGP=with_mean_logp,
         BLOCK_V=config.block_v, num_warps=config.num_warps,
     )  # fmt: skip
-    return logp, entropy, lse
+    return logp, entropy, lse, mean_logp
 
 
 def token_stats_bwd(
@@ -235,22 +212,25 @@ def token_stats_bwd(
     entropy: torch.Tensor | None,
     grad_logp: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
+    grad_mean_logp: torch.Tensor | None,
     temperature: float,
     ignore_index: int,
     *,
     block_v: int | None = None,
 ) -> torch.Tensor:
-    """Gradient of ``sum_r g_lp[r] * logp[r] + g_H[r] * entropy[r]`` with respect to ``logits``.
+    """Gradient of ``sum_r g_lp[r] logp[r] + g_H[r] entropy[r] + g_u[r] mean_logp[r]`` w.r.t. ``logits``.
 
-    ``grad_x_v = g_lp (1[v == label] - p_v) - g_H p_v (log p_v + H)``, ``p = exp(x - lse)``, then
-    divided by ``temperature``. Rows with ``labels[r] == ignore_index`` get a zero row, unread.
+    ``grad_x_v = g_lp (1[v == label] - p_v) - g_H p_v (log p_v + H) + g_u (1/V - p_v)``,
+    ``p = exp(x - lse)``, then divided by ``temperature``. Rows with ``labels[r] == ignore_index``
+    get a zero row, unread.
 
     Args:
         logits: ``[A, B, V]`` view with ``stride(2) == 1``, as in the forward.
         labels: ``[N]`` int64 or None (needed when ``grad_logp`` is given).
         lse: ``[N]`` float32 from :func:`token_stats_fwd`.
         entropy: ``[N]`` float32 from the forward; may be None when ``grad_entropy`` is None.
-        grad_logp, grad_entropy: ``[N]`` float32 incoming gradients, or None for "no such term".
+        grad_logp, grad_entropy, grad_mean_logp: ``[N]`` float32 incoming gradients, or None for
+            "no such term" (``mean_logp`` itself is not needed).
         temperature, ignore_index: as in the forward.
         block_v: force the block size (tests).
 
@@ -263,7 +243,7 @@ def token_stats_bwd(
     if grad_entropy is not None and entropy is None:
         raise ValueError("grad_entropy needs entropy")
     n_rows = a_dim * b_dim
-    if (grad_logp is None and grad_entropy is None) or n_rows == 0:
+    if (grad_logp is None and grad_entropy is None and grad_mean_logp is None) or n_rows == 0:
         return torch.zeros((a_dim, b_dim, vocab), dtype=logits.dtype, device=logits.device)
     grad_logits = torch.empty((a_dim, b_dim, vocab), dtype=logits.dtype, device=logits.device)
     config = pick_config(vocab, block_v)
@@ -272,12 +252,13 @@ def token_stats_bwd(
         lse if entropy is None else entropy,
         lse if grad_logp is None else grad_logp,
         lse if grad_entropy is None else grad_entropy,
+        lse if grad_mean_logp is None else grad_mean_logp,
         grad_logits,
         logits.stride(0), logits.stride(1),
         b_dim, vocab,
         1.0 / temperature, ignore_index,
         HAS_LABELS=labels is not None, GRAD_LOGP=grad_logp is not None,
-        GRAD_ENTROPY=grad_entropy is not None,
+        GRAD_ENTROPY=grad_entropy is not None, GRAD_MEAN_LOGP=grad_mean_logp is not None,
         BLOCK_V=config.block_v, num_warps=config.num_warps,
     )  # fmt: skip
     return grad_logits
@@ -286,35 +267,42 @@ def token_stats_bwd(
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (kernels/aot.py): every specialization the launchers can JIT.
 
-# (HAS_LABELS, WITH_LOGP, WITH_ENTROPY): logp needs labels (the launcher checks)
-_FWD_SWITCHES = [(1, 1, 0), (1, 1, 1), (1, 0, 1), (0, 0, 1), (1, 0, 0), (0, 0, 0)]
-# (HAS_LABELS, GRAD_LOGP, GRAD_ENTROPY): no gradient at all never launches
-_BWD_SWITCHES = [(1, 1, 0), (1, 1, 1), (1, 0, 1), (0, 0, 1)]
+# (HAS_LABELS, WITH_LOGP, WITH_ENTROPY, WITH_MEAN_LOGP): logp needs labels (the launcher checks).
+# Not the full product (12): every combination without mean_logp and everything on, at every
+# config; mean_logp with logp (cross entropy with label smoothing) and alone only at the largest
+# config, where registers are tightest. Every switch value is still compiled for every dtype/target.
+_FWD_SWITCHES = [(1, 1, 0, 0), (1, 1, 1, 0), (1, 0, 1, 0), (0, 0, 1, 0), (1, 0, 0, 0), (0, 0, 0, 0), (1, 1, 1, 1)]
+_FWD_SWITCHES_LARGEST = [(1, 1, 0, 1), (0, 0, 0, 1)]
+# (HAS_LABELS, GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN_LOGP): no gradient at all never launches. The
+# same choice as for the forward.
+_BWD_SWITCHES = [(1, 1, 0, 0), (1, 1, 1, 0), (1, 0, 1, 0), (0, 0, 1, 0), (1, 1, 1, 1)]
+_BWD_SWITCHES_LARGEST = [(1, 1, 0, 1), (0, 0, 0, 1)]
 
 
 def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
-    """Both kernels, for ``dtype`` logits, in every (switches, config) the launchers may use, plus
-    the all-switches-on variant with int64 strides (logits past 2**31 elements) at the largest config.
-    Switched-off pointers are typed float32: lse stands in for them."""
+    """Both kernels, for ``dtype`` logits, in the switch combinations above, plus the all-switches-on
+    variants with int64 strides (logits past 2**31 elements) at the largest config. Switched-off
+    pointers are typed float32: lse stands in for them."""
     dt = TRITON_DTYPE[dtype]
     specs = []
     for config in CONFIGS:
         big = config == CONFIGS[-1]
-        for labels, logp, entropy in _FWD_SWITCHES:
-            for index_type in ("i32", "i64") if big and logp and entropy else ("i32",):
+        for labels, logp, entropy, mean_logp in _FWD_SWITCHES + (_FWD_SWITCHES_LARGEST if big else []):
+            for index_type in ("i32", "i64") if big and logp and entropy and mean_logp else ("i32",):
                 specs.append(aot_spec(
                     _token_stats_fwd_kernel, config, dt,
-                    switches={"HAS_LABELS": bool(labels), "WITH_LOGP": bool(logp), "WITH_ENTROPY": bool(entropy)},
+                    switches={"HAS_LABELS": bool(labels), "WITH_LOGP": bool(logp), "WITH_ENTROPY": bool(entropy),
+                              "WITH_MEAN_LOGP": bool(mean_logp)},
                     types={"logits_ptr": f"*{dt}", "labels_ptr": "*i64" if labels else "*fp32",
                            "inv_temperature": "fp32"},
                     rows_read=1, rows_written=0, index_type=index_type,
                 ))  # fmt: skip
-        for labels, grad_logp, grad_entropy in _BWD_SWITCHES:
-            for index_type in ("i32", "i64") if big and grad_logp and grad_entropy else ("i32",):
+        for labels, grad_logp, grad_entropy, grad_mean_logp in _BWD_SWITCHES + (_BWD_SWITCHES_LARGEST if big else []):
+            for index_type in ("i32", "i64") if big and grad_logp and grad_entropy and grad_mean_logp else ("i32",):
                 specs.append(aot_spec(
                     _token_stats_bwd_kernel, config, dt,
                     switches={"HAS_LABELS": bool(labels), "GRAD_LOGP": bool(grad_logp),
-                              "GRAD_ENTROPY": bool(grad_entropy)},
+                              "GRAD_ENTROPY": bool(grad_entropy), "GRAD_MEAN_LOGP": bool(grad_mean_logp)},
                     types={"logits_ptr": f"*{dt}", "labels_ptr": "*i64" if labels else "*fp32",
                            "grad_logits_ptr": f"*{dt}", "inv_temperature": "fp32"},
                     rows_read=1, rows_written=1, index_type=index_type,

@@ -10,8 +10,8 @@ Each backend is a module-like object with the four low-level functions of the ke
 
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.util
 import os
 import warnings
 from typing import NamedTuple
@@ -52,13 +52,13 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+# Looked up once, without importing triton (slow to import); a plain constant also keeps
+# resolve() free of cached calls that torch.compile would have to trace.
+_TRITON_ERROR = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not installed ({exc})"
-    return None
+    return _TRITON_ERROR
 
 
 def backends() -> dict[str, BackendStatus]:
@@ -150,7 +150,9 @@ class _LazyModules:
 
 
 TABLE = {
-    "triton": _LazyModules("rlhf_fast.kernels.token_stats", "rlhf_fast.kernels.kl_div"),
+    "triton": _LazyModules(
+        "rlhf_fast.kernels.token_stats", "rlhf_fast.kernels.token_stats_fused", "rlhf_fast.kernels.kl_div"
+    ),
     "cpp": _CppBackend(),
     "torch": _LazyModules("rlhf_fast._torch_backend"),
 }

@@ -26,6 +26,13 @@ class _Loss(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
 
 
+class CrossEntropyLoss(_Loss):
+    """``CrossEntropyLoss(ignore_index=-100, reduction="mean", label_smoothing=0.0)(logits, labels)``;
+    see :func:`rlhf_fast.cross_entropy`."""
+
+    _fn = staticmethod(ops.cross_entropy)
+
+
 class PPOLoss(_Loss):
     """``PPOLoss(clip_eps=0.2, ...)(logits, labels, old_logprobs, advantages, ref_logprobs=None)``.
 

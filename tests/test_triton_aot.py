@@ -8,13 +8,18 @@ target, and checks that
 
 * Triton and ptxas compile it;
 * the PTX reads every logits row with vector loads (``ld.global.v4.b32``-like, >= 8 bytes per
-  thread) that cover the whole block, and writes gradient rows the same way;
+  thread) that cover the whole block (in both passes of the fused forward+gradient kernel), and
+  writes gradient rows the same way;
 * ptxas reports no spill stores or loads.
 
 Registers, spills, shared/local memory and access widths go to ``record_property`` (``--junitxml``)
 and into every assertion message; ``python -m rlhf_fast.kernels.aot`` prints them as a table.
 Everything is compiled once per session (in a subprocess when this process runs the interpreter,
-see ``kernels/aot.py``): about a minute with a cold Triton cache, ~15 s with a warm one.
+see ``kernels/aot.py``): about a minute with a cold Triton cache on two idle cores (~75 s of CPU
+time; under two minutes with the cores shared), ~20 s with a warm one.
+The token-stats kernels are compiled in a chosen subset of their switch combinations (every value of
+every switch, the combinations the losses launch, and everything on: see ``aot_specs`` in
+``kernels/token_stats.py`` and ``kernels/token_stats_fused.py``), not the full product.
 """
 
 from __future__ import annotations
@@ -74,11 +79,34 @@ def test_compiles_with_vector_access_and_no_spills(index, cc, compiled, record_p
     assert result.local == 0, f"the kernel uses local memory: {numbers}"
 
 
+KERNELS = {
+    "_token_stats_fwd_kernel",
+    "_token_stats_bwd_kernel",
+    "_token_stats_fused_kernel",
+    "_kl_fwd_kernel",
+    "_kl_bwd_kernel",
+}
+
+
 def test_every_launch_config_is_covered():
     # The launchers pick from CONFIGS; the AOT cases must cover each of them for each kernel.
     from rlhf_fast.kernels import CONFIGS
 
     covered = {(spec.kernel.__name__, spec.config) for spec in SPECS}
-    kernels = {spec.kernel.__name__ for spec in SPECS}
-    assert kernels == {"_token_stats_fwd_kernel", "_token_stats_bwd_kernel", "_kl_fwd_kernel", "_kl_bwd_kernel"}
-    assert covered == {(name, config) for name in kernels for config in CONFIGS}
+    assert {spec.kernel.__name__ for spec in SPECS} == KERNELS
+    assert covered == {(name, config) for name in KERNELS for config in CONFIGS}
+
+
+def test_every_switch_value_is_covered_per_dtype():
+    # The token-stats kernels are not compiled in the full product of their switches (that would be
+    # 12 + 10 + 20 variants per config and dtype); each value of each switch must still be compiled
+    # for every dtype (and, by CASES, every target). Integer switches take the values the launchers pass.
+    from rlhf_fast.kernels.token_stats_fused import KL_KINDS, MODE_LINEAR, MODE_PPO
+
+    domains = {"MODE": {MODE_LINEAR, MODE_PPO}, "KL_KIND": {0, *KL_KINDS}}
+    for name in KERNELS:
+        for dtype in {spec.dtype for spec in SPECS}:
+            specs = [s for s in SPECS if s.kernel.__name__ == name and s.dtype == dtype]
+            for switch in specs[0].constexprs.keys() - {"BLOCK_V"}:
+                seen = {spec.constexprs[switch] for spec in specs}
+                assert seen == domains.get(switch, {False, True}), f"{name} {dtype}: {switch} compiled only as {seen}"

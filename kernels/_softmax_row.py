@@ -1,0 +1,134 @@
+"""The two walks over one logits row that every token-stats kernel is built from.
+
+``row_stats`` streams a row once and returns its log-sum-exp, entropy and mean log-probability
+(online, one read); ``write_grad_row`` streams it once more and writes the gradient of
+``g_lp * logp + g_H * entropy + g_u * mean_logp`` with respect to the row. The forward and backward
+kernels (``token_stats.py``) call one each; the fused kernel (``token_stats_fused.py``) calls both,
+so a row is read from memory once and its gradient written once.
+
+With ``x = row / T``, ``p = softmax(x)``, ``lse = log sum_v exp(x_v)``::
+
+    entropy   = lse - sum_v p_v x_v
+    mean_logp = (1/V) sum_v log p_v = (1/V) sum_v x_v - lse        (-inf if any x_v = -inf)
+    d/dx_v [g_lp logp + g_H entropy + g_u mean_logp]
+              = g_lp (1[v == label] - p_v) - g_H p_v (log p_v + entropy) + g_u (1/V - p_v)
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_stats(
+    row_ptr,  # first element of the row; its V elements are contiguous
+    n_read,  # V, or 0 to skip the row (the outputs are then meaningless: callers mask them)
+    V,
+    inv_temperature,
+    WITH_ENTROPY: tl.constexpr,
+    WITH_MEAN_LOGP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """``(m, log_s, entropy, mean_logp)`` of one row, float32 scalars: ``lse = m + log_s`` with ``m`` the
+    row's max (kept apart so that ``x - lse`` can be taken as ``(x - m) - log_s`` without rounding
+    ``log_s`` into a large ``m``); ``entropy``/``mean_logp`` are 0 unless asked for."""
+    cols = tl.arange(0, BLOCK_V)
+    # Running max m is one scalar per row (a cross-warp max per block), so the per-lane sums
+    # share one reference point and are only reduced once, after the loop:
+    #   s_acc[i] = sum exp(x - m),   t_acc[i] = sum exp(x - m) * (x - m),   u_acc[i] + u_shift = sum (x - m)
+    # t and u are kept relative to m so that H = log s - t / s and mean_logp = u / V - log s do not
+    # cancel two numbers of the size of the logits (a 1e4 logit next to O(1) ones gives H ~ 0, not
+    # 1e4 - 1e4 in float32).
+    m = tl.full((), float("-inf"), tl.float32)
+    s_acc = tl.zeros([BLOCK_V], tl.float32)
+    t_acc = tl.zeros([BLOCK_V], tl.float32)
+    u_acc = tl.zeros([BLOCK_V], tl.float32)
+    u_shift = tl.zeros((), tl.float32)
+    for start in range(0, n_read, BLOCK_V):
+        offs = start + cols
+        mask = offs < V
+        # load and upcast; padding is -inf so it carries no probability mass
+        x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # While everything seen is -inf, use 0 as the reference: exp(-inf - -inf) would be NaN.
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - ref)
+        d = x - ref
+        e = tl.exp(d)
+        # Moving the reference from m to ref shifts every (x - m) seen so far by (m - ref); nothing
+        # to shift (and -inf * 0 to avoid) while m is still -inf.
+        shift = tl.where(m == float("-inf"), 0.0, m - ref)
+        if WITH_ENTROPY:
+            # a -inf logit has p = 0 and contributes 0, not 0 * -inf
+            t_acc = alpha * (t_acc + shift * s_acc) + tl.where(x == float("-inf"), 0.0, e * d)
+        if WITH_MEAN_LOGP:
+            # every block before this one was full: `start` values have been summed so far
+            u_shift += start * shift
+            # a -inf logit makes the sum (and mean_logp) -inf, as it should; padding adds nothing
+            u_acc += tl.where(mask, d, 0.0)
+        s_acc = alpha * s_acc + e
+        m = m_new
+
+    s = tl.sum(s_acc, axis=0)
+    log_s = tl.log(s)
+    entropy = tl.zeros((), tl.float32)
+    mean_logp = tl.zeros((), tl.float32)
+    if WITH_ENTROPY:
+        entropy = log_s - tl.sum(t_acc, axis=0) / s
+    if WITH_MEAN_LOGP:
+        mean_logp = (tl.sum(u_acc, axis=0) + u_shift) / V - log_s
+    return m, log_s, entropy, mean_logp
+
+
+@triton.jit
+def write_grad_row(
+    row_ptr,  # first element of the logits row (V contiguous elements)
+    out_ptr,  # first element of the gradient row (V contiguous elements); may equal row_ptr
+    n_read,  # V, or 0 for a row that gets a zero gradient without being read
+    V,
+    inv_temperature,
+    lse,
+    label,  # used if GRAD_LOGP
+    g_lp,  # incoming gradients, already divided by T; each used only if its switch is on
+    g_h,
+    entropy,
+    g_u,
+    GRAD_LOGP: tl.constexpr,
+    GRAD_ENTROPY: tl.constexpr,
+    GRAD_MEAN_LOGP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Write one gradient row; each block of the row is read before the same block is written, so
+    ``out_ptr`` may point at the logits row itself (in-place backward)."""
+    # grad_v = p_v * (c - g_H * log p_v) + g_lp * 1[v == label] + g_u / V,
+    # with c = -g_lp - g_H * H - g_u per row.
+    c = 0.0
+    if GRAD_LOGP:
+        c -= g_lp
+    if GRAD_ENTROPY:
+        c -= g_h * entropy
+    if GRAD_MEAN_LOGP:
+        c -= g_u
+        g_u_per_col = g_u / V
+
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, n_read, BLOCK_V):
+        offs = start + cols
+        mask = offs < V
+        x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+        logp = x - lse
+        p = tl.exp(logp)
+        if GRAD_ENTROPY:
+            # p = 0 where x = -inf; zero log p there so p * log p is 0, not 0 * -inf
+            grad = p * (c - g_h * tl.where(x == float("-inf"), 0.0, logp))
+        else:
+            grad = p * c
+        if GRAD_MEAN_LOGP:
+            grad += g_u_per_col
+        if GRAD_LOGP:
+            grad = tl.where(offs == label, grad + g_lp, grad)
+        tl.store(out_ptr + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
+    for start in range(n_read, V, BLOCK_V):
+        offs = start + cols
+        tl.store(out_ptr + offs, tl.zeros([BLOCK_V], out_ptr.dtype.element_ty), mask=offs < V)
