@@ -71,15 +71,25 @@ def check_ignore_index(ignore_index) -> int:
     return ignore_index
 
 
-def as_rows(logits: Tensor) -> Tensor:
+def as_rows(logits: Tensor, *, allow_copy: bool = True) -> Tensor:
     """View ``[..., V]`` logits as ``[A, B, V]`` without copying whenever the strides allow.
 
     Leading dims merge where they are contiguous with each other; two groups of them is what
     a ``[B, T, V][:, :-1]`` slice needs. A last dim that is not contiguous, or more than two
-    unmergeable groups of leading dims, costs a copy.
+    unmergeable groups of leading dims, costs a copy; with ``allow_copy=False`` (an in-place backward,
+    which must write into the logits' own storage) it is a ``ValueError`` instead.
     """
+
+    def copied(t: Tensor) -> Tensor:
+        if not allow_copy:
+            raise ValueError(
+                "inplace_backward=True needs logits with a contiguous last dim whose leading dims view as "
+                f"rows without a copy; got shape {tuple(logits.shape)} and strides {logits.stride()}"
+            )
+        return t.contiguous()
+
     if logits.stride(-1) != 1 and logits.shape[-1] > 1:
-        logits = logits.contiguous()
+        logits = copied(logits)
     V = logits.shape[-1]
     groups: list[int] = []  # sizes of mergeable runs of leading dims, innermost first
     prev = None  # (stride, size) of the previous, inner, non-trivial dim
@@ -93,7 +103,7 @@ def as_rows(logits: Tensor) -> Tensor:
         prev = (stride, size)
     groups.reverse()
     if len(groups) > 2:
-        logits = logits.contiguous()
+        logits = copied(logits)
         groups = [math.prod(groups)]
     shape = [1] * (2 - len(groups)) + groups
     return logits.view(shape[0], shape[1], V)

@@ -347,3 +347,231 @@ class RecordOps(TorchDispatchMode):
     def backends_used(self) -> set[str]:
         return {args[-1] for _, args in self.completed}
 
+
+# ======================================================================================== losses
+# The loss tests (test_cross_entropy.py, test_ppo.py, test_dpo.py) compare a scalar loss, its
+# stats and the logits' gradient with the float64 reference. A kernel's per-token statistics
+# (log-prob, entropy) carry the ulp term of ``row_slack``; a loss inherits it in two ways:
+#  * its value, and the logits' gradient through ``p``, by |d loss / d stat| times the slack;
+#  * the coefficient of a token's gradient row (d loss / d stat) is computed from the statistics
+#    themselves, so it moves by as much as the float64 coefficient moves when the statistics are
+#    shifted by their slack. That is what makes PPO's ``d pg / d logp + kl_coef * d k / d logp``
+#    (two terms that can cancel) or IPO's ``2 (z - 1/(2 beta))`` (z a sum over many tokens) less
+#    accurate than either term, and a token within the slack of a clip bound may take either branch.
+
+LOSS_SHAPE = (3, 13, 389)  # [B, T, V]: a few sequences for the per-sequence aggregations
+
+
+@dataclass
+class TokenTerm:
+    """Per-token statistics of one logits tensor, and how much a scalar depends on them.
+
+    ``logits`` is the float64 tensor the reference saw (a view of a float64 leaf), ``weight`` is
+    ``|d value / d stat|`` per position (``[...]``, it scales ``row_slack``), ``coef_error`` the
+    absolute allowance of a gradient row's coefficient; ``labels`` add the label entry.
+    """
+
+    logits: torch.Tensor
+    labels: torch.Tensor | None
+    temperature: float
+    weight: torch.Tensor
+    coef_error: torch.Tensor | float = 0.0
+
+
+class SpyReference:
+    """Record the float64 per-token outputs of ``rlhf_fast.reference`` during a reference call.
+
+    Every reference loss reaches the logits through ``reference.token_logprobs`` and
+    ``reference.token_entropy``; ``calls`` lists ``(logits, labels, temperature, output)`` of each
+    call in order. With ``shifts`` (one tensor per call), each output is moved by it before the
+    loss uses it.
+    """
+
+    NAMES = ("token_logprobs", "token_entropy")
+
+    def __init__(self, shifts=None):
+        self.shifts = shifts
+
+    def __enter__(self):
+        from unittest import mock
+
+        self.calls = []
+        spies = {name: self._spy(getattr(rf.reference, name)) for name in self.NAMES}
+        self._patch = mock.patch.multiple(rf.reference, **spies)
+        self._patch.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._patch.stop()
+
+    def _spy(self, fn):
+        def spy(logits, *args, **kw):
+            out = fn(logits, *args, **kw)
+            if self.shifts is not None:
+                out = out + self.shifts[len(self.calls)]
+            labels = args[0] if args else kw.get("labels")
+            self.calls.append((logits, labels, kw.get("temperature", 1.0), out))
+            return out
+
+        return spy
+
+    def grads(self, value: torch.Tensor) -> list[torch.Tensor]:
+        """``d value / d output`` of each call (zeros where the value does not depend on it)."""
+        outs = [out for *_, out in self.calls]
+        grads = [None] * len(outs)
+        if value.requires_grad:
+            grads = torch.autograd.grad(value, outs, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(o) if g is None else g.detach() for o, g in zip(outs, grads, strict=True)]
+
+    def slacks(self) -> list[torch.Tensor]:
+        return [row_slack(logits, temperature=t) for logits, _, t, _ in self.calls]
+
+
+def term_slack(spy: SpyReference, value: torch.Tensor) -> torch.Tensor:
+    """First-order ulp allowance of a scalar: sum over tokens of |d value / d stat| * row_slack."""
+    total = torch.zeros((), dtype=torch.float64)
+    for g, slack in zip(spy.grads(value), spy.slacks(), strict=True):
+        total = total + (g.abs() * slack).sum()
+    return total
+
+
+def leaf_grad_slack(terms: list[TokenTerm], leaves64) -> tuple:
+    """Per-entry gradient allowance on the float64 leaves the terms' logits are views of.
+
+    Entry ``v`` of a row: ``(weight * row_slack + coef_error) / T * (p_v + 1[v == label])`` (the
+    gradient row is ``coefficient * (onehot - p)``, each factor off by its own allowance).
+    """
+    outputs, weights = [], []
+    with torch.no_grad():
+        for t in terms:
+            x = t.logits.detach() / t.temperature
+            w = torch.softmax(x, -1)
+            if t.labels is not None:  # ignored rows have weight 0: any in-range index will do
+                label = t.labels.long().clamp(0, w.shape[-1] - 1)[..., None]
+                w = w + torch.zeros_like(w).scatter_(-1, label, 1.0)
+            row = (t.weight * row_slack(t.logits, temperature=t.temperature) + t.coef_error) / t.temperature
+            outputs.append(t.logits)
+            weights.append(row[..., None] * w)
+    grads = torch.autograd.grad(outputs, leaves64, grad_outputs=weights, retain_graph=True, allow_unused=True)
+    return tuple(torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves64, grads, strict=True))
+
+
+def _shift_patterns(n_calls: int):
+    """Signs of the statistics' shifts: all up, all down, and alternating by call (chosen up and
+    rejected down, say, which moves a DPO margin the most), both ways."""
+    alternating = [(-1) ** i for i in range(n_calls)]
+    return [[1] * n_calls, [-1] * n_calls, alternating, [-s for s in alternating]]
+
+
+def rescaled_grad_slack(ref_grad: torch.Tensor, grad_output: torch.Tensor, dtype) -> torch.Tensor:
+    """Extra allowance for a gradient written in the forward pass and scaled by ``grad_output`` later.
+
+    The forward pass rounds ``g = ref_grad / grad_output`` to the logits' dtype (half an ulp of
+    ``g``), the backward pass rounds ``round(g) * grad_output`` again (up to an ulp of the result,
+    taken in the binade above when the value sits just below a power of two): for bfloat16/float16
+    that double rounding is inherent to the gradient-in-forward design whenever
+    ``grad_output != 1``. Nothing for float32, where ``rtol`` covers it.
+    """
+    if dtype == torch.float32:
+        return torch.zeros_like(ref_grad)
+    go = grad_output.double().abs()
+    up = 1 + torch.finfo(dtype).eps
+    return 0.5 * go * dtype_ulp(ref_grad / go * up, dtype) + dtype_ulp(ref_grad * up, dtype)
+
+
+@dataclass
+class LossResult:
+    loss: torch.Tensor  # ours, detached
+    stats: dict
+    grads: tuple  # d (loss * grad_output) / d leaf
+    ref_loss: torch.Tensor
+    grad_output: torch.Tensor
+
+
+def check_loss_against_reference(
+    loss_fn, backend: str, leaves, *, build=_identity, grad_output=None, rescaled=False
+) -> LossResult:
+    """Run ``loss_fn`` on ``build(*leaves)`` with ``backend`` and with the float64 reference; compare.
+
+    ``loss_fn(module, *logits, **kw) -> (loss, stats)`` is called with ``module = rlhf_fast`` and
+    ``kw = {"backend": backend}``, then with ``rlhf_fast.reference`` (same signature, no backend).
+    The loss, every stat and the gradient of ``loss * grad_output`` (a random scalar by default)
+    are compared under the tolerance rule of this module and the loss allowances above;
+    ``rescaled``: the op computes the gradient in the forward pass (see ``rescaled_grad_slack``).
+    """
+    dtype = leaves[0].dtype
+    loss, stats = loss_fn(rf, *build(*leaves), backend=backend)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    for name, value in stats.items():
+        assert value.dtype == torch.float32 and value.shape == () and not value.requires_grad, name
+    go = torch.randn(()) if grad_output is None else grad_output
+    wanted = [leaf for leaf in leaves if leaf.requires_grad]
+    grads = torch.autograd.grad(loss * go, wanted) if wanted else ()
+
+    # Every float64 leaf requires grad: the allowance needs d value / d per-token statistic.
+    leaves64 = [leaf.detach().double().requires_grad_() for leaf in leaves]
+    with SpyReference() as spy:
+        ref_loss, ref_stats = loss_fn(rf.reference, *build(*leaves64))
+    assert set(stats) == set(ref_stats)
+    values = {"loss": ref_loss, **ref_stats}
+    slack = {name: term_slack(spy, value) for name, value in values.items()}
+    coefs = spy.grads(ref_loss)
+    coef_slack = [torch.zeros_like(c) for c in coefs]
+    for signs in _shift_patterns(len(spy.calls)):
+        with SpyReference([s * slack for s, slack in zip(signs, spy.slacks(), strict=True)]) as moved:
+            moved_loss, moved_stats = loss_fn(rf.reference, *build(*leaves64))
+        for name, value in {"loss": moved_loss, **moved_stats}.items():
+            slack[name] = torch.maximum(slack[name], (value.detach() - values[name].detach()).abs())
+        for i, c in enumerate(moved.grads(moved_loss)):
+            coef_slack[i] = torch.maximum(coef_slack[i], (c - coefs[i]).abs())
+
+    base_loss, base_stats = None, dict.fromkeys(ref_stats)
+    if TOL[dtype]["out"].vs_torch:
+        with torch.no_grad():
+            base_loss, base_stats = loss_fn(rf.reference, *build(*[leaf.detach() for leaf in leaves]))
+    base = {"loss": base_loss, **base_stats}
+    ours = {"loss": loss, **stats}
+    for name, ref in values.items():
+        assert_close(ours[name], ref, dtype=dtype, kind="out", slack=slack[name], baseline=base[name], what=name)
+
+    if wanted:
+        wanted64 = [leaf64 for leaf, leaf64 in zip(leaves, leaves64, strict=True) if leaf.requires_grad]
+        ref_grads = torch.autograd.grad(ref_loss * go.double(), wanted64, retain_graph=True)
+        scale = abs(go.item())
+        terms = [
+            TokenTerm(logits, labels, t, c.abs() * scale, c_slack * scale)
+            for (logits, labels, t, _), c, c_slack in zip(spy.calls, coefs, coef_slack, strict=True)
+        ]
+        slacks = leaf_grad_slack(terms, wanted64)
+        for i, (leaf, grad, ref, slack_i) in enumerate(zip(wanted, grads, ref_grads, slacks, strict=True)):
+            assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+            if dtype == torch.bfloat16 and truncates_bf16(backend):
+                slack_i = slack_i + dtype_ulp(ref, dtype)
+            if rescaled:
+                slack_i = slack_i + rescaled_grad_slack(ref, go, dtype)
+            assert_close(
+                grad, ref, dtype=dtype, kind="grad", slack=slack_i, baseline=ref.to(dtype), what=f"grad of leaf {i}"
+            )
+    return LossResult(loss.detach(), stats, tuple(grads), ref_loss.detach(), go)
+
+
+class RecordLargeTensors(TorchDispatchMode):
+    """Record every op that returns a tensor of at least ``numel`` elements in storage not owned by ``keep``.
+
+    With ``keep`` the logits, an in-place backward must record nothing: no ``[tokens, vocab]``
+    buffer (gradient, copy or temporary) is created outside the kernels.
+    """
+
+    def __init__(self, numel: int, *keep: torch.Tensor):
+        super().__init__()
+        self.numel = numel
+        self.known = {t.untyped_storage().data_ptr() for t in keep}
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() >= self.numel:
+                if t.untyped_storage().data_ptr() not in self.known:
+                    self.seen.append((func.name(), tuple(t.shape)))
+        return out

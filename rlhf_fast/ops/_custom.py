@@ -139,12 +139,14 @@ torch.library.register_autograd("rlhf_fast::token_stats_fwd", _stats_backward, s
 
 
 # ------------------------------------------------------------------------- gradient in the forward
-def _fused(logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, mode, coefs, params, grad, backend):
+def _fused(
+    logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, loss_mode, coefs, params, grad, backend
+):
     check_labels_in_range(labels, logits.shape[-1], ignore_index)
     if _rows(logits) == 0:
         return _f32(0, logits), _f32(0, logits), _f32(0, logits), _f32(0, logits)
     return TABLE[backend].token_stats_fused(
-        logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, mode, coefs, params, grad
+        logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, loss_mode, coefs, params, grad
     )
 
 
@@ -156,14 +158,14 @@ def token_stats_fused(
     ignore_index: int,
     with_entropy: bool,
     with_mean_logp: bool,
-    mode: int,
+    loss_mode: int,
     coefs: Tensor,
     params: list[float],
     grad: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward pass that also writes d loss / d logits into ``grad`` (modes: see module doc)."""
-    args = (with_entropy, with_mean_logp, mode, coefs, params)
+    args = (with_entropy, with_mean_logp, loss_mode, coefs, params)
     return _fused(logits, labels, temperature, ignore_index, *args, grad, backend)
 
 
@@ -175,23 +177,23 @@ def token_stats_fused_(
     ignore_index: int,
     with_entropy: bool,
     with_mean_logp: bool,
-    mode: int,
+    loss_mode: int,
     coefs: Tensor,
     params: list[float],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``token_stats_fused`` writing the gradient over the logits themselves (in-place backward)."""
-    args = (with_entropy, with_mean_logp, mode, coefs, params)
+    args = (with_entropy, with_mean_logp, loss_mode, coefs, params)
     return _fused(logits, labels, temperature, ignore_index, *args, logits, backend)
 
 
 @token_stats_fused.register_fake
-def _(logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, mode, coefs, params, grad, backend):
+def _(logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, loss_mode, coefs, params, grad, backend):
     return _stats_outputs(logits, True, with_entropy, with_mean_logp)
 
 
 @token_stats_fused_.register_fake
-def _(logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, mode, coefs, params, backend):
+def _(logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, loss_mode, coefs, params, backend):
     return _stats_outputs(logits, True, with_entropy, with_mean_logp)
 
 

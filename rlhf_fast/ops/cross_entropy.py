@@ -50,7 +50,7 @@ def cross_entropy(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     eps = v.check_float("label_smoothing", label_smoothing, 0.0, 1.0, high_inclusive=True)
     backend = _dispatch.resolve(backend, logits.device)
-    rows, flat = v.as_rows(logits), v.flat_labels(labels)
+    rows, flat = v.as_rows(logits, allow_copy=not inplace_backward), v.flat_labels(labels)
     smooth = eps > 0.0
 
     if reduction == "none":
@@ -62,8 +62,6 @@ def cross_entropy(
 
     valid = (flat != ignore_index).float()
     weight = valid / valid.sum().clamp(min=1) if reduction == "mean" else valid
-    if inplace_backward:
-        fused.check_inplace(logits, rows)
     needs_grad = logits.requires_grad and torch.is_grad_enabled()
     if not needs_grad:
         logp, _, _, mean_logp = _custom.token_stats_fwd(rows, flat, 1.0, ignore_index, True, False, smooth, backend)

@@ -30,7 +30,7 @@ class _AttachGradient(torch.autograd.Function):
         # Scale in place: the buffer is ours (or the caller gave up the logits for it). Skipping the
         # pass when grad_output == 1 needs its value: free on CPU, a sync on GPU, so only on CPU.
         if torch.compiler.is_compiling() or grad_output.device.type != "cpu" or grad_output.item() != 1.0:
-            grad.mul_(grad_output.to(grad.dtype))
+            grad.mul_(grad_output)  # in float32, rounded once to the gradient dtype
         return grad, None, None
 
 
@@ -85,9 +85,3 @@ def attach_gradient(logits: Tensor, loss: Tensor, grad: Tensor) -> Tensor:
     if not logits.requires_grad:
         return loss
     return _AttachGradient.apply(logits, loss, grad)
-
-
-def check_inplace(logits: Tensor, rows: Tensor) -> None:
-    """An in-place backward needs the gradient's layout to be the logits' own."""
-    if rows.data_ptr() != logits.data_ptr() or rows.numel() != logits.numel():
-        raise ValueError("inplace_backward=True needs logits whose leading dims can be viewed as rows without a copy")

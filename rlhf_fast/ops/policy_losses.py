@@ -160,9 +160,9 @@ def ppo_loss(
     if inplace_backward and not fuse:
         raise ValueError("inplace_backward=True needs logits that require grad (and no grad to the other inputs)")
     if fuse:
-        rows, flat, temperature, ignore_index, backend = _prepare(logits, labels, temperature, ignore_index, backend)
-        if inplace_backward:
-            fused.check_inplace(logits, rows)
+        rows, flat, temperature, ignore_index, backend = _prepare(
+            logits, labels, temperature, ignore_index, backend, allow_copy=not inplace_backward
+        )
         ref = ref_logprobs if ref_logprobs is not None else torch.zeros_like(old_logprobs)
         coefs = torch.stack([old_logprobs, advantages, ref, weight]).reshape(4, -1).contiguous()
         kl_kind = KL_ESTIMATORS.index(kl_estimator) + 1

@@ -13,7 +13,7 @@ from rlhf_fast import _validate as v
 from rlhf_fast.ops import _custom
 
 
-def _prepare(logits, labels, temperature, ignore_index, backend):
+def _prepare(logits, labels, temperature, ignore_index, backend, *, allow_copy=True):
     v.check_logits(logits)
     if labels is not None:
         v.check_labels(labels, logits)
@@ -21,7 +21,7 @@ def _prepare(logits, labels, temperature, ignore_index, backend):
     temperature = v.check_temperature(temperature)
     ignore_index = v.check_ignore_index(ignore_index)
     backend = _dispatch.resolve(backend, logits.device)
-    return v.as_rows(logits), labels, temperature, ignore_index, backend
+    return v.as_rows(logits, allow_copy=allow_copy), labels, temperature, ignore_index, backend
 
 
 def token_logprobs(
