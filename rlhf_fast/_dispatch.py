@@ -115,24 +115,7 @@ class _CppBackend:
     """The C++ kernels, registered by rlhf_fast._C as torch.ops.rlhf_fast_C.*"""
 
     def __getattr__(self, name):
-        op = getattr(torch.ops.rlhf_fast_C, name)
-        # TEMPORARY bridge while csrc/ catches up with the mean-log-prob extension of the interface.
-        n_args = len(op.default._schema.arguments)
-        if name == "token_stats_fwd" and n_args == 6:
-
-            def fwd(logits, labels, t, ii, with_logp, with_entropy, with_mean_logp):
-                assert not with_mean_logp
-                return (*op(logits, labels, t, ii, with_logp, with_entropy), torch.empty(0))
-
-            return fwd
-        if name == "token_stats_bwd" and n_args == 8:
-
-            def bwd(logits, labels, lse, entropy, g_lp, g_h, g_u, t, ii):
-                assert g_u is None
-                return op(logits, labels, lse, entropy, g_lp, g_h, t, ii)
-
-            return bwd
-        return op
+        return getattr(torch.ops.rlhf_fast_C, name)
 
 
 class _LazyModules:

@@ -1,0 +1,186 @@
+// kl_div on CPU: exact KL(P || Q) over the whole vocabulary per row, P = softmax(p_logits / T),
+// Q = softmax(q_logits / T), in one streaming read of both rows; and its gradient to either input,
+// in one more read and one write per requested gradient. Compiled once per CPU capability.
+#include "vec_utils.h"
+
+namespace rlhf_fast::cpu::CPU_CAPABILITY {
+namespace {
+
+// With x = p_logits / T, y = q_logits / T and running maxes mx, my:
+//   sx = sum exp(x - mx),  sy = sum exp(y - my),  t = sum exp(x - mx) * (x - y)  (0 where P = 0)
+//   KL = t / sx - (lse_x - lse_y) = t / sx - (mx - my) - log sx + log sy.
+struct KlSums {
+  float mx = -kInf, my = -kInf, sx = 0.0f, sy = 0.0f, t = 0.0f;
+
+  void add(const KlSums& chunk) {  // chunk sums taken against the same maxes
+    sx += chunk.sx;
+    sy += chunk.sy;
+    t += chunk.t;
+  }
+  void raise_max(float new_mx, float new_my) {
+    if (new_mx > mx) {
+      if (sx > 0.0f) {
+        const float scale = std::exp(mx - new_mx);
+        sx *= scale;
+        t *= scale;
+      }
+      mx = new_mx;
+    }
+    if (new_my > my) {
+      if (sy > 0.0f) sy *= std::exp(my - new_my);
+      my = new_my;
+    }
+  }
+};
+
+// Sums of one chunk against mx, my, and in .mx/.my the chunk's own maxes.
+template <typename T>
+KlSums chunk_sums(const T* x, const T* y, int64_t n, float inv_temp, float mx, float my) {
+  // A side that has seen only -inf so far has max -inf; shifting by 0 then gives exp(-inf) = 0,
+  // where -inf - (-inf) would give NaN.
+  const Vec vinv(inv_temp), vmx(mx > -kInf ? mx : 0.0f), vmy(my > -kInf ? my : 0.0f), zero(0.0f);
+  Vec sx(0.0f), sy(0.0f), t(0.0f), cmx(-kInf), cmy(-kInf);
+  auto one = [&](const Vec& a, const Vec& b) {
+    const Vec xs = a * vinv;
+    const Vec ys = b * vinv;
+    cmx = at::vec::clamp_min(xs, cmx);
+    cmy = at::vec::clamp_min(ys, cmy);
+    const Vec ex = vexp(xs - vmx);
+    sx += ex;
+    sy += vexp(ys - vmy);
+    // P = 0 contributes 0 (x = -inf would give 0 * -inf); P > 0 with y = -inf gives +inf.
+    t = at::vec::fmadd(ex, Vec::blendv(zero, xs - ys, ex > zero), t);
+  };
+  // Both rows of the pair advance together; -inf pads the tails.
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    Vec a0, a1, b0, b1;
+    load2(x + i, a0, a1);
+    load2(y + i, b0, b1);
+    one(a0, b0);
+    one(a1, b1);
+  }
+  if (i < n) {
+    Vec a0, a1, b0, b1;
+    load2_tail(x + i, n - i, -kInf, a0, a1);
+    load2_tail(y + i, n - i, -kInf, b0, b1);
+    one(a0, b0);
+    one(a1, b1);
+  }
+  KlSums out;
+  out.mx = hmax(cmx);
+  out.my = hmax(cmy);
+  out.sx = hsum(sx);
+  out.sy = hsum(sy);
+  out.t = hsum(t);
+  return out;
+}
+
+template <typename T>
+KlSums kl_sums(const T* x, const T* y, int64_t V, float inv_temp) {
+  KlSums acc;
+  for (int64_t c = 0; c < V; c += kChunk) {
+    const int64_t n = std::min(kChunk, V - c);
+    // Until a side has a finite max, find one before any exp (see token_stats.cpp).
+    if (acc.mx == -kInf) acc.mx = chunk_max(x + c, n) * inv_temp;
+    if (acc.my == -kInf) acc.my = chunk_max(y + c, n) * inv_temp;
+    KlSums chunk = chunk_sums(x + c, y + c, n, inv_temp, acc.mx, acc.my);
+    if (chunk.mx > acc.mx + kHeadroom || chunk.my > acc.my + kHeadroom) {
+      acc.raise_max(chunk.mx, chunk.my);
+      chunk = chunk_sums(x + c, y + c, n, inv_temp, acc.mx, acc.my);
+    }
+    acc.add(chunk);
+    acc.raise_max(chunk.mx, chunk.my);
+  }
+  return acc;
+}
+
+template <typename T>
+void fwd_rows(const KlFwdArgs& args, int64_t begin, int64_t end) {
+  const int64_t V = args.p.V;
+  for (int64_t r = begin; r < end; ++r) {
+    const KlSums acc = kl_sums(row_ptr<T>(args.p, r), row_ptr<T>(args.q, r), V, args.inv_temp);
+    const float log_sx = std::log(acc.sx);
+    const float log_sy = std::log(acc.sy);
+    args.lse_p[r] = acc.mx + log_sx;
+    args.lse_q[r] = acc.my + log_sy;
+    // Differences of maxes and of logs first: both lse can be large while KL is small.
+    args.kl[r] = acc.t / acc.sx - (acc.mx - acc.my) - (log_sx - log_sy);
+  }
+}
+
+// grad_x = g * P * (log P - log Q - KL) / T  (0 where P = 0),   grad_y = g * (Q - P) / T.
+template <typename T, bool kNeedP, bool kNeedQ>
+void bwd_row(const T* x, const T* y, T* gx, T* gy, int64_t V, float inv_temp, float lse_p, float lse_q,
+             float kl, float g) {
+  const Vec vinv(inv_temp), neg_lse_p(-lse_p), neg_lse_q(-lse_q), vkl(kl), vg(g * inv_temp);
+  const Vec zero(0.0f);
+  auto grads = [&](const Vec& a, const Vec& b, Vec& out_x, Vec& out_y) {
+    const Vec logp = a * vinv + neg_lse_p;
+    const Vec logq = b * vinv + neg_lse_q;
+    const Vec p = vexp(logp);
+    if constexpr (kNeedP) {
+      out_x = Vec::blendv(zero, p * (logp - logq - vkl) * vg, p > zero);
+    }
+    if constexpr (kNeedQ) {
+      out_y = (vexp(logq) - p) * vg;
+    }
+  };
+  auto write = [&](int64_t i, int64_t n, const Vec& a0, const Vec& a1, const Vec& b0, const Vec& b1) {
+    Vec x0, x1, y0, y1;
+    grads(a0, b0, x0, y0);
+    grads(a1, b1, x1, y1);
+    if (n == kStep) {
+      if constexpr (kNeedP) store2(gx + i, x0, x1);
+      if constexpr (kNeedQ) store2(gy + i, y0, y1);
+    } else {
+      if constexpr (kNeedP) store2_tail(gx + i, n, x0, x1);
+      if constexpr (kNeedQ) store2_tail(gy + i, n, y0, y1);
+    }
+  };
+  int64_t i = 0;
+  for (; i + kStep <= V; i += kStep) {
+    Vec a0, a1, b0, b1;
+    load2(x + i, a0, a1);
+    load2(y + i, b0, b1);
+    write(i, kStep, a0, a1, b0, b1);
+  }
+  if (i < V) {
+    Vec a0, a1, b0, b1;
+    load2_tail(x + i, V - i, -kInf, a0, a1);
+    load2_tail(y + i, V - i, -kInf, b0, b1);
+    write(i, V - i, a0, a1, b0, b1);
+  }
+}
+
+template <typename T, bool kNeedP, bool kNeedQ>
+void bwd_rows(const KlBwdArgs& args, int64_t begin, int64_t end) {
+  const int64_t V = args.p.V;
+  T* gx = static_cast<T*>(args.grad_p);
+  T* gy = static_cast<T*>(args.grad_q);
+  for (int64_t r = begin; r < end; ++r) {
+    bwd_row<T, kNeedP, kNeedQ>(row_ptr<T>(args.p, r), row_ptr<T>(args.q, r), kNeedP ? gx + r * V : nullptr,
+                               kNeedQ ? gy + r * V : nullptr, V, args.inv_temp, args.lse_p[r], args.lse_q[r],
+                               args.kl[r], args.grad_kl[r]);
+  }
+}
+
+}  // namespace
+
+void kl_fwd(const KlFwdArgs& args, int64_t begin, int64_t end) {
+  dispatch_dtype(args.p.dtype, [&]<typename T>() { fwd_rows<T>(args, begin, end); });
+}
+
+void kl_bwd(const KlBwdArgs& args, int64_t begin, int64_t end) {
+  dispatch_dtype(args.p.dtype, [&]<typename T>() {
+    if (args.grad_p && args.grad_q) {
+      bwd_rows<T, true, true>(args, begin, end);
+    } else if (args.grad_p) {
+      bwd_rows<T, true, false>(args, begin, end);
+    } else if (args.grad_q) {
+      bwd_rows<T, false, true>(args, begin, end);
+    }
+  });
+}
+
+}  // namespace rlhf_fast::cpu::CPU_CAPABILITY

@@ -1,0 +1,321 @@
+// token_stats on CPU: per row of x = logits / T, the log-sum-exp, the log-probability of the label,
+// the entropy of softmax(x) and the mean log-probability over the vocabulary, in one streaming read
+// of the row; and their gradient, in one read of the row and one write of the gradient row.
+// Compiled once per CPU capability (see kernels.h).
+#include "vec_utils.h"
+
+namespace rlhf_fast::cpu::CPU_CAPABILITY {
+namespace {
+
+// Running sums of a row, the softmax ones relative to the running max m:
+//   s = sum_v exp(x_v - m),   t = sum_v exp(x_v - m) * (x_v - m),   sum_x = sum_v x_v
+// so lse = m + log s, H = lse - E[x] = log s - t / s and mean_v log p_v = sum_x / V - lse. Keeping
+// t relative to m (not sum e * x) avoids cancelling two numbers of the size of the logits when one
+// logit is huge.
+struct RowSums {
+  float m = -kInf, s = 0.0f, t = 0.0f, sum_x = 0.0f;
+
+  void add(const RowSums& chunk) {  // chunk sums taken against the same m
+    s += chunk.s;
+    t += chunk.t;
+    sum_x += chunk.sum_x;
+  }
+  void raise_max(float new_m) {
+    if (s > 0.0f) {
+      const float shift = m - new_m;
+      const float scale = std::exp(shift);
+      t = scale * (t + shift * s);
+      s *= scale;
+    }
+    m = new_m;
+  }
+};
+
+// Sums of one chunk against m (m finite), and in .m the chunk's own max of x.
+template <typename T, bool kEntropy, bool kSumX>
+RowSums chunk_sums(const T* x, int64_t n, float inv_temp, float m) {
+  const Vec vinv(inv_temp), vm(m), floor(kLogFloor);
+  Vec s0(0.0f), s1(0.0f), t0(0.0f), t1(0.0f), x0(0.0f), x1(0.0f), m0(-kInf), m1(-kInf);
+  auto one = [&](const Vec& v, Vec& s, Vec& t, Vec& sx, Vec& mx) {
+    const Vec xs = v * vinv;
+    mx = at::vec::clamp_min(xs, mx);
+    if constexpr (kSumX) {
+      sx += xs;
+    }
+    Vec d = xs - vm;
+    if constexpr (kEntropy) {
+      d = at::vec::clamp_min(d, floor);
+    }
+    const Vec e = vexp(d);
+    s += e;
+    if constexpr (kEntropy) {
+      t = at::vec::fmadd(e, d, t);
+    }
+  };
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    Vec a, b;
+    load2(x + i, a, b);
+    one(a, s0, t0, x0, m0);
+    one(b, s1, t1, x1, m1);
+  }
+  float tail_x = 0.0f;
+  if (i < n) {
+    // -inf pads the tail (exp = 0, max unchanged); the tail's own sum of x is taken apart.
+    Vec a, b, unused(0.0f);
+    load2_tail(x + i, n - i, -kInf, a, b);
+    one(a, s0, t0, unused, m0);
+    one(b, s1, t1, unused, m1);
+    if constexpr (kSumX) {
+      for (; i < n; ++i) tail_x += static_cast<float>(x[i]) * inv_temp;
+    }
+  }
+  RowSums out;
+  out.m = hmax(at::vec::maximum(m0, m1));
+  out.s = hsum(s0 + s1);
+  if constexpr (kEntropy) {
+    out.t = hsum(t0 + t1);
+  }
+  if constexpr (kSumX) {
+    out.sum_x = hsum(x0 + x1) + tail_x;
+  }
+  return out;
+}
+
+template <typename T, bool kEntropy, bool kSumX>
+RowSums row_sums(const T* x, int64_t V, float inv_temp) {
+  RowSums acc;
+  for (int64_t c = 0; c < V; c += kChunk) {
+    const int64_t n = std::min(kChunk, V - c);
+    if (acc.m == -kInf) {
+      // No finite max yet (first chunk, or all -inf so far): find one before any exp.
+      const float raw_max = chunk_max(x + c, n);
+      if (raw_max == -kInf) {
+        if constexpr (kSumX) acc.sum_x = -kInf;  // a masked logit makes the mean log-prob -inf
+        continue;
+      }
+      acc.m = raw_max * inv_temp;  // T > 0, and rounding is monotone: this is max(x)
+    }
+    RowSums chunk = chunk_sums<T, kEntropy, kSumX>(x + c, n, inv_temp, acc.m);
+    if (chunk.m > acc.m + kHeadroom) {
+      acc.raise_max(chunk.m);
+      chunk = chunk_sums<T, kEntropy, kSumX>(x + c, n, inv_temp, acc.m);
+    }
+    acc.add(chunk);
+    if (chunk.m > acc.m) {
+      acc.raise_max(chunk.m);
+    }
+  }
+  return acc;
+}
+
+template <typename T>
+RowSums row_sums(const T* x, int64_t V, float inv_temp, bool entropy, bool sum_x) {
+  if (entropy) {
+    return sum_x ? row_sums<T, true, true>(x, V, inv_temp) : row_sums<T, true, false>(x, V, inv_temp);
+  }
+  return sum_x ? row_sums<T, false, true>(x, V, inv_temp) : row_sums<T, false, false>(x, V, inv_temp);
+}
+
+// The statistics of one row that is not ignored (label: its label, or any index when there are none).
+struct RowStats {
+  float lse, logp, entropy, mean_logp;
+  float x_label;  // x at the label, kept so the gradient pass may overwrite the row
+};
+
+template <typename T>
+RowStats row_stats(const T* x, int64_t V, float inv_temp, int64_t label, bool entropy, bool mean_logp) {
+  const RowSums acc = row_sums<T>(x, V, inv_temp, entropy, mean_logp);
+  const float log_s = std::log(acc.s);
+  RowStats st{};
+  st.lse = acc.m + log_s;
+  st.x_label = static_cast<float>(x[label]) * inv_temp;
+  // (x - m) - log s: never subtracts two large numbers.
+  st.logp = (st.x_label - acc.m) - log_s;
+  if (entropy) st.entropy = log_s - acc.t / acc.s;
+  if (mean_logp) st.mean_logp = (acc.sum_x / static_cast<float>(V) - acc.m) - log_s;
+  return st;
+}
+
+template <typename T>
+void fwd_rows(const TokenStatsFwdArgs& args, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t label = args.labels ? args.labels[r] : 0;
+    RowStats st{};  // ignored rows are never read: all outputs 0
+    if (!args.labels || label != args.ignore_index) {
+      st = row_stats<T>(row_ptr<T>(args.logits, r), args.logits.V, args.inv_temp, label, args.entropy,
+                        args.mean_logp);
+    }
+    args.lse[r] = st.lse;
+    if (args.logp) args.logp[r] = st.logp;
+    if (args.entropy) args.entropy[r] = st.entropy;
+    if (args.mean_logp) args.mean_logp[r] = st.mean_logp;
+  }
+}
+
+// The per-row upstream gradients of g_lp * logp + g_H * H + g_u * mean_v log p_v; absent terms are
+// off (the entropy term needs H).
+struct RowGrads {
+  bool has_lp, has_h, has_u;
+  float g_lp, g_h, h, g_u;
+};
+
+// With log p_v = x_v - lse, the gradient is
+//   g_lp * (1[v == label] - p_v) - g_H * p_v * (log p_v + H) + g_u * (1/V - p_v),
+// divided by T. Off the label that is p_v * (c0 + c1 * log p_v) + k with c0 = -(g_lp + g_H H + g_u) / T,
+// c1 = -g_H / T, k = g_u / (V T); the label element is rewritten in float afterwards.
+struct GradCoefs {
+  float c0, c1, k;
+};
+
+template <typename T, bool kEntropy, bool kMean>
+void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs c) {
+  const Vec vinv(inv_temp), vlse(lse), vc0(c.c0), vc1(c.c1), vk(c.k), floor(kLogFloor);
+  auto grad = [&](const Vec& v) {
+    Vec logp = v * vinv - vlse;
+    Vec out;
+    if constexpr (kEntropy) {
+      logp = at::vec::clamp_min(logp, floor);  // p = 0 stays 0 instead of 0 * -inf
+      out = vexp(logp) * at::vec::fmadd(vc1, logp, vc0);
+    } else {
+      out = vexp(logp) * vc0;
+    }
+    if constexpr (kMean) {
+      out = out + vk;
+    }
+    return out;
+  };
+  // Each step loads its elements before storing over them, so g may be x itself.
+  int64_t i = 0;
+  for (; i + kStep <= V; i += kStep) {
+    Vec a, b;
+    load2(x + i, a, b);
+    store2(g + i, grad(a), grad(b));
+  }
+  if (i < V) {
+    Vec a, b;
+    load2_tail(x + i, V - i, -kInf, a, b);
+    store2_tail(g + i, V - i, grad(a), grad(b));
+  }
+}
+
+// Writes the gradient row of a row that is not ignored; g may be x itself.
+template <typename T>
+void write_grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, int64_t label, float x_label,
+                    const RowGrads& rg) {
+  const float g_lp = rg.has_lp ? rg.g_lp : 0.0f;
+  const float g_h = rg.has_h ? rg.g_h : 0.0f;
+  const float g_u = rg.has_u ? rg.g_u : 0.0f;
+  const GradCoefs c{-(g_lp + g_h * (rg.has_h ? rg.h : 0.0f) + g_u) * inv_temp, -g_h * inv_temp,
+                    g_u * inv_temp / static_cast<float>(V)};
+  if (rg.has_h) {
+    rg.has_u ? grad_row<T, true, true>(x, g, V, inv_temp, lse, c)
+             : grad_row<T, true, false>(x, g, V, inv_temp, lse, c);
+  } else {
+    rg.has_u ? grad_row<T, false, true>(x, g, V, inv_temp, lse, c)
+             : grad_row<T, false, false>(x, g, V, inv_temp, lse, c);
+  }
+  if (rg.has_lp) {
+    // Rewrite the label element in float, with its log-prob term as g_lp (1 - p) / T =
+    // -g_lp expm1(log p) / T: both g_lp - g_lp p and a g_lp / T added to the rounded value cancel
+    // when p is close to 1 (a confident token), leaving only the rounding error.
+    const float logp = std::max(x_label - lse, kLogFloor);
+    const float c0_rest = c.c0 + g_lp * inv_temp;  // c0 without its log-prob part
+    const float lp_term = -g_lp * inv_temp * std::expm1(logp);
+    g[label] = static_cast<T>(lp_term + std::exp(logp) * (c0_rest + c.c1 * logp) + c.k);
+  }
+}
+
+template <typename T>
+void bwd_rows(const TokenStatsBwdArgs& args, int64_t begin, int64_t end) {
+  const int64_t V = args.logits.V;
+  T* grad = static_cast<T*>(args.grad);
+  for (int64_t r = begin; r < end; ++r) {
+    T* g = grad + r * V;
+    const int64_t label = args.labels ? args.labels[r] : 0;
+    if (args.labels && label == args.ignore_index) {
+      std::memset(static_cast<void*>(g), 0, V * sizeof(T));  // zero bits are +0 in all three dtypes
+      continue;
+    }
+    const T* x = row_ptr<T>(args.logits, r);
+    const RowGrads rg{args.grad_logp != nullptr,
+                      args.grad_entropy != nullptr,
+                      args.grad_mean_logp != nullptr,
+                      args.grad_logp ? args.grad_logp[r] : 0.0f,
+                      args.grad_entropy ? args.grad_entropy[r] : 0.0f,
+                      args.grad_entropy ? args.entropy[r] : 0.0f,
+                      args.grad_mean_logp ? args.grad_mean_logp[r] : 0.0f};
+    const float x_label = rg.has_lp ? static_cast<float>(x[label]) * args.inv_temp : 0.0f;
+    write_grad_row<T>(x, g, V, args.inv_temp, args.lse[r], label, x_label, rg);
+  }
+}
+
+// d loss / d logp and d loss / d H of the PPO per-token loss, times the token weight w:
+//   pg = max(-A * ratio, -A * clip(ratio, lo, hi)), ratio = exp(logp - old_logp); with dual clip c
+//   and A < 0, pg = min(pg, -A * c); plus kl_coef * k(logp, ref_logp) and - entropy_coef * H.
+// The same formulas as rlhf_fast._torch_backend._ppo_coefs.
+void ppo_coefs(const PpoParams& pp, float logp, float old_logp, float adv, float ref_logp, float w, float& g_lp,
+               float& g_h) {
+  const float ratio = std::exp(logp - old_logp);
+  const float unclipped = -adv * ratio;
+  const float clipped = -adv * std::clamp(ratio, pp.ratio_low, pp.ratio_high);
+  float d = unclipped >= clipped ? -adv * ratio : 0.0f;  // the clipped branch is flat in logp
+  if (pp.dual_clip > 0.0f && adv < 0.0f && std::max(unclipped, clipped) > -adv * pp.dual_clip) {
+    d = 0.0f;  // capped at -A * c: flat as well
+  }
+  if (pp.kl_coef != 0.0f) {
+    const float d_kl = pp.kl_kind == 1 ? 1.0f : pp.kl_kind == 2 ? logp - ref_logp : -std::expm1(ref_logp - logp);
+    d += pp.kl_coef * d_kl;
+  }
+  g_lp = w * d;
+  g_h = -w * pp.entropy_coef;
+}
+
+template <typename T>
+void fused_rows(const TokenStatsFusedArgs& args, int64_t begin, int64_t end) {
+  const int64_t V = args.logits.V;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t label = args.labels[r];
+    const T* x = row_ptr<T>(args.logits, r);
+    const int64_t a = r / args.logits.B;
+    T* g = static_cast<T*>(args.grad) + a * args.grad_stride0 + (r - a * args.logits.B) * args.grad_stride1;
+    RowStats st{};
+    if (label == args.ignore_index) {
+      std::memset(static_cast<void*>(g), 0, V * sizeof(T));  // ignored rows are never read
+    } else {
+      // One read for the statistics; the gradient pass re-reads the row from cache.
+      st = row_stats<T>(x, V, args.inv_temp, label, args.entropy, args.mean_logp);
+      RowGrads rg{true, args.entropy != nullptr, false, 0.0f, 0.0f, st.entropy, 0.0f};
+      if (args.mode == 0) {
+        rg.g_lp = args.coefs[r];
+        rg.g_h = args.coefs[args.n + r];
+        rg.g_u = args.coefs[2 * args.n + r];
+        rg.has_u = true;
+      } else {
+        ppo_coefs(args.ppo, st.logp, args.coefs[r], args.coefs[args.n + r], args.coefs[2 * args.n + r],
+                  args.coefs[3 * args.n + r], rg.g_lp, rg.g_h);
+      }
+      write_grad_row<T>(x, g, V, args.inv_temp, st.lse, label, st.x_label, rg);
+    }
+    args.lse[r] = st.lse;
+    args.logp[r] = st.logp;
+    if (args.entropy) args.entropy[r] = st.entropy;
+    if (args.mean_logp) args.mean_logp[r] = st.mean_logp;
+  }
+}
+
+}  // namespace
+
+void token_stats_fwd(const TokenStatsFwdArgs& args, int64_t begin, int64_t end) {
+  dispatch_dtype(args.logits.dtype, [&]<typename T>() { fwd_rows<T>(args, begin, end); });
+}
+
+void token_stats_bwd(const TokenStatsBwdArgs& args, int64_t begin, int64_t end) {
+  dispatch_dtype(args.logits.dtype, [&]<typename T>() { bwd_rows<T>(args, begin, end); });
+}
+
+void token_stats_fused(const TokenStatsFusedArgs& args, int64_t begin, int64_t end) {
+  dispatch_dtype(args.logits.dtype, [&]<typename T>() { fused_rows<T>(args, begin, end); });
+}
+
+}  // namespace rlhf_fast::cpu::CPU_CAPABILITY
