@@ -21,6 +21,17 @@ import triton.language as tl
 
 
 @triton.jit
+def row_position(B):
+    """(row, a, b) of this program, all int64: row r = a * B + b of the [A, B, V] logits view.
+
+    int64 because ``row * V`` and ``a * stride_a`` pass 2**31 for large batches and vocabularies.
+    """
+    pid = tl.program_id(0)
+    a = pid // B
+    return pid.to(tl.int64), a.to(tl.int64), (pid - a * B).to(tl.int64)
+
+
+@triton.jit
 def row_stats(
     row_ptr,  # first element of the row; its V elements are contiguous
     n_read,  # V, or 0 to skip the row (the outputs are then meaningless: callers mask them)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._common import CONFIGS, TRITON_DTYPE, AotSpec, aot_spec, check_rows, empty_f32, pick_config
+from ._softmax_row import row_position
 
 __all__ = ["CONFIGS", "aot_specs", "kl_bwd", "kl_fwd"]
 
@@ -46,11 +47,7 @@ def _kl_fwd_kernel(
     # constexpr
     BLOCK_V: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row = pid.to(tl.int64)
-    a = pid // B
-    b = (pid - a * B).to(tl.int64)
-    a = a.to(tl.int64)
+    row, a, b = row_position(B)
     p_row = p_ptr + a * p_stride_a + b * p_stride_b
     q_row = q_ptr + a * q_stride_a + b * q_stride_b
 
@@ -125,11 +122,7 @@ def _kl_bwd_kernel(
     NEED_Q: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row = pid.to(tl.int64)
-    a = pid // B
-    b = (pid - a * B).to(tl.int64)
-    a = a.to(tl.int64)
+    row, a, b = row_position(B)
     p_row = p_ptr + a * p_stride_a + b * p_stride_b
     q_row = q_ptr + a * q_stride_a + b * q_stride_b
 

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._common import CONFIGS, TRITON_DTYPE, AotSpec, aot_spec, check_rows, empty_f32, pick_config
-from ._softmax_row import row_stats, write_grad_row
+from ._softmax_row import row_position, row_stats, write_grad_row
 
 # The fused forward+gradient variant lives in its own file; re-exported so that this module holds
 # the whole token-stats interface (rlhf_fast._dispatch looks the launchers up here).
@@ -61,10 +61,8 @@ def _token_stats_fwd_kernel(
     WITH_MEAN_LOGP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row = pid.to(tl.int64)
-    a = pid // B
-    row_ptr = logits_ptr + a.to(tl.int64) * stride_a + (pid - a * B).to(tl.int64) * stride_b
+    row, a, b = row_position(B)
+    row_ptr = logits_ptr + a * stride_a + b * stride_b
 
     n_read = V
     if HAS_LABELS:
@@ -118,10 +116,8 @@ def _token_stats_bwd_kernel(
     GRAD_MEAN_LOGP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row = pid.to(tl.int64)
-    a = pid // B
-    row_ptr = logits_ptr + a.to(tl.int64) * stride_a + (pid - a * B).to(tl.int64) * stride_b
+    row, a, b = row_position(B)
+    row_ptr = logits_ptr + a * stride_a + b * stride_b
 
     # The 1/T of d x / d logits is folded into the per-row coefficients.
     g_lp = 0.0

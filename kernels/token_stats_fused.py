@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._common import CONFIGS, TRITON_DTYPE, AotSpec, aot_spec, check_rows, empty_f32, pick_config
-from ._softmax_row import row_stats, write_grad_row
+from ._softmax_row import row_position, row_stats, write_grad_row
 
 __all__ = ["aot_specs", "token_stats_fused"]
 
@@ -75,11 +75,7 @@ def _token_stats_fused_kernel(
     WITH_MEAN_LOGP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row = pid.to(tl.int64)
-    a = pid // B
-    b = (pid - a * B).to(tl.int64)
-    a = a.to(tl.int64)
+    row, a, b = row_position(B)
     row_ptr = logits_ptr + a * stride_a + b * stride_b
     out_ptr = grad_ptr + a * grad_stride_a + b * grad_stride_b
 
