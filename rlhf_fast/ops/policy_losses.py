@@ -6,6 +6,8 @@ call; everything after it is element-wise math on ``[B, T]`` numbers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -131,79 +133,112 @@ def ppo_loss(
     """
     v.check_logits(logits)
     v.check_labels(labels, logits)
-    old_logprobs = _per_token(old_logprobs, "old_logprobs", labels)
-    advantages = _per_token(advantages, "advantages", labels)
-    if ref_logprobs is not None:
-        ref_logprobs = _per_token(ref_logprobs, "ref_logprobs", labels)
-    clip_low = v.check_float("clip_eps", clip_eps, 0.0, 1.0)
-    clip_high = clip_low if clip_eps_high is None else v.check_float("clip_eps_high", clip_eps_high, 0.0, None)
-    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1.0):
-        raise ValueError(f"dual_clip must be a float > 1 or None, got {dual_clip!r}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
-    if kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError("kl_coef != 0 needs ref_logprobs")
-
-    mask = (labels != ignore_index).float()
-    # Ignored positions may hold anything (padding, -inf): zero them so 0 * NaN never reaches a sum.
-    valid = mask.bool()
-    old_logprobs = torch.where(valid, old_logprobs, 0.0).expand(labels.shape)
-    advantages = torch.where(valid, advantages, 0.0).expand(labels.shape)
-    if ref_logprobs is not None:
-        ref_logprobs = torch.where(valid, ref_logprobs, 0.0).expand(labels.shape)
-    weight = _aggregation_weights(mask, loss_agg)
-
-    side_inputs_need_grad = any(t is not None and t.requires_grad for t in (old_logprobs, advantages, ref_logprobs))
-    fuse = logits.requires_grad and torch.is_grad_enabled() and not side_inputs_need_grad
+    setup = PPOSetup.build(
+        labels, old_logprobs, advantages, ref_logprobs, clip_eps, clip_eps_high, dual_clip, kl_coef,
+        kl_estimator, entropy_coef, ignore_index, loss_agg,
+    )  # fmt: skip
+    fuse = logits.requires_grad and torch.is_grad_enabled() and not setup.side_inputs_need_grad
     if inplace_backward and not fuse:
         raise ValueError("inplace_backward=True needs logits that require grad (and no grad to the other inputs)")
     if fuse:
         rows, flat, temperature, ignore_index, backend = _prepare(
             logits, labels, temperature, ignore_index, backend, allow_copy=not inplace_backward
         )
-        ref = ref_logprobs if ref_logprobs is not None else torch.zeros_like(old_logprobs)
-        coefs = torch.stack([old_logprobs, advantages, ref, weight]).reshape(4, -1).contiguous()
-        kl_kind = KL_ESTIMATORS.index(kl_estimator) + 1
-        params = [clip_low, clip_high, float(dual_clip or 0.0), float(kl_coef), float(kl_kind), float(entropy_coef)]
         (logp, entropy, _, _), grad = fused.stats_with_gradient(
             logits, rows, flat, temperature, ignore_index, with_entropy=True, with_mean_logp=False, mode=1,
-            coefs=coefs, params=params, inplace=inplace_backward, backend=backend,
+            coefs=setup.coefs(), params=setup.params(), inplace=inplace_backward, backend=backend,
         )  # fmt: skip
-        logp, entropy = logp.view(labels.shape), entropy.view(labels.shape)
-    else:
-        logp, entropy = token_logprobs_and_entropy(
-            logits, labels, temperature=temperature, ignore_index=ignore_index, backend=backend
-        )
+        loss, stats = setup.finish(logp.view(labels.shape), entropy.view(labels.shape))
+        return fused.attach_gradient(logits, loss, grad), stats
+    logp, entropy = token_logprobs_and_entropy(
+        logits, labels, temperature=temperature, ignore_index=ignore_index, backend=backend
+    )
+    return setup.finish(logp, entropy)
 
-    log_ratio = logp - old_logprobs
-    ratio = torch.exp(log_ratio)
-    pg_unclipped = -advantages * ratio
-    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    pg = torch.maximum(pg_unclipped, pg_clipped)
-    if dual_clip is not None:
-        pg = torch.where(advantages < 0, torch.minimum(pg, -advantages * dual_clip), pg)
-    per_token = pg
-    kl_ref = torch.zeros((), device=logp.device)
-    if ref_logprobs is not None:
-        kl = kl_estimate(logp, ref_logprobs, kl_estimator)
-        per_token = per_token + kl_coef * kl
-        kl_ref = _masked_mean(kl.detach(), mask)
-    if entropy_coef != 0.0:
-        per_token = per_token - entropy_coef * entropy
-    loss = (per_token * weight).sum()
-    if fuse:
-        loss = fused.attach_gradient(logits, loss, grad)
 
-    with torch.no_grad():
-        stats = {
-            "clip_frac": _masked_mean((pg_clipped > pg_unclipped).float(), mask),
-            "approx_kl": _masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),
-            "entropy": _masked_mean(entropy, mask),
-            "kl_ref": kl_ref,
-        }
-    return loss, stats
+@dataclass
+class PPOSetup:
+    """The validated, masked per-token inputs of a PPO loss, shared by the logits and linear forms."""
+
+    old_logprobs: Tensor
+    advantages: Tensor
+    ref_logprobs: Tensor | None
+    mask: Tensor
+    weight: Tensor  # loss = sum(weight * loss_t), from loss_agg
+    clip_low: float
+    clip_high: float
+    dual_clip: float | None
+    kl_coef: float
+    kl_estimator: str
+    entropy_coef: float
+    side_inputs_need_grad: bool
+
+    @staticmethod
+    def build(
+        labels, old_logprobs, advantages, ref_logprobs, clip_eps, clip_eps_high, dual_clip, kl_coef,
+        kl_estimator, entropy_coef, ignore_index, loss_agg,
+    ) -> PPOSetup:  # fmt: skip
+        old_logprobs = _per_token(old_logprobs, "old_logprobs", labels)
+        advantages = _per_token(advantages, "advantages", labels)
+        if ref_logprobs is not None:
+            ref_logprobs = _per_token(ref_logprobs, "ref_logprobs", labels)
+        clip_low = v.check_float("clip_eps", clip_eps, 0.0, 1.0)
+        clip_high = clip_low if clip_eps_high is None else v.check_float("clip_eps_high", clip_eps_high, 0.0, None)
+        if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1.0):
+            raise ValueError(f"dual_clip must be a float > 1 or None, got {dual_clip!r}")
+        if kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+        if loss_agg not in LOSS_AGGS:
+            raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+        if kl_coef != 0.0 and ref_logprobs is None:
+            raise ValueError("kl_coef != 0 needs ref_logprobs")
+        side_grad = any(t is not None and t.requires_grad for t in (old_logprobs, advantages, ref_logprobs))
+        mask = (labels != ignore_index).float()
+        # Ignored positions may hold anything (padding, -inf): zero them so 0 * NaN never reaches a sum.
+        valid = mask.bool()
+        masked = [None if t is None else torch.where(valid, t, 0.0).expand(labels.shape) for t in
+                  (old_logprobs, advantages, ref_logprobs)]  # fmt: skip
+        return PPOSetup(
+            *masked, mask, _aggregation_weights(mask, loss_agg), clip_low, clip_high, dual_clip,
+            float(kl_coef), kl_estimator, float(entropy_coef), side_grad,
+        )  # fmt: skip
+
+    def coefs(self) -> Tensor:
+        """``[old_logp, adv, ref_logp, weight]`` as ``[4, N]``: the fused kernels' ``mode 1`` input."""
+        ref = self.ref_logprobs if self.ref_logprobs is not None else torch.zeros_like(self.old_logprobs)
+        return torch.stack([self.old_logprobs, self.advantages, ref, self.weight]).reshape(4, -1).contiguous()
+
+    def params(self) -> list[float]:
+        kl_kind = float(KL_ESTIMATORS.index(self.kl_estimator) + 1)
+        kl_coef = self.kl_coef if self.ref_logprobs is not None else 0.0
+        return [self.clip_low, self.clip_high, float(self.dual_clip or 0.0), kl_coef, kl_kind, self.entropy_coef]
+
+    def finish(self, logp: Tensor, entropy: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss and stats from the per-token log-probs and entropies (differentiable or not)."""
+        adv, mask = self.advantages, self.mask
+        log_ratio = logp - self.old_logprobs
+        ratio = torch.exp(log_ratio)
+        pg_unclipped = -adv * ratio
+        pg_clipped = -adv * torch.clamp(ratio, 1.0 - self.clip_low, 1.0 + self.clip_high)
+        per_token = torch.maximum(pg_unclipped, pg_clipped)
+        if self.dual_clip is not None:
+            per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * self.dual_clip), per_token)
+        kl_ref = torch.zeros((), device=logp.device)
+        if self.ref_logprobs is not None:
+            kl = kl_estimate(logp, self.ref_logprobs, self.kl_estimator)
+            per_token = per_token + self.kl_coef * kl
+            kl_ref = _masked_mean(kl.detach(), mask)
+        if self.entropy_coef != 0.0:
+            per_token = per_token - self.entropy_coef * entropy
+        loss = (per_token * self.weight).sum()
+        with torch.no_grad():
+            stats = {
+                "clip_frac": _masked_mean((pg_clipped > pg_unclipped).float(), mask),
+                "approx_kl": _masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),
+                "entropy": _masked_mean(entropy, mask),
+                "kl_ref": kl_ref,
+            }
+        return loss, stats
 
 
 def dpo_loss(
