@@ -102,3 +102,100 @@ def test_bad_inputs_name_the_argument():
         rf.linear_token_entropy(hidden, weight, temperature=0.0)
     with pytest.raises(TypeError, match="hidden"):
         rf.linear_token_entropy(hidden.long(), weight)
+
+
+def _grads_vs_float64(loss, ref_loss, leaves, leaves64, dtype, baseline=None):
+    """Gradients within REL_TOL of float64; with ``baseline`` (PyTorch's own gradients computed from
+    the same low-precision inputs), within twice PyTorch's own error instead (flash-attention's rule)."""
+    truths = torch.autograd.grad(ref_loss, leaves64)
+    bases = baseline if baseline is not None else [None] * len(truths)
+    for name, ours, truth, base in zip(
+        ["hidden", "weight", "bias"], torch.autograd.grad(loss, leaves), truths, bases, strict=True
+    ):
+        assert ours.dtype == dtype and ours.shape == truth.shape
+        bound = REL_TOL[dtype] if base is None else 2 * _rel(base, truth) + 1e-3
+        assert _rel(ours, truth) < bound, name
+
+
+@pytest.mark.parametrize(
+    ("reduction", "smoothing"), [("mean", 0.0), ("mean", 0.1), ("sum", 0.0), ("none", 0.0), ("none", 0.1)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_cross_entropy_matches_float64(backend, dtype, reduction, smoothing):
+    _skip_unavailable(backend)
+    shape, H, V = ((2, 5), 24, 301) if backend == "triton" else ((3, 11), 67, 3001)
+    hidden, weight, b, labels = _inputs(shape, H, V, dtype, bias=True, seed=11)
+    budget = 5 * V * (2 * hidden.element_size() + 4)
+    loss = rf.linear_cross_entropy(
+        hidden, weight, labels, bias=b, reduction=reduction, label_smoothing=smoothing, chunk_bytes=budget,
+        backend=backend,
+    )  # fmt: skip
+    leaves64 = [t.detach().double().requires_grad_() for t in (hidden, weight, b)]
+    logits = leaves64[0] @ leaves64[1].T + leaves64[2]
+    ref = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, V), labels.reshape(-1), reduction=reduction, label_smoothing=smoothing
+    )
+    ref = ref.view(shape) if reduction == "none" else ref
+    assert _rel(loss, ref) < REL_TOL[dtype]
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) - 0.5
+    _grads_vs_float64((loss * grad_out).sum(), (ref * grad_out).sum(), [hidden, weight, b], leaves64, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_ppo_loss_matches_float64(backend, dtype):
+    _skip_unavailable(backend)
+    shape, H, V = ((2, 5), 24, 301) if backend == "triton" else ((3, 11), 67, 3001)
+    hidden, weight, b, labels = _inputs(shape, H, V, dtype, bias=True, seed=13)
+    g = torch.Generator().manual_seed(14)
+    with torch.no_grad():
+        logp0 = reference.token_logprobs(hidden.double() @ weight.double().T + b.double(), labels)
+    old = logp0 + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)
+    # Keep every ratio away from the clip bounds (0.8, 1.28) and the dual clip (3): bf16 logits move a
+    # log-prob by ~1e-2, and a token that crosses a bound switches its gradient on or off.
+    ratio = torch.exp(logp0 - old)
+    near = ((ratio - 0.8).abs() < 0.05) | ((ratio - 1.28).abs() < 0.05) | ((ratio - 3.0).abs() < 0.1)
+    old = torch.where(near, logp0, old).float()
+    ref_lp = (logp0 + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)).float()
+    adv = torch.randn(shape, generator=g)
+    kw = dict(clip_eps=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.1, kl_estimator="k3",
+              entropy_coef=0.01, temperature=0.9, loss_agg="seq-mean-token-mean")  # fmt: skip
+    budget = 4 * V * (2 * hidden.element_size() + 4)
+    loss, stats = rf.linear_ppo_loss(
+        hidden, weight, labels, old, adv, bias=b, ref_logprobs=ref_lp, chunk_bytes=budget, backend=backend, **kw
+    )
+    leaves64 = [t.detach().double().requires_grad_() for t in (hidden, weight, b)]
+    logits = leaves64[0] @ leaves64[1].T + leaves64[2]
+    ref_loss, ref_stats = reference.ppo_loss(
+        logits, labels, old.double(), adv.double(), ref_logprobs=ref_lp.double(), **kw
+    )
+    # The loss is a weighted mean (weights summing to 1) of O(1) per-token terms that largely cancel,
+    # so its error is held to the scale of those terms, not to its own small value.
+    assert abs(loss.item() - ref_loss.item()) < REL_TOL[dtype]
+    for key in ("approx_kl", "entropy", "kl_ref"):
+        assert abs(stats[key].item() - ref_stats[key].item()) <= REL_TOL[dtype] * max(1.0, abs(ref_stats[key].item()))
+    # clip_frac counts tokens: rounding may move one token across a clip bound, no more.
+    n_valid = (labels != -100).sum().item()
+    assert abs(stats["clip_frac"].item() - ref_stats["clip_frac"].item()) <= 1.0 / n_valid + 1e-6
+    baseline = None
+    if dtype != torch.float32:
+        # PyTorch the usual way on the same bf16 inputs: a bf16 logits tensor, then float32 math. A
+        # PPO gradient multiplies log-prob errors by ratio and exp(ref - logp) factors, so bf16 logits
+        # alone put it ~10% off float64; the kernels are held to twice that error.
+        base_leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, b)]
+        base_logits = base_leaves[0] @ base_leaves[1].T + base_leaves[2]
+        base_loss, _ = reference.ppo_loss(base_logits, labels, old, adv, ref_logprobs=ref_lp, **kw)
+        baseline = torch.autograd.grad(base_loss * 1.7, base_leaves)
+    _grads_vs_float64(loss * 1.7, ref_loss * 1.7, [hidden, weight, b], leaves64, dtype, baseline)
+
+
+def test_linear_losses_without_grad_and_fully_ignored():
+    hidden, weight, _, labels = _inputs((2, 6), 16, 129, torch.float32, bias=False, seed=21)
+    labels.fill_(-100)
+    loss = rf.linear_cross_entropy(hidden, weight, labels, backend="torch")
+    g_h, g_w = torch.autograd.grad(loss, (hidden, weight))
+    assert loss.item() == 0.0 and not g_h.any() and not g_w.any()
+    with torch.no_grad():
+        loss = rf.linear_cross_entropy(hidden, weight, labels, backend="torch")
+    assert loss.item() == 0.0 and not loss.requires_grad

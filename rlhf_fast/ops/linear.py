@@ -34,71 +34,87 @@ def _chunk_rows(n_rows: int, vocab: int, elem_bytes: int, chunk_bytes: int | Non
     return max(1, min(n_rows, chunk_bytes // per_row))
 
 
+class _HeadGrads:
+    """Gradients of the LM head's inputs, accumulated chunk by chunk from ``d loss / d logits``.
+
+    ``dW`` and ``db`` accumulate in float32 across chunks (bf16 accumulation of dW is a known cause
+    of divergence) and are cast to the parameters' dtype once, at the end.
+    """
+
+    def __init__(self, hidden, weight, bias, need):
+        need_h, need_w, need_b = need
+        dev = hidden.device
+        self.weight = weight
+        self.bias = bias
+        self.d_hidden = torch.empty_like(hidden) if need_h else None
+        self.d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
+        self.d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_b else None
+
+    def add(self, sl: slice, h_chunk: Tensor, g: Tensor) -> None:
+        # g: [n, V] gradient of the chunk's logits, h_chunk: [n, H]
+        if self.d_hidden is not None:
+            self.d_hidden[sl] = g @ self.weight
+        if self.d_weight is not None:
+            self.d_weight.addmm_(g.T.float(), h_chunk.float())
+        if self.d_bias is not None:
+            self.d_bias += g.float().sum(0)
+
+    def result(self):
+        d_weight = None if self.d_weight is None else self.d_weight.to(self.weight.dtype)
+        d_bias = None if self.d_bias is None else self.d_bias.to(self.bias.dtype)
+        return self.d_hidden, d_weight, d_bias
+
+
 class _LinearTokenStats(torch.autograd.Function):
+    """``(logp, entropy, mean_logp)`` of ``hidden @ weight.T + bias``; the backward recomputes chunks."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, with_logp, with_entropy, rows, backend):
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, wanted, rows, backend):
         # hidden: [N, H], weight: [V, H], bias: [V] or None, labels: [N] or None
         N = hidden.shape[0]
-        outs = [
-            torch.empty(N if w else 0, dtype=torch.float32, device=hidden.device) for w in (with_logp, with_entropy)
-        ]
+        outs = [torch.empty(N if w else 0, dtype=torch.float32, device=hidden.device) for w in wanted]
         lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
         for r0 in range(0, N, rows):
             sl = slice(r0, min(r0 + rows, N))
             logits = F.linear(hidden[sl], weight, bias)[None]  # [1, n, V]
             lab = labels[sl] if labels is not None else None
-            logp, ent, lse[sl], _ = _custom.token_stats_fwd(
-                logits, lab, temperature, ignore_index, with_logp, with_entropy, False, backend
+            logp, ent, lse[sl], mean_logp = _custom.token_stats_fwd(
+                logits, lab, temperature, ignore_index, *wanted, backend
             )
-            for out, val, wanted in ((outs[0], logp, with_logp), (outs[1], ent, with_entropy)):
-                if wanted:
+            for out, val, w in zip(outs, (logp, ent, mean_logp), wanted, strict=True):
+                if w:
                     out[sl] = val
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, outs[1] if with_entropy else None)
-        ctx.args = (temperature, ignore_index, with_logp, with_entropy, rows, backend)
-        ctx.mark_non_differentiable(*(o for o, w in zip(outs, (with_logp, with_entropy), strict=True) if not w))
-        return outs[0], outs[1]
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, outs[1] if wanted[1] else None)
+        ctx.args = (temperature, ignore_index, wanted, rows, backend)
+        ctx.mark_non_differentiable(*(o for o, w in zip(outs, wanted, strict=True) if not w))
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
+    def backward(ctx, *grads):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-        temperature, ignore_index, with_logp, with_entropy, rows, backend = ctx.args
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_logp = grad_logp.contiguous() if with_logp and grad_logp is not None else None
-        grad_entropy = grad_entropy.contiguous() if with_entropy and grad_entropy is not None else None
-        N = hidden.shape[0]
-        d_hidden = torch.empty_like(hidden) if need_h else None
-        # float32 accumulation across chunks (bf16 accumulation of dW drifts), cast once at the end
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        for r0 in range(0, N, rows):
-            sl = slice(r0, min(r0 + rows, N))
+        temperature, ignore_index, wanted, rows, backend = ctx.args
+        grads = [g.contiguous() if w and g is not None else None for g, w in zip(grads, wanted, strict=True)]
+        head = _HeadGrads(hidden, weight, bias, ctx.needs_input_grad[:3])
+        for r0 in range(0, hidden.shape[0], rows):
+            sl = slice(r0, min(r0 + rows, hidden.shape[0]))
             logits = F.linear(hidden[sl], weight, bias)[None]
             g_logits = _custom.token_stats_bwd(
                 logits,
                 labels[sl] if labels is not None else None,
                 lse[sl],
                 entropy[sl] if entropy is not None else None,
-                grad_logp[sl] if grad_logp is not None else None,
-                grad_entropy[sl] if grad_entropy is not None else None,
-                None,
+                *(None if g is None else g[sl] for g in grads),
                 temperature,
                 ignore_index,
                 backend,
-            )[0]  # [n, V] in the logits' dtype
-            if need_h:
-                d_hidden[sl] = g_logits @ weight
-            if need_w:
-                d_weight.addmm_(g_logits.T.float(), hidden[sl].float())
-            if need_b:
-                d_bias += g_logits.float().sum(0)
-        d_weight = d_weight.to(weight.dtype) if need_w else None
-        d_bias = d_bias.to(bias.dtype) if need_b else None
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
+            )
+            head.add(sl, hidden[sl], g_logits[0])
+        return *head.result(), None, None, None, None, None, None
 
 
-def _linear_stats(
-    hidden, weight, labels, bias, temperature, ignore_index, with_logp, with_entropy, chunk_bytes, backend
-):
+def _prepare_linear(hidden, weight, labels, bias, temperature, ignore_index, chunk_bytes, backend):
+    """Validate the linear-form inputs; returns ``(hidden [N, H], labels [N] | None, T, ignore_index,
+    backend, rows per chunk)``."""
     v.check_logits(hidden, "hidden")
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
@@ -128,10 +144,76 @@ def _linear_stats(
     backend = _dispatch.resolve(backend, hidden.device)
     h2d = hidden.reshape(-1, hidden.shape[-1])
     rows = _chunk_rows(h2d.shape[0], weight.shape[0], hidden.element_size(), chunk_bytes)
-    logp, ent = _LinearTokenStats.apply(
-        h2d, weight, bias, flat, temperature, ignore_index, with_logp, with_entropy, rows, backend
+    return h2d, flat, temperature, ignore_index, backend, rows
+
+
+def _linear_stats(
+    hidden, weight, labels, bias, temperature, ignore_index, with_logp, with_entropy, chunk_bytes, backend
+):
+    h2d, flat, temperature, ignore_index, backend, rows = _prepare_linear(
+        hidden, weight, labels, bias, temperature, ignore_index, chunk_bytes, backend
     )
+    logp, ent, _ = _LinearTokenStats.apply(
+        h2d, weight, bias, flat, temperature, ignore_index, (with_logp, with_entropy, False), rows, backend
+    )
+    lead = hidden.shape[:-1]
     return (logp.view(lead) if with_logp else None), (ent.view(lead) if with_entropy else None)
+
+
+def _fused_chunks(h2d, weight, bias, labels, temperature, ignore_index, *, with_mean_logp, mode, coefs, params,
+                  rows, backend, need):  # fmt: skip
+    """The gradient-in-forward path over token chunks.
+
+    Each chunk's logits are computed, the fused kernel overwrites them with ``d loss / d logits``
+    (in place: the chunk is ours), and that is pushed through the head at once: ``dH = g @ W``,
+    ``dW += g^T @ H`` and ``db += sum g`` in float32. Returns the per-token outputs of
+    ``token_stats_fwd`` and ``(dH, dW, db)`` (None where ``need`` is false).
+    """
+    N = h2d.shape[0]
+    outs = [
+        torch.empty(N if w else 0, dtype=torch.float32, device=h2d.device) for w in (True, True, True, with_mean_logp)
+    ]
+    head = _HeadGrads(h2d, weight, bias, need)
+    with torch.no_grad():
+        for r0 in range(0, N, rows):
+            sl = slice(r0, min(r0 + rows, N))
+            logits = F.linear(h2d[sl], weight, bias)[None]  # [1, n, V], becomes the gradient in place
+            chunk = _custom.token_stats_fused_(
+                logits, labels[sl], temperature, ignore_index, True, with_mean_logp, mode, coefs[:, sl].contiguous(),
+                params, backend,
+            )  # fmt: skip
+            for out, val in zip(outs, chunk, strict=True):
+                if out.numel():
+                    out[sl] = val
+            head.add(sl, h2d[sl], logits[0])
+    return outs, head.result()
+
+
+class _AttachLinearGradients(torch.autograd.Function):
+    """``loss`` with precomputed gradients for ``hidden``, ``weight`` and ``bias``."""
+
+    @staticmethod
+    def forward(ctx, loss, d_hidden, d_weight, d_bias, hidden, weight, bias):
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        scaled = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors]
+        return None, None, None, None, *scaled
+
+
+def _attach(loss, grads, hidden, weight, bias):
+    d_hidden, d_weight, d_bias = grads
+    if d_hidden is not None:
+        d_hidden = d_hidden.view(hidden.shape)
+    return _AttachLinearGradients.apply(loss, d_hidden, d_weight, d_bias, hidden, weight, bias)
+
+
+def _needs(hidden, weight, bias):
+    if not torch.is_grad_enabled():
+        return (False, False, False)
+    return (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
 
 
 def linear_token_logprobs(
@@ -191,3 +273,99 @@ def linear_token_logprobs_and_entropy(
     """Both, from one pass over each chunk of logits; 0 at ignored positions. Arguments as in
     :func:`linear_token_logprobs`."""
     return _linear_stats(hidden, weight, labels, bias, temperature, ignore_index, True, True, chunk_bytes, backend)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    chunk_bytes: int | None = None,
+    backend=None,
+) -> Tensor:
+    """:func:`rlhf_fast.cross_entropy` of ``logits = hidden @ weight.T + bias``, without the logits.
+
+    For ``"mean"``/``"sum"`` every gradient (``hidden``, ``weight``, ``bias``) is computed in the
+    forward pass, chunk by chunk, and the backward pass only scales it; ``"none"`` uses the
+    recomputing path of :func:`linear_token_logprobs`. Arguments as there and in ``cross_entropy``.
+
+    Returns:
+        float32: a 0-d loss, or ``[...]`` for ``reduction="none"``.
+    """
+    from rlhf_fast.ops.cross_entropy import REDUCTIONS
+
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    eps = v.check_float("label_smoothing", label_smoothing, 0.0, 1.0, high_inclusive=True)
+    h2d, flat, _, ignore_index, backend, rows = _prepare_linear(
+        hidden, weight, labels, bias, 1.0, ignore_index, chunk_bytes, backend
+    )
+    if reduction == "none":
+        smooth = eps > 0.0
+        logp, _, mean_logp = _LinearTokenStats.apply(
+            h2d, weight, bias, flat, 1.0, ignore_index, (True, False, smooth), rows, backend
+        )
+        loss = -(1.0 - eps) * logp - eps * mean_logp if smooth else -logp
+        return loss.view(labels.shape)
+    valid = (flat != ignore_index).float()
+    weight_r = valid / valid.sum().clamp(min=1) if reduction == "mean" else valid
+    coefs = torch.stack([-(1.0 - eps) * weight_r, torch.zeros_like(weight_r), -eps * weight_r])
+    need = _needs(hidden, weight, bias)
+    (logp, _, _, mean_logp), grads = _fused_chunks(
+        h2d, weight, bias, flat, 1.0, ignore_index, with_mean_logp=eps > 0.0, mode=0, coefs=coefs, params=[],
+        rows=rows, backend=backend, need=need,
+    )  # fmt: skip
+    per_token = -(1.0 - eps) * logp - eps * mean_logp if eps > 0.0 else -logp
+    loss = (per_token * weight_r).sum()
+    return _attach(loss, grads, hidden, weight, bias) if any(need) else loss
+
+
+def linear_ppo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    *,
+    bias: Tensor | None = None,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    loss_agg: str = "token-mean",
+    chunk_bytes: int | None = None,
+    backend=None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`rlhf_fast.ppo_loss` of ``logits = hidden @ weight.T + bias``, without the logits.
+
+    The gradients of ``hidden``, ``weight`` and ``bias`` are computed in the forward pass, chunk by
+    chunk (the per-token upstream gradient is known as soon as the token's log-prob is). Gradients to
+    ``old_logprobs``/``advantages``/``ref_logprobs`` are not supported in this form.
+    """
+    from rlhf_fast.ops.policy_losses import PPOSetup
+
+    h2d, flat, temperature, ignore_index, backend, rows = _prepare_linear(
+        hidden, weight, labels, bias, temperature, ignore_index, chunk_bytes, backend
+    )
+    setup = PPOSetup.build(
+        labels, old_logprobs, advantages, ref_logprobs, clip_eps, clip_eps_high, dual_clip, kl_coef,
+        kl_estimator, entropy_coef, ignore_index, loss_agg,
+    )  # fmt: skip
+    if setup.side_inputs_need_grad:
+        raise ValueError("linear_ppo_loss does not differentiate old_logprobs, advantages or ref_logprobs")
+    need = _needs(hidden, weight, bias)
+    (logp, entropy, _, _), grads = _fused_chunks(
+        h2d, weight, bias, flat, temperature, ignore_index, with_mean_logp=False, mode=1, coefs=setup.coefs(),
+        params=setup.params(), rows=rows, backend=backend, need=need,
+    )  # fmt: skip
+    loss, stats = setup.finish(logp.view(labels.shape), entropy.view(labels.shape))
+    return (_attach(loss, grads, hidden, weight, bias) if any(need) else loss), stats
