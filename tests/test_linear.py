@@ -199,3 +199,61 @@ def test_linear_losses_without_grad_and_fully_ignored():
     with torch.no_grad():
         loss = rf.linear_cross_entropy(hidden, weight, labels, backend="torch")
     assert loss.item() == 0.0 and not loss.requires_grad
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_dpo_loss_matches_float64(backend, loss_type):
+    _skip_unavailable(backend)
+    B, T, H, V = (2, 4, 24, 301) if backend == "triton" else (3, 9, 40, 1031)
+    hidden, weight, b, labels = _inputs((2 * B, T), H, V, torch.float32, bias=True, seed=17)
+    ref_c, ref_r = torch.randn(B) - 20, torch.randn(B) - 20
+    kw = dict(beta=0.2, loss_type=loss_type, average_logprobs=loss_type == "ipo", nll_coef=0.3)
+    # chosen and rejected are views into one [2B, T, H] batch, as a concatenated forward gives them
+    loss, stats = rf.linear_dpo_loss(
+        hidden[:B], labels[:B], hidden[B:], labels[B:], weight, ref_c, ref_r, bias=b, backend=backend, **kw
+    )
+    leaves64 = [t.detach().double().requires_grad_() for t in (hidden, weight, b)]
+    logits = leaves64[0] @ leaves64[1].T + leaves64[2]
+    ref_loss, ref_stats = reference.dpo_loss(
+        logits[:B], labels[:B], logits[B:], labels[B:], ref_c.double(), ref_r.double(), **kw
+    )
+    assert _rel(loss, ref_loss) < REL_TOL[torch.float32]
+    for key, value in ref_stats.items():
+        assert stats[key].item() == pytest.approx(value.item(), rel=1e-4, abs=1e-5), key
+    _grads_vs_float64(loss, ref_loss, [hidden, weight, b], leaves64, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_kl_divergence_matches_float64(backend):
+    _skip_unavailable(backend)
+    shape, V = ((2, 5), 301) if backend == "triton" else ((3, 11), 2003)
+    p_hidden, p_weight, p_bias, _ = _inputs(shape, 24, V, torch.float32, bias=True, seed=31)
+    q_hidden, q_weight, _, _ = _inputs(shape, 40, V, torch.float32, bias=False, seed=32)  # another H
+    budget = 4 * V * (2 * 4 + 4)  # two rows per chunk (the KL keeps two heads' chunks)
+    kl = rf.linear_kl_divergence(
+        p_hidden, p_weight, q_hidden, q_weight, p_bias=p_bias, temperature=1.3, chunk_bytes=budget, backend=backend
+    )
+    leaves = [p_hidden, p_weight, p_bias, q_hidden, q_weight]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference.kl_divergence(
+        leaves64[0] @ leaves64[1].T + leaves64[2], leaves64[3] @ leaves64[4].T, temperature=1.3
+    )
+    assert _rel(kl, ref) < REL_TOL[torch.float32]
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(33))
+    for ours, truth in zip(
+        torch.autograd.grad((kl * grad_out).sum(), leaves),
+        torch.autograd.grad((ref * grad_out).sum(), leaves64),
+        strict=True,
+    ):
+        assert _rel(ours, truth) < REL_TOL[torch.float32]
+
+
+def test_linear_kl_gradient_to_one_side_only():
+    p_hidden, p_weight, _, _ = _inputs((7,), 16, 129, torch.float32, bias=False, seed=41)
+    teacher_h, teacher_w = (t.detach() for t in _inputs((7,), 16, 129, torch.float32, bias=False, seed=42)[:2])
+    kl = rf.linear_kl_divergence(p_hidden, p_weight, teacher_h, teacher_w, backend="torch")
+    g_h, g_w = torch.autograd.grad(kl.sum(), (p_hidden, p_weight))
+    assert g_h.shape == p_hidden.shape and g_w.shape == p_weight.shape
+    with pytest.raises(ValueError, match="q_hidden"):
+        rf.linear_kl_divergence(p_hidden, p_weight, teacher_h[:3], teacher_w)

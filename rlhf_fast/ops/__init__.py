@@ -4,6 +4,8 @@ from rlhf_fast.ops.cross_entropy import cross_entropy
 from rlhf_fast.ops.elementwise import kl_estimate, ranking_loss, reward_loss
 from rlhf_fast.ops.linear import (
     linear_cross_entropy,
+    linear_dpo_loss,
+    linear_kl_divergence,
     linear_ppo_loss,
     linear_token_entropy,
     linear_token_logprobs,
@@ -18,6 +20,8 @@ __all__ = [
     "kl_divergence",
     "kl_estimate",
     "linear_cross_entropy",
+    "linear_dpo_loss",
+    "linear_kl_divergence",
     "linear_ppo_loss",
     "linear_token_entropy",
     "linear_token_logprobs",

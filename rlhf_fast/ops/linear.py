@@ -369,3 +369,125 @@ def linear_ppo_loss(
     )  # fmt: skip
     loss, stats = setup.finish(logp.view(labels.shape), entropy.view(labels.shape))
     return (_attach(loss, grads, hidden, weight, bias) if any(need) else loss), stats
+
+
+def linear_dpo_loss(
+    chosen_hidden: Tensor,
+    chosen_labels: Tensor,
+    rejected_hidden: Tensor,
+    rejected_labels: Tensor,
+    weight: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    *,
+    bias: Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    average_logprobs: bool = False,
+    nll_coef: float = 0.0,
+    chunk_bytes: int | None = None,
+    backend=None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`rlhf_fast.dpo_loss` with ``logits = hidden @ weight.T + bias`` for both responses.
+
+    ``chosen_hidden``/``rejected_hidden`` are ``[B, T, H]`` (views into one ``[2B, T, H]`` output are
+    fine); the sequence log-probs come from :func:`linear_token_logprobs`. Other arguments and the
+    returned ``(loss, stats)`` as in ``dpo_loss``.
+    """
+    from rlhf_fast.ops.policy_losses import dpo_from_token_logprobs
+
+    def token_logprobs(hidden, labels):
+        return lambda: linear_token_logprobs(
+            hidden, weight, labels, bias=bias, ignore_index=ignore_index, chunk_bytes=chunk_bytes, backend=backend
+        )
+
+    for hidden, labels, name in (
+        (chosen_hidden, chosen_labels, "chosen"),
+        (rejected_hidden, rejected_labels, "rejected"),
+    ):
+        v.check_logits(hidden, f"{name}_hidden")
+        if not isinstance(labels, Tensor) or labels.shape != hidden.shape[:-1]:
+            raise ValueError(f"{name}_labels must have shape {name}_hidden.shape[:-1] = {tuple(hidden.shape[:-1])}")
+    return dpo_from_token_logprobs(
+        token_logprobs(chosen_hidden, chosen_labels), token_logprobs(rejected_hidden, rejected_labels),
+        chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
+        label_smoothing=label_smoothing, ignore_index=ignore_index, average_logprobs=average_logprobs,
+        nll_coef=nll_coef,
+    )  # fmt: skip
+
+
+class _LinearKL(torch.autograd.Function):
+    """Exact KL(P || Q) with ``P = softmax(p_hidden @ p_weight.T + p_bias)``, Q likewise, by chunks."""
+
+    @staticmethod
+    def forward(ctx, p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias, temperature, rows, backend):
+        N = p_hidden.shape[0]
+        kl, lse_p, lse_q = (torch.empty(N, dtype=torch.float32, device=p_hidden.device) for _ in range(3))
+        for r0 in range(0, N, rows):
+            sl = slice(r0, min(r0 + rows, N))
+            p = F.linear(p_hidden[sl], p_weight, p_bias)[None]
+            q = F.linear(q_hidden[sl], q_weight, q_bias)[None]
+            kl[sl], lse_p[sl], lse_q[sl] = _custom.kl_fwd(p, q, temperature, backend)
+        ctx.save_for_backward(p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias, kl, lse_p, lse_q)
+        ctx.args = (temperature, rows, backend)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias, kl, lse_p, lse_q = ctx.saved_tensors
+        temperature, rows, backend = ctx.args
+        needs = ctx.needs_input_grad
+        head_p = _HeadGrads(p_hidden, p_weight, p_bias, needs[0:3])
+        head_q = _HeadGrads(q_hidden, q_weight, q_bias, needs[3:6])
+        need_p, need_q = any(needs[0:3]), any(needs[3:6])
+        grad_kl = grad_kl.contiguous()
+        for r0 in range(0, p_hidden.shape[0], rows):
+            sl = slice(r0, min(r0 + rows, p_hidden.shape[0]))
+            p = F.linear(p_hidden[sl], p_weight, p_bias)[None]
+            q = F.linear(q_hidden[sl], q_weight, q_bias)[None]
+            g_p, g_q = _custom.kl_bwd(
+                p, q, lse_p[sl], lse_q[sl], kl[sl], grad_kl[sl], temperature, need_p, need_q, backend
+            )
+            if need_p:
+                head_p.add(sl, p_hidden[sl], g_p[0])
+            if need_q:
+                head_q.add(sl, q_hidden[sl], g_q[0])
+        return *head_p.result(), *head_q.result(), None, None, None
+
+
+def linear_kl_divergence(
+    p_hidden: Tensor,
+    p_weight: Tensor,
+    q_hidden: Tensor,
+    q_weight: Tensor,
+    *,
+    p_bias: Tensor | None = None,
+    q_bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_bytes: int | None = None,
+    backend=None,
+) -> Tensor:
+    """:func:`rlhf_fast.kl_divergence` of two heads, ``P`` from ``(p_hidden, p_weight)`` and ``Q`` from
+    ``(q_hidden, q_weight)`` (e.g. a student and a teacher or reference head), logits never held whole.
+
+    ``p_hidden``/``q_hidden`` are ``[..., H_p]``/``[..., H_q]`` with the same leading shape; the weights
+    ``[V, H_p]``/``[V, H_q]`` share ``V`` and the dtype. Gradients flow to every input that requires
+    them. Returns ``[...]`` float32.
+    """
+    p2d, _, temperature, _, backend, _ = _prepare_linear(
+        p_hidden, p_weight, None, p_bias, temperature, -100, chunk_bytes, backend
+    )
+    q2d, _, _, _, _, _ = _prepare_linear(q_hidden, q_weight, None, q_bias, temperature, -100, chunk_bytes, backend)
+    if q_hidden.shape[:-1] != p_hidden.shape[:-1]:
+        raise ValueError(
+            f"q_hidden must have the leading shape of p_hidden {tuple(p_hidden.shape[:-1])}, "
+            f"got {tuple(q_hidden.shape[:-1])}"
+        )
+    if q_weight.shape[0] != p_weight.shape[0] or q_hidden.dtype != p_hidden.dtype:
+        raise ValueError("q_weight must have as many rows (V) as p_weight, and q_hidden the dtype of p_hidden")
+    # two logits chunks and two gradient chunks live at once
+    rows = max(1, _chunk_rows(p2d.shape[0], p_weight.shape[0], p_hidden.element_size(), chunk_bytes) // 2)
+    kl = _LinearKL.apply(p2d, p_weight, p_bias, q2d, q_weight, q_bias, temperature, rows, backend)
+    return kl.view(p_hidden.shape[:-1])

@@ -283,6 +283,28 @@ def dpo_loss(
         ``rejected_rewards``, ``reward_margin`` and ``reward_accuracy`` (share of pairs with the
         chosen reward above the rejected one).
     """
+    v.check_logits(chosen_logits, "chosen_logits")
+    v.check_logits(rejected_logits, "rejected_logits")
+    v.check_labels(chosen_labels, chosen_logits, "chosen_labels")
+    v.check_labels(rejected_labels, rejected_logits, "rejected_labels")
+    return dpo_from_token_logprobs(
+        lambda: token_logprobs(chosen_logits, chosen_labels, ignore_index=ignore_index, backend=backend),
+        lambda: token_logprobs(rejected_logits, rejected_labels, ignore_index=ignore_index, backend=backend),
+        chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
+        label_smoothing=label_smoothing, ignore_index=ignore_index, average_logprobs=average_logprobs,
+        nll_coef=nll_coef,
+    )  # fmt: skip
+
+
+def dpo_from_token_logprobs(
+    chosen_token_logprobs, rejected_token_logprobs, chosen_labels, rejected_labels, ref_chosen_logps,
+    ref_rejected_logps, *, beta, loss_type, label_smoothing, ignore_index, average_logprobs, nll_coef,
+) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+    """The DPO family from per-token log-probs; shared by the logits and the linear forms.
+
+    ``chosen_token_logprobs``/``rejected_token_logprobs`` are called (after every hyper-parameter is
+    validated, so bad input fails before any kernel) and return ``[B, T]`` differentiable log-probs.
+    """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
@@ -291,30 +313,24 @@ def dpo_loss(
     nll_coef = v.check_float("nll_coef", nll_coef, 0.0, None)
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("ref_chosen_logps and ref_rejected_logps must both be tensors or both be None")
-    v.check_logits(chosen_logits, "chosen_logits")
-    v.check_logits(rejected_logits, "rejected_logits")
-    v.check_labels(chosen_labels, chosen_logits, "chosen_labels")
-    v.check_labels(rejected_labels, rejected_logits, "rejected_labels")
-
-    def sequence(logits, labels):
-        logp = token_logprobs(logits, labels, ignore_index=ignore_index, backend=backend)
-        mask = (labels != ignore_index).float()
-        total = logp.sum(-1)
-        return (total / mask.sum(-1).clamp(min=1) if average_logprobs else total), logp, mask
-
-    pc, chosen_token_logp, chosen_mask = sequence(chosen_logits, chosen_labels)
-    pr, _, _ = sequence(rejected_logits, rejected_labels)
-    if ref_chosen_logps is not None:
-        rc = _per_sequence(ref_chosen_logps, "ref_chosen_logps", pc)
-        rr = _per_sequence(ref_rejected_logps, "ref_rejected_logps", pr)
-        chosen_ratio, rejected_ratio = pc - rc, pr - rr
-    else:
-        chosen_ratio, rejected_ratio = pc, pr
-    if chosen_ratio.shape != rejected_ratio.shape:
+    n_chosen, n_rejected = chosen_labels.shape[:-1], rejected_labels.shape[:-1]
+    if n_chosen != n_rejected:
         raise ValueError(
-            f"rejected_labels must have as many sequences as chosen_labels: {tuple(rejected_ratio.shape)} "
-            f"vs {tuple(chosen_ratio.shape)}"
+            f"rejected_labels must have as many sequences as chosen_labels: {tuple(n_rejected)} vs {tuple(n_chosen)}"
         )
+    if ref_chosen_logps is not None:
+        rc = _per_sequence(ref_chosen_logps, "ref_chosen_logps", n_chosen, chosen_labels.device)
+        rr = _per_sequence(ref_rejected_logps, "ref_rejected_logps", n_chosen, chosen_labels.device)
+
+    def sequence(token_logp, labels):
+        mask = (labels != ignore_index).float()
+        total = token_logp.sum(-1)
+        return (total / mask.sum(-1).clamp(min=1) if average_logprobs else total), mask
+
+    chosen_token_logp = chosen_token_logprobs()
+    pc, chosen_mask = sequence(chosen_token_logp, chosen_labels)
+    pr, _ = sequence(rejected_token_logprobs(), rejected_labels)
+    chosen_ratio, rejected_ratio = (pc - rc, pr - rr) if ref_chosen_logps is not None else (pc, pr)
     z = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
         losses = -(1 - ls) * F.logsigmoid(beta * z) - ls * F.logsigmoid(-beta * z)
@@ -340,10 +356,11 @@ def dpo_loss(
     return loss, stats
 
 
-def _per_sequence(t, name: str, like: Tensor) -> Tensor:
+def _per_sequence(t, name: str, shape, device) -> Tensor:
     if not isinstance(t, Tensor) or not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor")
-    if t.shape != like.shape:
-        raise ValueError(f"{name} must have shape {tuple(like.shape)} (one value per sequence), got {tuple(t.shape)}")
-    v.check_same_device(t, like, name, "the logits")
+    if t.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)} (one value per sequence), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the labels are on {device}")
     return t.float()
