@@ -34,6 +34,32 @@ def _chunk_rows(n_rows: int, vocab: int, elem_bytes: int, chunk_bytes: int | Non
     return max(1, min(n_rows, chunk_bytes // per_row))
 
 
+def _check_softcap(softcap) -> float | None:
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
+        raise ValueError(f"softcap must be a float > 0 or None, got {softcap!r}")
+    return float(softcap)
+
+
+def _head_logits(h_chunk: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None):
+    """``[1, n, V]`` logits of a chunk, and the ``tanh`` the soft cap's derivative needs (or None).
+
+    With ``softcap = c`` (Gemma 2's final logit soft-capping) the logits are ``c * tanh(raw / c)``,
+    computed in float32 and stored in the chunk's dtype.
+    """
+    raw = F.linear(h_chunk, weight, bias)
+    if softcap is None:
+        return raw[None], None
+    t = torch.tanh(raw.float() / softcap)
+    return (t * softcap).to(raw.dtype)[None], t
+
+
+def _raw_grad(g: Tensor, t: Tensor | None) -> Tensor:
+    """Chain ``d loss / d logits`` back through the soft cap: ``d logits / d raw = 1 - tanh^2``."""
+    return g if t is None else (g.float() * (1.0 - t * t)).to(g.dtype)
+
+
 class _HeadGrads:
     """Gradients of the LM head's inputs, accumulated chunk by chunk from ``d loss / d logits``.
 
@@ -69,14 +95,14 @@ class _LinearTokenStats(torch.autograd.Function):
     """``(logp, entropy, mean_logp)`` of ``hidden @ weight.T + bias``; the backward recomputes chunks."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, wanted, rows, backend):
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, wanted, rows, softcap, backend):
         # hidden: [N, H], weight: [V, H], bias: [V] or None, labels: [N] or None
         N = hidden.shape[0]
         outs = [torch.empty(N if w else 0, dtype=torch.float32, device=hidden.device) for w in wanted]
         lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
         for r0 in range(0, N, rows):
             sl = slice(r0, min(r0 + rows, N))
-            logits = F.linear(hidden[sl], weight, bias)[None]  # [1, n, V]
+            logits, _ = _head_logits(hidden[sl], weight, bias, softcap)  # [1, n, V]
             lab = labels[sl] if labels is not None else None
             logp, ent, lse[sl], mean_logp = _custom.token_stats_fwd(
                 logits, lab, temperature, ignore_index, *wanted, backend
@@ -85,19 +111,19 @@ class _LinearTokenStats(torch.autograd.Function):
                 if w:
                     out[sl] = val
         ctx.save_for_backward(hidden, weight, bias, labels, lse, outs[1] if wanted[1] else None)
-        ctx.args = (temperature, ignore_index, wanted, rows, backend)
+        ctx.args = (temperature, ignore_index, wanted, rows, softcap, backend)
         ctx.mark_non_differentiable(*(o for o, w in zip(outs, wanted, strict=True) if not w))
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-        temperature, ignore_index, wanted, rows, backend = ctx.args
+        temperature, ignore_index, wanted, rows, softcap, backend = ctx.args
         grads = [g.contiguous() if w and g is not None else None for g, w in zip(grads, wanted, strict=True)]
         head = _HeadGrads(hidden, weight, bias, ctx.needs_input_grad[:3])
         for r0 in range(0, hidden.shape[0], rows):
             sl = slice(r0, min(r0 + rows, hidden.shape[0]))
-            logits = F.linear(hidden[sl], weight, bias)[None]
+            logits, t = _head_logits(hidden[sl], weight, bias, softcap)
             g_logits = _custom.token_stats_bwd(
                 logits,
                 labels[sl] if labels is not None else None,
@@ -108,8 +134,8 @@ class _LinearTokenStats(torch.autograd.Function):
                 ignore_index,
                 backend,
             )
-            head.add(sl, hidden[sl], g_logits[0])
-        return *head.result(), None, None, None, None, None, None
+            head.add(sl, hidden[sl], _raw_grad(g_logits[0], t))
+        return *head.result(), None, None, None, None, None, None, None
 
 
 def _prepare_linear(hidden, weight, labels, bias, temperature, ignore_index, chunk_bytes, backend):
@@ -148,20 +174,21 @@ def _prepare_linear(hidden, weight, labels, bias, temperature, ignore_index, chu
 
 
 def _linear_stats(
-    hidden, weight, labels, bias, temperature, ignore_index, with_logp, with_entropy, chunk_bytes, backend
+    hidden, weight, labels, bias, temperature, ignore_index, with_logp, with_entropy, chunk_bytes, backend, softcap=None
 ):
     h2d, flat, temperature, ignore_index, backend, rows = _prepare_linear(
         hidden, weight, labels, bias, temperature, ignore_index, chunk_bytes, backend
     )
+    softcap = _check_softcap(softcap)
     logp, ent, _ = _LinearTokenStats.apply(
-        h2d, weight, bias, flat, temperature, ignore_index, (with_logp, with_entropy, False), rows, backend
+        h2d, weight, bias, flat, temperature, ignore_index, (with_logp, with_entropy, False), rows, softcap, backend
     )
     lead = hidden.shape[:-1]
     return (logp.view(lead) if with_logp else None), (ent.view(lead) if with_entropy else None)
 
 
 def _fused_chunks(h2d, weight, bias, labels, temperature, ignore_index, *, with_mean_logp, mode, coefs, params,
-                  rows, backend, need):  # fmt: skip
+                  rows, backend, need, softcap=None):  # fmt: skip
     """The gradient-in-forward path over token chunks.
 
     Each chunk's logits are computed, the fused kernel overwrites them with ``d loss / d logits``
@@ -177,7 +204,7 @@ def _fused_chunks(h2d, weight, bias, labels, temperature, ignore_index, *, with_
     with torch.no_grad():
         for r0 in range(0, N, rows):
             sl = slice(r0, min(r0 + rows, N))
-            logits = F.linear(h2d[sl], weight, bias)[None]  # [1, n, V], becomes the gradient in place
+            logits, t = _head_logits(h2d[sl], weight, bias, softcap)  # [1, n, V], becomes the gradient in place
             chunk = _custom.token_stats_fused_(
                 logits, labels[sl], temperature, ignore_index, True, with_mean_logp, mode, coefs[:, sl].contiguous(),
                 params, backend,
@@ -185,7 +212,7 @@ def _fused_chunks(h2d, weight, bias, labels, temperature, ignore_index, *, with_
             for out, val in zip(outs, chunk, strict=True):
                 if out.numel():
                     out[sl] = val
-            head.add(sl, h2d[sl], logits[0])
+            head.add(sl, h2d[sl], _raw_grad(logits[0], t))
     return outs, head.result()
 
 
@@ -225,6 +252,7 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     chunk_bytes: int | None = None,
+    softcap: float | None = None,
     backend=None,
 ) -> Tensor:
     """:func:`rlhf_fast.token_logprobs` of ``logits = hidden @ weight.T + bias``, without the logits.
@@ -251,11 +279,12 @@ def linear_token_entropy(
     bias: Tensor | None = None,
     temperature: float = 1.0,
     chunk_bytes: int | None = None,
+    softcap: float | None = None,
     backend=None,
 ) -> Tensor:
     """:func:`rlhf_fast.token_entropy` of ``hidden @ weight.T + bias``; arguments as in
     :func:`linear_token_logprobs`. Returns ``[...]`` float32."""
-    _, ent = _linear_stats(hidden, weight, None, bias, temperature, -100, False, True, chunk_bytes, backend)
+    _, ent = _linear_stats(hidden, weight, None, bias, temperature, -100, False, True, chunk_bytes, backend, softcap)
     return ent
 
 
@@ -268,11 +297,14 @@ def linear_token_logprobs_and_entropy(
     temperature: float = 1.0,
     ignore_index: int = -100,
     chunk_bytes: int | None = None,
+    softcap: float | None = None,
     backend=None,
 ) -> tuple[Tensor, Tensor]:
     """Both, from one pass over each chunk of logits; 0 at ignored positions. Arguments as in
     :func:`linear_token_logprobs`."""
-    return _linear_stats(hidden, weight, labels, bias, temperature, ignore_index, True, True, chunk_bytes, backend)
+    return _linear_stats(
+        hidden, weight, labels, bias, temperature, ignore_index, True, True, chunk_bytes, backend, softcap
+    )
 
 
 def linear_cross_entropy(
@@ -285,6 +317,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     chunk_bytes: int | None = None,
+    softcap: float | None = None,
     backend=None,
 ) -> Tensor:
     """:func:`rlhf_fast.cross_entropy` of ``logits = hidden @ weight.T + bias``, without the logits.
@@ -301,13 +334,14 @@ def linear_cross_entropy(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     eps = v.check_float("label_smoothing", label_smoothing, 0.0, 1.0, high_inclusive=True)
+    softcap = _check_softcap(softcap)
     h2d, flat, _, ignore_index, backend, rows = _prepare_linear(
         hidden, weight, labels, bias, 1.0, ignore_index, chunk_bytes, backend
     )
     if reduction == "none":
         smooth = eps > 0.0
         logp, _, mean_logp = _LinearTokenStats.apply(
-            h2d, weight, bias, flat, 1.0, ignore_index, (True, False, smooth), rows, backend
+            h2d, weight, bias, flat, 1.0, ignore_index, (True, False, smooth), rows, softcap, backend
         )
         loss = -(1.0 - eps) * logp - eps * mean_logp if smooth else -logp
         return loss.view(labels.shape)
@@ -317,7 +351,7 @@ def linear_cross_entropy(
     need = _needs(hidden, weight, bias)
     (logp, _, _, mean_logp), grads = _fused_chunks(
         h2d, weight, bias, flat, 1.0, ignore_index, with_mean_logp=eps > 0.0, mode=0, coefs=coefs, params=[],
-        rows=rows, backend=backend, need=need,
+        rows=rows, backend=backend, need=need, softcap=softcap,
     )  # fmt: skip
     per_token = -(1.0 - eps) * logp - eps * mean_logp if eps > 0.0 else -logp
     loss = (per_token * weight_r).sum()
@@ -343,6 +377,7 @@ def linear_ppo_loss(
     ignore_index: int = -100,
     loss_agg: str = "token-mean",
     chunk_bytes: int | None = None,
+    softcap: float | None = None,
     backend=None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """:func:`rlhf_fast.ppo_loss` of ``logits = hidden @ weight.T + bias``, without the logits.
@@ -365,7 +400,7 @@ def linear_ppo_loss(
     need = _needs(hidden, weight, bias)
     (logp, entropy, _, _), grads = _fused_chunks(
         h2d, weight, bias, flat, temperature, ignore_index, with_mean_logp=False, mode=1, coefs=setup.coefs(),
-        params=setup.params(), rows=rows, backend=backend, need=need,
+        params=setup.params(), rows=rows, backend=backend, need=need, softcap=_check_softcap(softcap),
     )  # fmt: skip
     loss, stats = setup.finish(logp.view(labels.shape), entropy.view(labels.shape))
     return (_attach(loss, grads, hidden, weight, bias) if any(need) else loss), stats
@@ -388,6 +423,7 @@ def linear_dpo_loss(
     average_logprobs: bool = False,
     nll_coef: float = 0.0,
     chunk_bytes: int | None = None,
+    softcap: float | None = None,
     backend=None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """:func:`rlhf_fast.dpo_loss` with ``logits = hidden @ weight.T + bias`` for both responses.
@@ -400,7 +436,14 @@ def linear_dpo_loss(
 
     def token_logprobs(hidden, labels):
         return lambda: linear_token_logprobs(
-            hidden, weight, labels, bias=bias, ignore_index=ignore_index, chunk_bytes=chunk_bytes, backend=backend
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            ignore_index=ignore_index,
+            chunk_bytes=chunk_bytes,
+            softcap=softcap,
+            backend=backend,
         )
 
     for hidden, labels, name in (

@@ -1,0 +1,1 @@
+"""Glue to model libraries; each submodule imports its library lazily."""

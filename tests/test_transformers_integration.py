@@ -1,0 +1,80 @@
+"""lm_head_logprobs on tiny transformers models built from configs (random weights, no hub)."""
+
+import pytest
+import torch
+
+from rlhf_fast import reference
+
+transformers = pytest.importorskip("transformers")
+from rlhf_fast.integrations.transformers import lm_head_logprobs  # noqa: E402
+
+VOCAB = 301
+
+
+def _llama():
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=40, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+def _gpt2():  # tied input/output embeddings
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _gemma2():  # final logit soft-capping
+    config = transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, final_logit_softcapping=3.0,
+    )  # fmt: skip
+    return transformers.Gemma2ForCausalLM(config)
+
+
+MODELS = {"llama": _llama, "gpt2": _gpt2, "gemma2": _gemma2}
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_matches_the_models_own_logits(name, backend):
+    import rlhf_fast as rf
+
+    if not rf.backends()[backend].available:
+        pytest.skip(rf.backends()[backend].detail)
+    torch.manual_seed(0)
+    model = MODELS[name]().float().eval()  # no dropout: both forwards must see the same network
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, VOCAB, (3, 12), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0  # right padding
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :4] = -100  # the prompt
+
+    logp, ent = lm_head_logprobs(
+        model, input_ids, attention_mask, labels, temperature=0.8, with_entropy=True, chunk_bytes=4096, backend=backend
+    )
+    grads = torch.autograd.grad((logp.sum() + 0.1 * ent.sum()), list(model.parameters()), allow_unused=True)
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    ref_lp, ref_h = reference.token_logprobs_and_entropy(logits, labels[:, 1:], temperature=0.8)
+    ref_grads = torch.autograd.grad((ref_lp.sum() + 0.1 * ref_h.sum()), list(model.parameters()), allow_unused=True)
+
+    torch.testing.assert_close(logp, ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ref_h, rtol=1e-5, atol=1e-5)
+    assert (logp[labels[:, 1:] == -100] == 0).all()
+    for ours, theirs in zip(grads, ref_grads, strict=True):
+        if theirs is None:
+            assert ours is None or not ours.any()
+            continue
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_default_labels_ignore_padding():
+    model = _gpt2()
+    input_ids = torch.randint(0, VOCAB, (2, 7))
+    attention_mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    with torch.no_grad():
+        logp = lm_head_logprobs(model, input_ids, attention_mask, backend="torch")
+    assert logp.shape == (2, 6)
+    assert (logp[1, 3:] == 0).all() and (logp[0] < 0).all()
