@@ -257,3 +257,45 @@ def test_linear_kl_gradient_to_one_side_only():
     assert g_h.shape == p_hidden.shape and g_w.shape == p_weight.shape
     with pytest.raises(ValueError, match="q_hidden"):
         rf.linear_kl_divergence(p_hidden, p_weight, teacher_h[:3], teacher_w)
+
+
+_PEAK_MEMORY_SCRIPT = """
+import ctypes, gc, json, sys, torch
+import rlhf_fast as rf
+N, H, V = 2048, 1024, 131072
+torch.manual_seed(0)
+hidden = torch.randn(N, H).requires_grad_()
+weight = (torch.randn(V, H) * 0.03).requires_grad_()
+labels = torch.randint(0, V, (N,))
+def vm(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+rf.linear_token_logprobs(hidden[:8], weight, labels[:8], backend=sys.argv[1]).sum().backward()  # warm-up
+hidden.grad = weight.grad = None
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap pages must count again when reused
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current resident size
+base = vm("VmHWM:")
+logp = rf.linear_token_logprobs(hidden, weight, labels, backend=sys.argv[1])
+gh, gw = torch.autograd.grad(logp.sum(), (hidden, weight))
+print(json.dumps({"peak": vm("VmHWM:") - base, "grads": (gh.numel() + gw.numel()) * 4, "logits": N * V * 4}))
+"""
+
+
+@pytest.mark.slow
+def test_linear_token_logprobs_peak_memory():
+    # The issue's case: forward+backward at 2048 tokens, H=1024, V=131072 float32 peaks at well under
+    # one logits tensor (< 25% of N*V*4 bytes) beyond inputs and gradients, in a fresh process.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    _skip_unavailable("cpp")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(rf.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_MEMORY_SCRIPT, "cpp"], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert done.returncode == 0, done.stderr
+    mem = json.loads(done.stdout.splitlines()[-1])
+    assert mem["peak"] - mem["grads"] < 0.25 * mem["logits"], mem
