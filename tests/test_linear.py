@@ -1,5 +1,10 @@
 """Fused-linear forms (chunked path): every backend against float64 ``hidden @ weight.T + bias``."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -285,11 +290,6 @@ print(json.dumps({"peak": vm("VmHWM:") - base, "grads": (gh.numel() + gw.numel()
 def test_linear_token_logprobs_peak_memory():
     # The issue's case: forward+backward at 2048 tokens, H=1024, V=131072 float32 peaks at well under
     # one logits tensor (< 25% of N*V*4 bytes) beyond inputs and gradients, in a fresh process.
-    import json
-    import os
-    import subprocess
-    import sys
-
     _skip_unavailable("cpp")
     root = os.path.dirname(os.path.dirname(os.path.abspath(rf.__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
