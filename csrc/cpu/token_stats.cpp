@@ -2,6 +2,9 @@
 // the entropy of softmax(x) and the mean log-probability over the vocabulary, in one streaming read
 // of the row; and their gradient, in one read of the row and one write of the gradient row.
 // Compiled once per CPU capability (see kernels.h).
+#include <memory>
+#include <optional>
+
 #include "vec_utils.h"
 
 namespace rlhf_fast::cpu::CPU_CAPABILITY {
@@ -168,7 +171,7 @@ struct GradCoefs {
   float c0, c1, k;
 };
 
-template <typename T, bool kEntropy, bool kMean>
+template <typename T, bool kEntropy, bool kMean, bool kStream = false>
 void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs c) {
   const Vec vinv(inv_temp), vlse(lse), vc0(c.c0), vc1(c.c1), vk(c.k), floor(kLogFloor);
   auto grad = [&](const Vec& v) {
@@ -190,7 +193,11 @@ void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs 
   for (; i + kStep <= V; i += kStep) {
     Vec a, b;
     load2(x + i, a, b);
-    store2(g + i, grad(a), grad(b));
+    if constexpr (kStream) {
+      store2_stream(g + i, grad(a), grad(b));
+    } else {
+      store2(g + i, grad(a), grad(b));
+    }
   }
   if (i < V) {
     Vec a, b;
@@ -199,21 +206,30 @@ void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs 
   }
 }
 
-// Writes the gradient row of a row that is not ignored; g may be x itself.
+// Writes the gradient row of a row that is not ignored; g may be x itself. With `stream` (g a separate
+// buffer that passes stream_aligned()), the row is written with non-temporal stores.
 template <typename T>
 void write_grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, int64_t label, float x_label,
-                    const RowGrads& rg) {
+                    const RowGrads& rg, bool stream = false) {
   const float g_lp = rg.has_lp ? rg.g_lp : 0.0f;
   const float g_h = rg.has_h ? rg.g_h : 0.0f;
   const float g_u = rg.has_u ? rg.g_u : 0.0f;
   const GradCoefs c{-(g_lp + g_h * (rg.has_h ? rg.h : 0.0f) + g_u) * inv_temp, -g_h * inv_temp,
                     g_u * inv_temp / static_cast<float>(V)};
-  if (rg.has_h) {
-    rg.has_u ? grad_row<T, true, true>(x, g, V, inv_temp, lse, c)
-             : grad_row<T, true, false>(x, g, V, inv_temp, lse, c);
+  auto write = [&]<bool kStream>() {
+    if (rg.has_h) {
+      rg.has_u ? grad_row<T, true, true, kStream>(x, g, V, inv_temp, lse, c)
+               : grad_row<T, true, false, kStream>(x, g, V, inv_temp, lse, c);
+    } else {
+      rg.has_u ? grad_row<T, false, true, kStream>(x, g, V, inv_temp, lse, c)
+               : grad_row<T, false, false, kStream>(x, g, V, inv_temp, lse, c);
+    }
+  };
+  if (stream) {
+    write.template operator()<true>();
+    stream_fence();  // the streamed row is in memory before the label element below is rewritten
   } else {
-    rg.has_u ? grad_row<T, false, true>(x, g, V, inv_temp, lse, c)
-             : grad_row<T, false, false>(x, g, V, inv_temp, lse, c);
+    write.template operator()<false>();
   }
   if (rg.has_lp) {
     // Rewrite the label element in float, with its log-prob term as g_lp (1 - p) / T =
@@ -271,9 +287,234 @@ void ppo_coefs(const PpoParams& pp, float logp, float old_logp, float adv, float
   g_h = -w * pp.entropy_coef;
 }
 
+// The row's upstream gradients in token_stats_fused, from its statistics.
+void fused_coefs(const TokenStatsFusedArgs& args, int64_t r, const RowStats& st, RowGrads& rg) {
+  rg = RowGrads{true, args.entropy != nullptr, false, 0.0f, 0.0f, st.entropy, 0.0f};
+  if (args.mode == 0) {
+    rg.g_lp = args.coefs[r];
+    rg.g_h = args.coefs[args.n + r];
+    rg.g_u = args.coefs[2 * args.n + r];
+    rg.has_u = true;
+  } else {
+    ppo_coefs(args.ppo, st.logp, args.coefs[r], args.coefs[args.n + r], args.coefs[2 * args.n + r],
+              args.coefs[3 * args.n + r], rg.g_lp, rg.g_h);
+  }
+}
+
+// Rows up to this many elements take the scratch path of fused_rows: the row (up to 256 KiB as float32)
+// and its float32 scratch (512 KiB) stay in a core's L2 between the two passes.
+constexpr int64_t kScratchMaxV = int64_t{1} << 17;
+
+// A task's scratch for one row: e_v = exp(x_v - m_c) with m_c the max of x over v's chunk (padded for
+// the last step), and m_c per chunk.
+struct Scratch {
+  std::unique_ptr<float[]> e, chunk_m;
+  explicit Scratch(int64_t V) : e(new float[V + kStep]), chunk_m(new float[V / kChunk + 1]) {}
+};
+
+// chunk_sums that also stores e = exp(x - m) for the chunk.
+template <typename T, bool kEntropy, bool kSumX>
+RowSums chunk_sums_store(const T* x, float* e, int64_t n, float inv_temp, float m) {
+  const Vec vinv(inv_temp), vm(m), floor(kLogFloor);
+  Vec s0(0.0f), s1(0.0f), t0(0.0f), t1(0.0f), x0(0.0f), x1(0.0f), m0(-kInf), m1(-kInf);
+  auto one = [&](const Vec& v, float* out, Vec& s, Vec& t, Vec& sx, Vec& mx) {
+    const Vec xs = v * vinv;
+    mx = at::vec::clamp_min(xs, mx);
+    if constexpr (kSumX) {
+      sx += xs;
+    }
+    Vec d = xs - vm;
+    if constexpr (kEntropy) {
+      d = at::vec::clamp_min(d, floor);  // a -inf logit gives e = 0 and e * d = 0, never NaN
+    }
+    const Vec ev = vexp(d);
+    ev.store(out);
+    s += ev;
+    if constexpr (kEntropy) {
+      t = at::vec::fmadd(ev, d, t);
+    }
+  };
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    Vec a, b;
+    load2(x + i, a, b);
+    one(a, e + i, s0, t0, x0, m0);
+    one(b, e + i + kVec, s1, t1, x1, m1);
+  }
+  float tail_x = 0.0f;
+  if (i < n) {
+    // Only the row's last chunk has a tail; the scratch has room for its whole step (e = 0 past n).
+    Vec a, b, unused(0.0f);
+    load2_tail(x + i, n - i, -kInf, a, b);
+    one(a, e + i, s0, t0, unused, m0);
+    one(b, e + i + kVec, s1, t1, unused, m1);
+    if constexpr (kSumX) {
+      for (; i < n; ++i) tail_x += static_cast<float>(x[i]) * inv_temp;
+    }
+  }
+  RowSums out;
+  out.m = hmax(at::vec::maximum(m0, m1));
+  out.s = hsum(s0 + s1);
+  if constexpr (kEntropy) {
+    out.t = hsum(t0 + t1);
+  }
+  if constexpr (kSumX) {
+    out.sum_x = hsum(x0 + x1) + tail_x;
+  }
+  return out;
+}
+
+// row_sums for the scratch path, which also keeps each chunk's e = exp(x - m) and the m it used.
+// False if some logit is +inf or NaN: the caller then takes the streaming path.
+template <typename T, bool kEntropy, bool kSumX>
+bool scratch_sums(const T* x, int64_t V, float inv_temp, Scratch& sc, RowSums& acc) {
+  acc = RowSums{};
+  for (int64_t c = 0, k = 0; c < V; c += kChunk, ++k) {
+    const int64_t n = std::min(kChunk, V - c);
+    float* e = sc.e.get() + c;
+    if (acc.m == -kInf) {
+      // No finite max yet (first chunk, or all -inf so far): find one before any exp.
+      const float raw_max = chunk_max(x + c, n);
+      if (raw_max == -kInf) {  // all masked: p = 0 (the gradient pass scales it by exp(-inf) = 0)
+        sc.chunk_m[k] = -kInf;
+        std::fill(e, e + n, 0.0f);
+        if constexpr (kSumX) acc.sum_x = -kInf;
+        continue;
+      }
+      acc.m = raw_max * inv_temp;
+    }
+    RowSums chunk = chunk_sums_store<T, kEntropy, kSumX>(x + c, e, n, inv_temp, acc.m);
+    if (!(chunk.m < kInf)) return false;  // +inf or NaN
+    if (chunk.m > acc.m + kHeadroom) {
+      acc.raise_max(chunk.m);
+      chunk = chunk_sums_store<T, kEntropy, kSumX>(x + c, e, n, inv_temp, acc.m);
+    }
+    sc.chunk_m[k] = acc.m;
+    acc.add(chunk);
+    if (chunk.m > acc.m) {
+      acc.raise_max(chunk.m);
+    }
+  }
+  return true;
+}
+
+// The gradient row from the scratch: p_v = e_v * exp(m_c - lse), then p_v * (c0 + c1 * log p_v) + k as
+// in grad_row, with log p_v = x_v - lse re-read from the cached row only when the entropy term needs it.
+template <typename T, bool kEntropy, bool kMean, bool kStream>
+void scratch_grad_row(const T* x, const Scratch& sc, T* g, int64_t V, float inv_temp, float m, float log_s,
+                      GradCoefs c) {
+  const Vec vinv(inv_temp), vlse(m + log_s), vk(c.k), floor(kLogFloor), zero(0.0f);
+  for (int64_t c0 = 0, k = 0; c0 < V; c0 += kChunk, ++k) {
+    const int64_t n = std::min(kChunk, V - c0);
+    const float scale = std::exp((sc.chunk_m[k] - m) - log_s);
+    const Vec vc0(c.c0 * scale), vc1(c.c1 * scale);
+    const float* e = sc.e.get() + c0;
+    auto grad = [&](const Vec& v, const float* ep) {
+      const Vec ev = Vec::loadu(ep);
+      Vec out;
+      if constexpr (kEntropy) {
+        const Vec logp = at::vec::clamp_min(v * vinv - vlse, floor);
+        out = ev * at::vec::fmadd(vc1, logp, vc0);
+      } else {
+        out = ev * vc0;
+      }
+      if constexpr (kMean) {
+        out = out + vk;
+      }
+      return out;
+    };
+    const T* xc = x + c0;
+    T* gc = g + c0;
+    int64_t i = 0;
+    for (; i + kStep <= n; i += kStep) {
+      Vec a = zero, b = zero;
+      if constexpr (kEntropy) {
+        load2(xc + i, a, b);  // before the store: g may be x itself
+      }
+      if constexpr (kStream) {
+        store2_stream(gc + i, grad(a, e + i), grad(b, e + i + kVec));
+      } else {
+        store2(gc + i, grad(a, e + i), grad(b, e + i + kVec));
+      }
+    }
+    if (i < n) {
+      Vec a = zero, b = zero;
+      if constexpr (kEntropy) {
+        load2_tail(xc + i, n - i, -kInf, a, b);
+      }
+      store2_tail(gc + i, n - i, grad(a, e + i), grad(b, e + i + kVec));
+    }
+  }
+}
+
+// The statistics and gradient row of a row that is not ignored, with one exp per element: a pass that
+// reads the row from memory chunk by chunk (max, then e = exp(x - max) into the scratch, with the sums)
+// and a pass that writes the gradient from the scratch. False, with nothing written, if a logit is
+// +inf or NaN or all are -inf: the caller then takes the streaming path, which handles those.
+template <typename T>
+bool scratch_row(const TokenStatsFusedArgs& args, int64_t r, const T* x, T* g, Scratch& sc, RowStats& st,
+                 RowGrads& rg) {
+  const int64_t V = args.logits.V;
+  const int64_t label = args.labels[r];
+  const float inv_temp = args.inv_temp;
+  const bool entropy = args.entropy != nullptr, mean_logp = args.mean_logp != nullptr;
+  RowSums acc;
+  bool ok;
+  if (entropy) {
+    ok = mean_logp ? scratch_sums<T, true, true>(x, V, inv_temp, sc, acc)
+                   : scratch_sums<T, true, false>(x, V, inv_temp, sc, acc);
+  } else {
+    ok = mean_logp ? scratch_sums<T, false, true>(x, V, inv_temp, sc, acc)
+                   : scratch_sums<T, false, false>(x, V, inv_temp, sc, acc);
+  }
+  if (!ok || acc.m == -kInf) return false;
+  const float m = acc.m, log_s = std::log(acc.s);
+  st.lse = m + log_s;
+  st.x_label = static_cast<float>(x[label]) * inv_temp;
+  st.logp = (st.x_label - m) - log_s;
+  if (entropy) st.entropy = log_s - acc.t / acc.s;
+  if (mean_logp) st.mean_logp = (acc.sum_x / static_cast<float>(V) - m) - log_s;
+  fused_coefs(args, r, st, rg);
+
+  const float g_lp = rg.g_lp;
+  const float g_h = rg.has_h ? rg.g_h : 0.0f;
+  const float g_u = rg.has_u ? rg.g_u : 0.0f;
+  const GradCoefs c{-(g_lp + g_h * (rg.has_h ? rg.h : 0.0f) + g_u) * inv_temp, -g_h * inv_temp,
+                    g_u * inv_temp / static_cast<float>(V)};
+  // A separate gradient buffer is written with non-temporal stores; over the logits (in place) the
+  // lines are cached already and plain stores are cheaper.
+  auto write = [&]<bool kStream>() {
+    if (rg.has_h) {
+      rg.has_u ? scratch_grad_row<T, true, true, kStream>(x, sc, g, V, inv_temp, m, log_s, c)
+               : scratch_grad_row<T, true, false, kStream>(x, sc, g, V, inv_temp, m, log_s, c);
+    } else {
+      rg.has_u ? scratch_grad_row<T, false, true, kStream>(x, sc, g, V, inv_temp, m, log_s, c)
+               : scratch_grad_row<T, false, false, kStream>(x, sc, g, V, inv_temp, m, log_s, c);
+    }
+  };
+  if (static_cast<const void*>(g) != static_cast<const void*>(x) && stream_aligned(g)) {
+    write.template operator()<true>();
+    stream_fence();  // the streamed row is in memory before the label element below is rewritten
+  } else {
+    write.template operator()<false>();
+  }
+  // The label element, as in write_grad_row.
+  const float logp = std::max(st.x_label - st.lse, kLogFloor);
+  const float c0_rest = c.c0 + g_lp * inv_temp;
+  const float lp_term = -g_lp * inv_temp * std::expm1(logp);
+  g[label] = static_cast<T>(lp_term + std::exp(logp) * (c0_rest + c.c1 * logp) + c.k);
+  return true;
+}
+
 template <typename T>
 void fused_rows(const TokenStatsFusedArgs& args, int64_t begin, int64_t end) {
   const int64_t V = args.logits.V;
+  // One scratch row per task (a task is one thread's share of rows), padded for the last step.
+  // float32 rows are bound by memory traffic, not by the second exp: they keep the streaming path.
+  std::optional<Scratch> scratch;
+  if (sizeof(T) == 2 && V <= kScratchMaxV) {
+    scratch.emplace(V);
+  }
   for (int64_t r = begin; r < end; ++r) {
     const int64_t label = args.labels[r];
     const T* x = row_ptr<T>(args.logits, r);
@@ -283,19 +524,14 @@ void fused_rows(const TokenStatsFusedArgs& args, int64_t begin, int64_t end) {
     if (label == args.ignore_index) {
       std::memset(static_cast<void*>(g), 0, V * sizeof(T));  // ignored rows are never read
     } else {
-      // One read for the statistics; the gradient pass re-reads the row from cache.
-      st = row_stats<T>(x, V, args.inv_temp, label, args.entropy, args.mean_logp);
-      RowGrads rg{true, args.entropy != nullptr, false, 0.0f, 0.0f, st.entropy, 0.0f};
-      if (args.mode == 0) {
-        rg.g_lp = args.coefs[r];
-        rg.g_h = args.coefs[args.n + r];
-        rg.g_u = args.coefs[2 * args.n + r];
-        rg.has_u = true;
-      } else {
-        ppo_coefs(args.ppo, st.logp, args.coefs[r], args.coefs[args.n + r], args.coefs[2 * args.n + r],
-                  args.coefs[3 * args.n + r], rg.g_lp, rg.g_h);
+      RowGrads rg{};
+      if (!scratch || !scratch_row<T>(args, r, x, g, *scratch, st, rg)) {
+        // One read for the statistics; the gradient pass re-reads the row from cache.
+        st = row_stats<T>(x, V, args.inv_temp, label, args.entropy, args.mean_logp);
+        fused_coefs(args, r, st, rg);
+        const bool stream = static_cast<const void*>(g) != static_cast<const void*>(x) && stream_aligned(g);
+        write_grad_row<T>(x, g, V, args.inv_temp, st.lse, label, st.x_label, rg, stream);
       }
-      write_grad_row<T>(x, g, V, args.inv_temp, st.lse, label, st.x_label, rg);
     }
     args.lse[r] = st.lse;
     args.logp[r] = st.logp;

@@ -139,6 +139,55 @@ inline void store2(c10::Half* p, const Vec& a, const Vec& b) {
   at::vec::convert_float_half(a, b).store(p);
 }
 
+// store2 with non-temporal stores, for a gradient row that is written once and not read again soon:
+// no read-for-ownership of the destination lines and no eviction of the cached rows. The row must
+// pass stream_aligned(); callers end their task with stream_fence().
+#if defined(CPU_CAPABILITY_AVX512)
+inline void store2_stream(float* p, const Vec& a, const Vec& b) {
+  _mm512_stream_ps(p, a);
+  _mm512_stream_ps(p + kVec, b);
+}
+inline void store2_stream(c10::BFloat16* p, const Vec& a, const Vec& b) {
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_float_bfloat16(a, b));
+}
+inline void store2_stream(c10::Half* p, const Vec& a, const Vec& b) {
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_float_half(a, b));
+}
+inline void stream_fence() {
+  _mm_sfence();
+}
+constexpr bool kHaveStream = true;
+#elif defined(CPU_CAPABILITY_AVX2)
+inline void store2_stream(float* p, const Vec& a, const Vec& b) {
+  _mm256_stream_ps(p, a);
+  _mm256_stream_ps(p + kVec, b);
+}
+inline void store2_stream(c10::BFloat16* p, const Vec& a, const Vec& b) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_float_bfloat16(a, b));
+}
+inline void store2_stream(c10::Half* p, const Vec& a, const Vec& b) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_float_half(a, b));
+}
+inline void stream_fence() {
+  _mm_sfence();
+}
+constexpr bool kHaveStream = true;
+#else
+template <typename T>
+inline void store2_stream(T* p, const Vec& a, const Vec& b) {
+  store2(p, a, b);
+}
+inline void stream_fence() {}
+constexpr bool kHaveStream = false;
+#endif
+
+// Whether store2_stream may write at p + i for every i that is a multiple of kStep: p aligned to the
+// size of a vector register (64 bytes covers AVX2 and AVX-512).
+template <typename T>
+inline bool stream_aligned(const T* p) {
+  return kHaveStream && reinterpret_cast<uintptr_t>(p) % 64 == 0;
+}
+
 template <typename T>
 inline void store2_tail(T* p, int64_t n, const Vec& a, const Vec& b) {
   float buf[kStep];
