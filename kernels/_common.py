@@ -29,6 +29,29 @@ class KernelConfig:
     def __str__(self) -> str:
         return f"BLOCK_V={self.block_v},warps={self.num_warps}"
 
+    def constexprs(self) -> dict[str, int]:
+        """The kernel's block-size arguments."""
+        return {"BLOCK_V": self.block_v}
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch config of the fused-linear kernels (``linear_token_stats.py``): 2-D tiles of
+    ``block_n`` tokens x ``block_v`` vocabulary columns, each a ``tl.dot`` over ``H`` in ``block_h`` steps.
+    All three are powers of two >= 16 (``tl.dot``'s minimum)."""
+
+    block_n: int
+    block_v: int
+    block_h: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"N{self.block_n}xV{self.block_v}xH{self.block_h},warps={self.num_warps},stages={self.num_stages}"
+
+    def constexprs(self) -> dict[str, int]:
+        return {"BLOCK_N": self.block_n, "BLOCK_V": self.block_v, "BLOCK_H": self.block_h}
+
 
 # Sized for H100/A100-class GPUs. 4096 columns over 8 warps is 16 values per thread per step:
 # two (bf16) or four (fp32) 16-byte loads in flight per thread and stream, one cross-warp max
@@ -109,16 +132,19 @@ class AotSpec:
     signature: dict[str, str]
     constexprs: dict[str, object]
     aligned: tuple[str, ...]
-    config: KernelConfig
+    config: KernelConfig | TileConfig
     dtype: str
     rows_read: int
     rows_written: int
     variant: str = ""
+    # 2-D operand tiles (hidden, weight) of a tl.dot kernel that must be read with vector loads; such
+    # kernels never load logits (rows_read = 0)
+    tiles_read: int = 0
 
 
 def aot_spec(
     kernel: object,
-    config: KernelConfig,
+    config: KernelConfig | TileConfig,
     dtype: str,
     *,
     switches: dict[str, bool | int],
@@ -135,7 +161,7 @@ def aot_spec(
     2**31), other scalars ``i32`` unless in ``types``. Pointers, strides and ``V`` are marked
     divisible by 16, as the runtime does for aligned tensors and a vocabulary like 32000.
     """
-    constexprs = {**switches, "BLOCK_V": config.block_v}
+    constexprs = {**switches, **config.constexprs()}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:

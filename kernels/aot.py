@@ -48,11 +48,12 @@ AOT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def all_specs(dtypes: tuple[torch.dtype, ...] = AOT_DTYPES) -> list[AotSpec]:
-    """Every kernel specialization the launchers of ``token_stats``, ``token_stats_fused`` and ``kl_div``
-    may JIT (for the token-stats kernels: every value of every switch, see their ``aot_specs``)."""
-    from . import kl_div, token_stats, token_stats_fused
+    """Every kernel specialization the launchers of ``token_stats``, ``token_stats_fused``, ``kl_div`` and
+    ``linear_token_stats`` may JIT (for the token-stats and linear kernels: every value of every switch,
+    see their ``aot_specs``)."""
+    from . import kl_div, linear_token_stats, token_stats, token_stats_fused
 
-    modules = (token_stats, token_stats_fused, kl_div)
+    modules = (token_stats, token_stats_fused, kl_div, linear_token_stats)
     return [spec for dtype in dtypes for module in modules for spec in module.aot_specs(dtype)]
 
 
@@ -109,6 +110,8 @@ def compile_spec(spec: AotSpec, cc: int, ptx_dir: str | None = None) -> AotResul
         # The JIT's default, stated so Triton 3.9 does not warn that the default will change.
         "enable_fp_fusion": triton.knobs.language.default_fp_fusion,
     }
+    if hasattr(spec.config, "num_stages"):  # the tl.dot kernels' software pipelining depth
+        options["num_stages"] = spec.config.num_stages
     compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options)
     ptx = compiled.asm["ptx"]
     if ptx_dir is not None:
@@ -118,7 +121,7 @@ def compile_spec(spec: AotSpec, cc: int, ptx_dir: str | None = None) -> AotResul
             f.write(ptx)
     usage = ptxas_usage(ptx, cc)
     cubin = cubin_usage(compiled.asm["cubin"])
-    loads = global_access_widths(ptx, "ld")
+    loads = global_access_widths(ptx, "ld") + async_copy_widths(ptx)
     stores = global_access_widths(ptx, "st")
     return AotResult(
         spec=spec, cc=cc,
@@ -141,6 +144,18 @@ def global_access_widths(ptx: str, op: str) -> list[tuple[int, bool]]:
         if kind == op:
             out.append((int(vec or 1) * int(bits) // 8, bool(vec)))
     return out
+
+
+# cp.async.cg.shared.global [ %r103 + 0 ], [ %rd79 + 0 ], 0x10, %r104;  (the tl.dot kernels' tile loads)
+_ASYNC_COPY = re.compile(
+    r"\bcp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s*\[[^]]*\],\s*\[[^]]*\],\s*(0x[0-9a-fA-F]+|\d+)"
+)
+
+
+def async_copy_widths(ptx: str) -> list[tuple[int, bool]]:
+    """``(bytes per thread, is_vector)`` for every global -> shared ``cp.async`` in ``ptx``: how software-
+    pipelined ``tl.dot`` operands are read on sm_80+ (a copy of 8 or 16 bytes counts as a vector load)."""
+    return [(w, w >= 8) for w in (int(n, 0) for n in _ASYNC_COPY.findall(ptx))]
 
 
 def ptxas_usage(ptx: str, cc: int) -> dict[str, int]:

@@ -9,17 +9,21 @@ target, and checks that
 * Triton and ptxas compile it;
 * the PTX reads every logits row with vector loads (``ld.global.v4.b32``-like, >= 8 bytes per
   thread) that cover the whole block (in both passes of the fused forward+gradient kernel), and
-  writes gradient rows the same way;
+  writes gradient rows the same way; the fused-linear ``tl.dot`` kernels, which load no logits,
+  read their hidden and weight tiles with vector loads (16-byte ``cp.async`` to shared memory on the
+  tensor-core path) covering at least one H step of both tiles;
 * ptxas reports no spill stores or loads.
 
 Registers, spills, shared/local memory and access widths go to ``record_property`` (``--junitxml``)
 and into every assertion message; ``python -m rlhf_fast.kernels.aot`` prints them as a table.
 Everything is compiled once per session (in a subprocess when this process runs the interpreter,
-see ``kernels/aot.py``): about a minute with a cold Triton cache on two idle cores (~75 s of CPU
-time; under two minutes with the cores shared), ~20 s with a warm one.
+see ``kernels/aot.py``): the row kernels take ~75 s of CPU time with a cold Triton cache, the 54
+fused-linear specializations ~70 s more (about 75 s of wall time on two idle cores; 2.5 min was
+measured with the cores shared by other jobs), ~20 s with a warm cache.
 The token-stats kernels are compiled in a chosen subset of their switch combinations (every value of
 every switch, the combinations the losses launch, and everything on: see ``aot_specs`` in
-``kernels/token_stats.py`` and ``kernels/token_stats_fused.py``), not the full product.
+``kernels/token_stats.py`` and ``kernels/token_stats_fused.py``), not the full product; so are the
+fused-linear kernels (``kernels/linear_token_stats.py``).
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ SPECS = aot.all_specs(DTYPES)
 
 def _case_id(spec, cc) -> str:
     name = spec.kernel.__name__.strip("_").removesuffix("_kernel")
-    return f"{name}-{spec.variant}-{spec.dtype}-{spec.config.block_v}x{spec.config.num_warps}-sm{cc}"
+    config = spec.config
+    blocks = f"{config.block_n}x{config.block_v}x{config.block_h}" if spec.tiles_read else f"{config.block_v}"
+    return f"{name}-{spec.variant}-{spec.dtype}-{blocks}x{config.num_warps}-sm{cc}"
 
 
 # (index into SPECS, cc), in the order compile_all returns its results
@@ -64,6 +70,15 @@ def test_compiles_with_vector_access_and_no_spills(index, cc, compiled, record_p
     numbers = ", ".join(f"{k}={v}" for k, v in result.row().items())
     block = result.stream_bytes  # bytes per thread of one row block
 
+    if spec.tiles_read:
+        # tl.dot kernels load no logits: their hidden and weight tiles (cp.async to shared memory for
+        # the tensor cores) must be vector loads covering one H step of both tiles
+        config, itemsize = spec.config, {"fp32": 4, "bf16": 2, "fp16": 2}[spec.dtype]
+        step = (config.block_n + config.block_v) * config.block_h * itemsize // (32 * config.num_warps)
+        assert result.widest_load >= 8, f"hidden/weight tiles are read with scalar loads: {numbers}"
+        assert result.vector_load_bytes >= step, (
+            f"vector loads cover {result.vector_load_bytes} B/thread, one H step of the tiles needs {step}; {numbers}"
+        )
     assert result.widest_load >= 8, f"logits rows are read with scalar loads: {numbers}"
     assert result.vector_load_bytes >= spec.rows_read * block, (
         f"vector loads cover {result.vector_load_bytes} B/thread, {spec.rows_read} row(s) need "
@@ -86,15 +101,23 @@ KERNELS = {
     "_kl_fwd_kernel",
     "_kl_bwd_kernel",
 }
+# the fused-linear (tl.dot) kernels, with their own tile configs per dtype
+LINEAR_KERNELS = {"_linear_fwd_kernel", "_linear_dh_kernel", "_linear_dw_kernel"}
 
 
 def test_every_launch_config_is_covered():
     # The launchers pick from CONFIGS; the AOT cases must cover each of them for each kernel.
     from rlhf_fast.kernels import CONFIGS
+    from rlhf_fast.kernels.linear_token_stats import CONFIGS as LINEAR_CONFIGS
 
-    covered = {(spec.kernel.__name__, spec.config) for spec in SPECS}
-    assert {spec.kernel.__name__ for spec in SPECS} == KERNELS
+    covered = {(spec.kernel.__name__, spec.config) for spec in SPECS if spec.kernel.__name__ in KERNELS}
+    assert {spec.kernel.__name__ for spec in SPECS} == KERNELS | LINEAR_KERNELS
     assert covered == {(name, config) for name in KERNELS for config in CONFIGS}
+    for dtype in DTYPES:
+        fwd, bwd = LINEAR_CONFIGS[dtype]
+        dt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        linear = {(s.kernel.__name__, s.config) for s in SPECS if s.kernel.__name__ in LINEAR_KERNELS and s.dtype == dt}
+        assert linear == {("_linear_fwd_kernel", fwd), ("_linear_dh_kernel", bwd), ("_linear_dw_kernel", bwd)}
 
 
 def test_every_switch_value_is_covered_per_dtype():
@@ -103,10 +126,11 @@ def test_every_switch_value_is_covered_per_dtype():
     # for every dtype (and, by CASES, every target). Integer switches take the values the launchers pass.
     from rlhf_fast.kernels.token_stats_fused import KL_KINDS, MODE_LINEAR, MODE_PPO
 
-    domains = {"MODE": {MODE_LINEAR, MODE_PPO}, "KL_KIND": {0, *KL_KINDS}}
-    for name in KERNELS:
+    # UPCAST (linear kernels) exists for the interpreter only: never compiled on
+    domains = {"MODE": {MODE_LINEAR, MODE_PPO}, "KL_KIND": {0, *KL_KINDS}, "UPCAST": {False}}
+    for name in KERNELS | LINEAR_KERNELS:
         for dtype in {spec.dtype for spec in SPECS}:
             specs = [s for s in SPECS if s.kernel.__name__ == name and s.dtype == dtype]
-            for switch in specs[0].constexprs.keys() - {"BLOCK_V"}:
+            for switch in specs[0].constexprs.keys() - {"BLOCK_N", "BLOCK_V", "BLOCK_H"}:
                 seen = {spec.constexprs[switch] for spec in specs}
                 assert seen == domains.get(switch, {False, True}), f"{name} {dtype}: {switch} compiled only as {seen}"

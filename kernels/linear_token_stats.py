@@ -1,0 +1,537 @@
+"""Per-token log-probability, entropy and log-sum-exp of ``softmax((hidden @ weight.T + bias) / T)``,
+without ever holding the ``[N, V]`` logits.
+
+Forward: one program per tile of ``BLOCK_N`` tokens walks the vocabulary in tiles of ``BLOCK_V``
+columns; each logits tile is a ``tl.dot`` over ``H`` in ``BLOCK_H`` steps (float32 accumulator),
+scaled by ``1/T`` and merged into a per-token online log-sum-exp (and the entropy sums, and the
+label's logit). Only ``logp``, ``entropy``, ``lse`` ``[N]`` leave the kernel. Semantics are those of
+``token_stats.py`` applied to ``logits = hidden @ weight.T + bias``.
+
+Backward, with ``x`` the recomputed logits tile over ``T``, ``p = exp(x - lse)``::
+
+    g = (g_lp (1[v == label] - p) - g_H p (log p + H)) / T          [BLOCK_N, BLOCK_V], float32
+    d_hidden += g @ W_tile              d_weight_tile += g^T @ hidden_tile          d_bias += sum_n g
+
+Two kernels, both deterministic (no atomics): ``_linear_dh_kernel`` owns a tile of tokens and walks
+the vocabulary; ``_linear_dw_kernel`` owns a tile of the vocabulary and walks the tokens. Each
+accumulates into rows of a float32 buffer that only it touches (``H`` is too wide for registers),
+and the host casts once at the end: no bf16 accumulation. ``g`` is rounded to the inputs' dtype
+for the tensor-core dot, as the chunked path rounds its logits gradient.
+
+Padded vocabulary columns are ``-inf`` (no probability mass, zero gradient), padded and ignored
+token rows are masked out of every load and get zeros; a tile whose tokens are all ignored is not
+computed at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import TRITON_DTYPE, AotSpec, TileConfig, aot_spec, empty_f32
+
+__all__ = ["CONFIGS", "aot_specs", "linear_token_stats_bwd", "linear_token_stats_fwd"]
+
+# (forward, backward) tile configs per input dtype, sized for A100/H100 without register spills
+# (tests/test_triton_aot.py compiles each for sm_80 and sm_90 and checks). 16-bit inputs go through
+# the tensor cores (mma.sync / wgmma) fed by 16-byte cp.async copies; the forward keeps a 64 x 128
+# float32 logits tile (32 registers per thread over 8 warps), the backward a 64 x 64 logits tile, its
+# gradient and a 64 x 32 float32 slice of dH or dW (186-236 registers on sm_80 with H steps of 32;
+# steps of 64 hit the 255 cap). Float32 inputs take an exact ("ieee") FMA dot, whose operands live in
+# registers: small tiles (tf32 would miss the 1e-5 target; tf32x3 would be the faster exact-enough
+# choice on a GPU, not verifiable here).
+_TILES_16BIT = (
+    TileConfig(block_n=64, block_v=128, block_h=64, num_warps=8, num_stages=3),
+    TileConfig(block_n=64, block_v=64, block_h=32, num_warps=4, num_stages=3),
+)
+CONFIGS: dict[torch.dtype, tuple[TileConfig, TileConfig]] = {
+    torch.bfloat16: _TILES_16BIT,
+    torch.float16: _TILES_16BIT,
+    torch.float32: (
+        TileConfig(block_n=32, block_v=64, block_h=16, num_warps=4, num_stages=2),
+        TileConfig(block_n=32, block_v=32, block_h=16, num_warps=8, num_stages=2),
+    ),
+}
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a @ b`` in float32. ``UPCAST`` is for the interpreter only: Triton 3.9's interpreter
+    multiplies bf16 operands as their uint16 bit patterns, so it gets exact float32 copies instead
+    (bf16 -> float32 is exact, and the GPU's mma accumulates bf16 products in float32 too)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    # "ieee": float32 inputs must not be rounded to tf32 (1e-5 relative is the target);
+    # bf16/fp16 inputs take the tensor cores either way
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _load_rows(ptr, idx, ok, k0, H, BLOCK_H: tl.constexpr):
+    """``ptr[idx, k0 : k0 + BLOCK_H]`` of a contiguous ``[*, H]`` matrix: zeros in rows not ``ok`` and past ``H``."""
+    ks = k0 + tl.arange(0, BLOCK_H)
+    return tl.load(ptr + idx[:, None] * H + ks[None, :], mask=ok[:, None] & (ks < H)[None, :], other=0.0)
+
+
+@triton.jit
+def _logits_tile(
+    hidden_ptr,  # [N, H] contiguous
+    weight_ptr,  # [V, H] contiguous
+    bias_ptr,  # [V]; unused unless HAS_BIAS
+    rows,  # [BLOCK_N] int64 token indices
+    cols,  # [BLOCK_V] int64 vocabulary indices
+    row_ok,  # [BLOCK_N] rows to read (others contribute zeros)
+    col_ok,  # [BLOCK_V] cols < V
+    H,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """``x = (hidden[rows] @ weight[cols].T + bias[cols]) / T`` as a float32 ``[BLOCK_N, BLOCK_V]``
+    tile, ``-inf`` in padded columns (never 0: a 0 logit would carry probability mass)."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        h = _load_rows(hidden_ptr, rows, row_ok, k0, H, BLOCK_H)  # [BLOCK_N, BLOCK_H]
+        w = _load_rows(weight_ptr, cols, col_ok, k0, H, BLOCK_H)  # [BLOCK_V, BLOCK_H]
+        acc = _dot(h, tl.trans(w), acc, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return tl.where(col_ok[None, :], acc * inv_temperature, float("-inf"))
+
+
+@triton.jit
+def _grad_tile(
+    x,  # [BLOCK_N, BLOCK_V] float32 logits / T, -inf in padded columns
+    cols,  # [BLOCK_V]
+    row_ok,  # [BLOCK_N] rows that get a gradient
+    lse,  # [BLOCK_N] float32
+    label,  # [BLOCK_N] int64; used if GRAD_LOGP
+    g_lp,  # [BLOCK_N] float32, already divided by T; used if GRAD_LOGP
+    g_h,  # [BLOCK_N] float32, already divided by T; used if GRAD_ENTROPY
+    entropy,  # [BLOCK_N] float32; used if GRAD_ENTROPY
+    GRAD_LOGP: tl.constexpr,
+    GRAD_ENTROPY: tl.constexpr,
+):
+    """d(g_lp logp + g_H entropy)/d logits for one tile, float32, 0 in masked rows and padded columns."""
+    logp = x - lse[:, None]
+    p = tl.exp(logp)
+    g = tl.zeros(x.shape, tl.float32)
+    if GRAD_LOGP:
+        g += g_lp[:, None] * (tl.where(cols[None, :] == label[:, None], 1.0, 0.0) - p)
+    if GRAD_ENTROPY:
+        # p = 0 where x = -inf: zero log p there so that p * log p is 0, not 0 * -inf
+        g -= g_h[:, None] * p * (tl.where(x == float("-inf"), 0.0, logp) + entropy[:, None])
+    # masked rows were computed from zero hidden states and a made-up lse: discard, whatever they hold
+    return tl.where(row_ok[:, None], g, 0.0)
+
+
+@triton.jit
+def _row_grads(
+    labels_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
+    rows, N, inv_temperature, ignore_index,
+    HAS_LABELS: tl.constexpr, GRAD_LOGP: tl.constexpr, GRAD_ENTROPY: tl.constexpr,
+):  # fmt: skip
+    """Per-row inputs of :func:`_grad_tile` for token indices ``rows``: ``(row_ok, lse, label, g_lp, g_h, entropy)``."""
+    in_range = rows < N
+    row_ok = in_range
+    label = tl.zeros(rows.shape, tl.int64)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + rows, mask=in_range, other=0)
+        row_ok = in_range & (label != ignore_index)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    g_lp = tl.zeros(rows.shape, tl.float32)
+    g_h = tl.zeros(rows.shape, tl.float32)
+    entropy = tl.zeros(rows.shape, tl.float32)
+    if GRAD_LOGP:
+        g_lp = tl.load(grad_logp_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
+    if GRAD_ENTROPY:
+        g_h = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
+        entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
+    return row_ok, lse, label, g_lp, g_h, entropy
+
+
+@triton.jit(do_not_specialize=["ignore_index"])
+def _linear_fwd_kernel(
+    # pointers
+    hidden_ptr,  # [N, H] contiguous
+    weight_ptr,  # [V, H] contiguous
+    bias_ptr,  # [V]; unused unless HAS_BIAS
+    labels_ptr,  # [N] int64; unused unless HAS_LABELS
+    logp_ptr,  # [N] float32 out; unused unless WITH_LOGP
+    entropy_ptr,  # [N] float32 out; unused unless WITH_ENTROPY
+    lse_ptr,  # [N] float32 out
+    # sizes
+    N,
+    H,
+    V,
+    # runtime scalars (never constexpr: each new value would recompile)
+    inv_temperature,
+    ignore_index,
+    # constexpr: feature switches and block sizes
+    HAS_BIAS: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    WITH_LOGP: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter only, see _dot
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    label = tl.zeros([BLOCK_N], tl.int64)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + rows, mask=row_ok, other=0)
+        row_ok &= label != ignore_index
+    # a tile of ignored tokens is not computed: the vocabulary loop runs zero times
+    n_cols = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, V, 0)
+
+    # Online log-sum-exp per token, as in _softmax_row.row_stats: m the running max; s = sum exp(x - m);
+    # t = sum exp(x - m) * (x - m) (kept relative to m so that H = log s - t / s does not cancel two
+    # logit-sized numbers); x_label the label's logit, found in whichever tile holds it.
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    t = tl.zeros([BLOCK_N], tl.float32)
+    x_label = tl.zeros([BLOCK_N], tl.float32)
+    for v0 in range(0, n_cols, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        x = _logits_tile(
+            hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, cols < V, H, inv_temperature,
+            HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        # while a row has seen only -inf, use 0 as its reference: exp(-inf - -inf) would be NaN
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - ref)
+        d = x - ref[:, None]
+        e = tl.exp(d)
+        if WITH_ENTROPY:
+            shift = tl.where(m == float("-inf"), 0.0, m - ref)
+            # a -inf logit has p = 0 and contributes 0, not 0 * -inf
+            t = alpha * (t + shift * s) + tl.sum(tl.where(x == float("-inf"), 0.0, e * d), axis=1)
+        if WITH_LOGP:
+            x_label += tl.sum(tl.where(cols[None, :] == label[:, None], x, 0.0), axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+
+    log_s = tl.log(s)
+    in_range = rows < N
+    tl.store(lse_ptr + rows, tl.where(row_ok, m + log_s, 0.0), mask=in_range)
+    if WITH_LOGP:
+        # (x - m) - log_s: exact for a confident token, where x - lse would lose log_s ~ 0 to rounding
+        tl.store(logp_ptr + rows, tl.where(row_ok, (x_label - m) - log_s, 0.0), mask=in_range)
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + rows, tl.where(row_ok, log_s - t / s, 0.0), mask=in_range)
+
+
+@triton.jit(do_not_specialize=["ignore_index"])
+def _linear_dh_kernel(
+    # pointers
+    hidden_ptr,  # [N, H] contiguous
+    weight_ptr,  # [V, H] contiguous
+    bias_ptr,  # [V]; unused unless HAS_BIAS
+    labels_ptr,  # [N] int64; unused unless HAS_LABELS
+    lse_ptr,  # [N] float32
+    entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
+    grad_logp_ptr,  # [N] float32; unused unless GRAD_LOGP
+    grad_entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
+    dh_ptr,  # [N, H] float32 in/out, zero-initialized; only this program's rows are touched
+    # sizes
+    N,
+    H,
+    V,
+    # runtime scalars
+    inv_temperature,
+    ignore_index,
+    # constexpr: feature switches and block sizes
+    HAS_BIAS: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    GRAD_LOGP: tl.constexpr,
+    GRAD_ENTROPY: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter only, see _dot
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, lse, label, g_lp, g_h, entropy = _row_grads(
+        labels_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, rows, N, inv_temperature,
+        ignore_index, HAS_LABELS, GRAD_LOGP, GRAD_ENTROPY,
+    )  # fmt: skip
+    n_cols = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, V, 0)
+    ks = tl.arange(0, BLOCK_H)
+    for v0 in range(0, n_cols, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_ok = cols < V
+        x = _logits_tile(
+            hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H, inv_temperature,
+            HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
+        g = _grad_tile(x, cols, row_ok, lse, label, g_lp, g_h, entropy, GRAD_LOGP, GRAD_ENTROPY)
+        g = g.to(weight_ptr.dtype.element_ty)
+        # d_hidden[rows] += g @ weight[cols], H in BLOCK_H slices (an [N, H] accumulator would not fit)
+        for k0 in range(0, H, BLOCK_H):
+            k_ok = (k0 + ks) < H
+            w = _load_rows(weight_ptr, cols, col_ok, k0, H, BLOCK_H)
+            dh_ptrs = dh_ptr + rows[:, None] * H + (k0 + ks)[None, :]
+            dh_mask = row_ok[:, None] & k_ok[None, :]
+            dh = tl.load(dh_ptrs, mask=dh_mask, other=0.0)
+            tl.store(dh_ptrs, _dot(g, w, dh, UPCAST), mask=dh_mask)
+
+
+@triton.jit(do_not_specialize=["ignore_index"])
+def _linear_dw_kernel(
+    # pointers
+    hidden_ptr,  # [N, H] contiguous
+    weight_ptr,  # [V, H] contiguous
+    bias_ptr,  # [V]; unused unless HAS_BIAS
+    labels_ptr,  # [N] int64; unused unless HAS_LABELS
+    lse_ptr,  # [N] float32
+    entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
+    grad_logp_ptr,  # [N] float32; unused unless GRAD_LOGP
+    grad_entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
+    dw_ptr,  # [V, H] float32 in/out, zero-initialized; unused unless NEED_WEIGHT
+    db_ptr,  # [V] out, bias dtype; unused unless NEED_BIAS
+    # sizes
+    N,
+    H,
+    V,
+    # runtime scalars
+    inv_temperature,
+    ignore_index,
+    # constexpr: feature switches and block sizes
+    HAS_BIAS: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    GRAD_LOGP: tl.constexpr,
+    GRAD_ENTROPY: tl.constexpr,
+    NEED_WEIGHT: tl.constexpr,
+    NEED_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter only, see _dot
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    ks = tl.arange(0, BLOCK_H)
+    db = tl.zeros([BLOCK_V], tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        row_ok, lse, label, g_lp, g_h, entropy = _row_grads(
+            labels_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, rows, N, inv_temperature,
+            ignore_index, HAS_LABELS, GRAD_LOGP, GRAD_ENTROPY,
+        )  # fmt: skip
+        # a tile of ignored tokens adds nothing: skip its matmuls
+        if tl.max(row_ok.to(tl.int32), axis=0) > 0:
+            x = _logits_tile(
+                hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H, inv_temperature,
+                HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+            )  # fmt: skip
+            g = _grad_tile(x, cols, row_ok, lse, label, g_lp, g_h, entropy, GRAD_LOGP, GRAD_ENTROPY)
+            if NEED_BIAS:
+                db += tl.sum(g, axis=0)
+            if NEED_WEIGHT:
+                g_t = tl.trans(g.to(hidden_ptr.dtype.element_ty))  # [BLOCK_V, BLOCK_N]
+                # d_weight[cols] += g^T @ hidden[rows], H in BLOCK_H slices
+                for k0 in range(0, H, BLOCK_H):
+                    k_ok = (k0 + ks) < H
+                    h = _load_rows(hidden_ptr, rows, row_ok, k0, H, BLOCK_H)
+                    dw_ptrs = dw_ptr + cols[:, None] * H + (k0 + ks)[None, :]
+                    dw_mask = col_ok[:, None] & k_ok[None, :]
+                    dw = tl.load(dw_ptrs, mask=dw_mask, other=0.0)
+                    tl.store(dw_ptrs, _dot(g_t, h, dw, UPCAST), mask=dw_mask)
+    if NEED_BIAS:
+        tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
+
+
+def _upcast_dot(hidden: torch.Tensor) -> bool:
+    """Whether the kernels must upcast the dot operands: only for 16-bit inputs under the interpreter."""
+    from triton.runtime.jit import JITFunction
+
+    interpreting = not isinstance(tl.standard.max, JITFunction)
+    return interpreting and hidden.dtype != torch.float32
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int]:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    if not (hidden.is_contiguous() and weight.is_contiguous() and (bias is None or bias.is_contiguous())):
+        raise ValueError("hidden, weight and bias must be contiguous")
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise TypeError("hidden, weight and bias must have the same dtype")
+    return hidden.shape[0], hidden.shape[1], weight.shape[0]
+
+
+def linear_token_stats_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    with_logp: bool,
+    with_entropy: bool,
+    *,
+    config: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token ``(logp, entropy, lse)`` of ``softmax(x)``, ``x = (hidden @ weight.T + bias) / temperature``.
+
+    Args:
+        hidden: ``[N, H]`` contiguous, float32/bfloat16/float16.
+        weight: ``[V, H]`` contiguous, same dtype; bias: ``[V]`` same dtype, or None.
+        labels: ``[N]`` int64 (already validated: in ``[0, V)`` or ``== ignore_index``) or None.
+            Tokens whose label is ``ignore_index`` are not computed and get 0 in every output.
+        temperature, ignore_index: runtime scalars.
+        with_logp: return ``logp = x[label] - lse`` (needs ``labels``); with_entropy: return
+            ``entropy = lse - sum_v softmax(x)_v x_v``.
+        config: force the tile sizes (tests use small ones so that several tiles occur).
+
+    Returns:
+        ``(logp, entropy, lse)``, float32 ``[N]``; ``logp``/``entropy`` are empty ``[0]`` when not asked for.
+    """
+    n_rows, _, vocab = _check(hidden, weight, bias)
+    if with_logp and labels is None:
+        raise ValueError("with_logp=True needs labels")
+    device = hidden.device
+    lse = torch.empty(n_rows, dtype=torch.float32, device=device)
+    logp = torch.empty(n_rows, dtype=torch.float32, device=device) if with_logp else empty_f32(device)
+    entropy = torch.empty(n_rows, dtype=torch.float32, device=device) if with_entropy else empty_f32(device)
+    if n_rows == 0:
+        return logp, entropy, lse
+    config = config or CONFIGS[hidden.dtype][0]
+    # switched-off pointers are never touched; lse stands in for them
+    _linear_fwd_kernel[(triton.cdiv(n_rows, config.block_n),)](
+        hidden, weight, lse if bias is None else bias, lse if labels is None else labels,
+        logp if with_logp else lse, entropy if with_entropy else lse, lse,
+        n_rows, hidden.shape[1], vocab,
+        1.0 / temperature, ignore_index,
+        HAS_BIAS=bias is not None, HAS_LABELS=labels is not None, WITH_LOGP=with_logp, WITH_ENTROPY=with_entropy,
+        UPCAST=_upcast_dot(hidden), **config.constexprs(), num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return logp, entropy, lse
+
+
+def linear_token_stats_bwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    *,
+    config: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum_n g_lp[n] logp[n] + g_H[n] entropy[n]`` w.r.t. ``hidden``, ``weight``, ``bias``.
+
+    With ``g = (g_lp (1[v == label] - p) - g_H p (log p + H)) / temperature`` per logits entry
+    (0 on ignored tokens): ``d_hidden = g @ weight``, ``d_weight = g.T @ hidden``, ``d_bias = g.sum(0)``,
+    accumulated in float32 and cast to the inputs' dtype once.
+
+    Args:
+        hidden, weight, bias, labels, temperature, ignore_index: as in :func:`linear_token_stats_fwd`.
+        lse: ``[N]`` float32 from the forward; entropy: ``[N]`` float32 from the forward (None when
+            ``grad_entropy`` is None).
+        grad_logp, grad_entropy: ``[N]`` float32 incoming gradients, or None for "no such term".
+        need_hidden, need_weight, need_bias: which gradients to compute (``need_bias`` needs ``bias``).
+        config: force the tile sizes (tests).
+
+    Returns:
+        ``(d_hidden [N, H], d_weight [V, H], d_bias [V])`` in the inputs' dtype; each is an empty
+        float32 ``[0]`` when not asked for.
+    """
+    n_rows, h_dim, vocab = _check(hidden, weight, bias)
+    if grad_logp is not None and labels is None:
+        raise ValueError("grad_logp needs labels")
+    if grad_entropy is not None and entropy is None:
+        raise ValueError("grad_entropy needs entropy")
+    if need_bias and bias is None:
+        raise ValueError("need_bias=True needs bias")
+    device, dtype = hidden.device, hidden.dtype
+    # float32 accumulators; for float32 inputs they are the outputs themselves
+    d_hidden = torch.zeros((n_rows, h_dim), dtype=torch.float32, device=device) if need_hidden else empty_f32(device)
+    d_weight = torch.zeros((vocab, h_dim), dtype=torch.float32, device=device) if need_weight else empty_f32(device)
+    d_bias = torch.zeros(vocab, dtype=dtype, device=device) if need_bias else empty_f32(device)
+    active = n_rows > 0 and (grad_logp is not None or grad_entropy is not None)
+    if active:
+        config = config or CONFIGS[dtype][1]
+        pointers = (
+            hidden, weight, lse if bias is None else bias, lse if labels is None else labels, lse,
+            lse if entropy is None else entropy, lse if grad_logp is None else grad_logp,
+            lse if grad_entropy is None else grad_entropy,
+        )  # fmt: skip
+        switches = {
+            "HAS_BIAS": bias is not None, "HAS_LABELS": labels is not None,
+            "GRAD_LOGP": grad_logp is not None, "GRAD_ENTROPY": grad_entropy is not None,
+        }  # fmt: skip
+        launch = {"UPCAST": _upcast_dot(hidden), **config.constexprs()}
+        launch.update(num_warps=config.num_warps, num_stages=config.num_stages)
+        scalars = (n_rows, h_dim, vocab, 1.0 / temperature, ignore_index)
+        if need_hidden:
+            _linear_dh_kernel[(triton.cdiv(n_rows, config.block_n),)](
+                *pointers, d_hidden, *scalars, **switches, **launch
+            )
+        if need_weight or need_bias:
+            _linear_dw_kernel[(triton.cdiv(vocab, config.block_v),)](
+                *pointers, d_weight if need_weight else lse, d_bias if need_bias else lse, *scalars,
+                **switches, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, **launch,
+            )  # fmt: skip
+    if need_hidden:
+        d_hidden = d_hidden.to(dtype)
+    if need_weight:
+        d_weight = d_weight.to(dtype)
+    return d_hidden, d_weight, d_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (kernels/aot.py).
+
+# Not the full product of the switches: the combinations the ops launch most (logp alone; everything
+# on) and one that turns the rest off, so that every value of every switch is compiled per dtype.
+# (HAS_BIAS, HAS_LABELS, WITH_LOGP / GRAD_LOGP, WITH_ENTROPY / GRAD_ENTROPY[, NEED_WEIGHT, NEED_BIAS])
+_FWD_SWITCHES = [(0, 1, 1, 0), (1, 1, 1, 1), (1, 0, 0, 1)]
+_DH_SWITCHES = [(0, 1, 1, 0), (1, 1, 1, 1), (1, 0, 0, 1)]
+_DW_SWITCHES = [(0, 1, 1, 0, 1, 0), (1, 1, 1, 1, 1, 1), (1, 0, 0, 1, 0, 1)]
+
+
+def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
+    """The three kernels for ``dtype`` inputs in the switch combinations above (``UPCAST`` off: it
+    exists for the interpreter only). ``H`` is marked divisible by 16 like the pointers, as the
+    runtime does for hidden sizes such as 1024 or 4096: it is the row stride of every tile."""
+    dt = TRITON_DTYPE[dtype]
+    types = {"hidden_ptr": f"*{dt}", "weight_ptr": f"*{dt}", "inv_temperature": "fp32"}
+    cases = [
+        (_linear_fwd_kernel, CONFIGS[dtype][0], ("HAS_BIAS", "HAS_LABELS", "WITH_LOGP", "WITH_ENTROPY"), _FWD_SWITCHES),
+        (_linear_dh_kernel, CONFIGS[dtype][1], ("HAS_BIAS", "HAS_LABELS", "GRAD_LOGP", "GRAD_ENTROPY"), _DH_SWITCHES),
+        (_linear_dw_kernel, CONFIGS[dtype][1], ("HAS_BIAS", "HAS_LABELS", "GRAD_LOGP", "GRAD_ENTROPY", "NEED_WEIGHT",
+                                          "NEED_BIAS"), _DW_SWITCHES),
+    ]  # fmt: skip
+    specs = []
+    for kernel, config, names, combos in cases:
+        for combo in combos:
+            switches = {**dict(zip(names, map(bool, combo), strict=True)), "UPCAST": False}
+            spec = aot_spec(
+                kernel, config, dt, switches=switches,
+                types={
+                    **types,
+                    "bias_ptr": f"*{dt}" if switches["HAS_BIAS"] else "*fp32",
+                    "labels_ptr": "*i64" if switches["HAS_LABELS"] else "*fp32",
+                    "db_ptr": f"*{dt}" if switches.get("NEED_BIAS") else "*fp32",
+                },
+                rows_read=0, rows_written=0,  # no logits rows; the hidden and weight tiles instead
+            )  # fmt: skip
+            specs.append(dataclasses.replace(spec, aligned=(*spec.aligned, "H"), tiles_read=2))
+    return specs

@@ -1,0 +1,147 @@
+"""The Triton fused-linear kernels (kernels/linear_token_stats.py) under TRITON_INTERPRET=1, against a
+float64 reference: ``logits = hidden.double() @ weight.double().T + bias``, then
+``rlhf_fast.reference``, gradients by float64 autograd.
+
+Tiles are forced small (16 tokens x 64 columns x 16 hidden units) so that every case spans several
+vocabulary tiles with a ragged last one, several hidden steps with a ragged last one (H = 40), and,
+at N = 37, several token tiles with a ragged last one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from rlhf_fast.kernels._common import TileConfig
+from rlhf_fast.kernels.linear_token_stats import linear_token_stats_bwd, linear_token_stats_fwd
+
+from rlhf_fast import reference as ref
+
+SMALL = TileConfig(block_n=16, block_v=64, block_h=16, num_warps=4, num_stages=1)
+TEMPERATURE = 0.7
+IGNORE = -100
+# max |kernel - reference| / max |reference|, per input dtype: (outputs, gradients). bf16 gradients
+# are rounded to bf16 once for the tensor-core dot and once when written.
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 2e-2), torch.float16: (1e-2, 1e-2)}
+
+
+def _inputs(n, h, v, dtype, with_bias):
+    hidden = torch.randn(n, h).to(dtype)
+    weight = (torch.randn(v, h) / h**0.5 * 3).to(dtype)  # logits of a few units: a peaked softmax
+    bias = torch.randn(v).to(dtype) if with_bias else None
+    labels = torch.randint(0, v, (n,))
+    labels[::5] = IGNORE
+    return hidden, weight, bias, labels
+
+
+def _reference(hidden, weight, bias, labels):
+    """float64 (logp, entropy) of the explicit logits, and the leaf tensors to take gradients from."""
+    leaves = [t.double().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    logits = leaves[0] @ leaves[1].T + (leaves[2] if bias is not None else 0)
+    logp, entropy = ref.token_logprobs_and_entropy(logits, labels, temperature=TEMPERATURE, ignore_index=IGNORE)
+    return logp, entropy, leaves
+
+
+def _rel_err(actual, expected):
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize(("n", "v"), [(13, 1000), (37, 301)])
+def test_forward_and_backward_match_float64(n, v, with_bias, dtype):
+    hidden, weight, bias, labels = _inputs(n, 40, v, dtype, with_bias)
+    tol_out, tol_grad = TOL[dtype]
+    logp, entropy, lse = linear_token_stats_fwd(
+        hidden, weight, bias, labels, TEMPERATURE, IGNORE, True, True, config=SMALL
+    )
+    ref_logp, ref_entropy, leaves = _reference(hidden, weight, bias, labels)
+    assert logp.dtype == entropy.dtype == lse.dtype == torch.float32
+    assert _rel_err(logp, ref_logp) < tol_out
+    assert _rel_err(entropy, ref_entropy) < tol_out
+    ignored = labels == IGNORE
+    assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all() and (lse[ignored] == 0).all()
+
+    # grad_output != 1, of both signs, for both outputs
+    g_lp, g_h = torch.randn(n), torch.randn(n)
+    (ref_logp * g_lp + ref_entropy * g_h).sum().backward()
+    grads = linear_token_stats_bwd(
+        hidden, weight, bias, labels, lse, entropy, g_lp, g_h, TEMPERATURE, IGNORE,
+        True, True, with_bias, config=SMALL,
+    )  # fmt: skip
+    for name, grad, leaf in zip(("hidden", "weight", "bias"), grads, leaves, strict=True):
+        if leaf is None:
+            assert grad.numel() == 0
+            continue
+        assert grad.dtype == dtype and grad.shape == leaf.shape, name
+        assert _rel_err(grad, leaf.grad) < tol_grad, name
+    assert (grads[0][ignored] == 0).all()
+
+
+def test_entropy_only_and_single_gradients():
+    # no labels (entropy alone), then its backward asking for one gradient at a time
+    hidden, weight, bias, _ = _inputs(21, 40, 301, torch.float32, True)
+    logp, entropy, lse = linear_token_stats_fwd(
+        hidden, weight, bias, None, TEMPERATURE, IGNORE, False, True, config=SMALL
+    )
+    assert logp.shape == (0,)
+    leaves = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    ref_entropy = ref.token_entropy(leaves[0] @ leaves[1].T + leaves[2], temperature=TEMPERATURE)
+    assert _rel_err(entropy, ref_entropy) < 1e-5
+    g_h = torch.randn(21)
+    (ref_entropy * g_h).sum().backward()
+    for i, leaf in enumerate(leaves):
+        need = [j == i for j in range(3)]
+        grads = linear_token_stats_bwd(
+            hidden, weight, bias, None, lse, entropy, None, g_h, TEMPERATURE, IGNORE, *need, config=SMALL
+        )
+        assert [g.numel() > 0 for g in grads] == need
+        assert _rel_err(grads[i], leaf.grad) < 1e-5
+
+
+def test_fully_ignored_tokens_and_huge_logits():
+    # every label ignored: zeros everywhere, no NaN; then one logit ~1e4 next to O(1) ones
+    hidden, weight, bias, labels = _inputs(13, 40, 301, torch.float32, True)
+    all_ignored = torch.full_like(labels, IGNORE)
+    logp, entropy, lse = linear_token_stats_fwd(
+        hidden, weight, bias, all_ignored, 1.0, IGNORE, True, True, config=SMALL
+    )
+    assert not logp.any() and not entropy.any() and not lse.any()
+    grads = linear_token_stats_bwd(
+        hidden, weight, bias, all_ignored, lse, entropy, torch.ones(13), torch.ones(13), 1.0, IGNORE,
+        True, True, True, config=SMALL,
+    )  # fmt: skip
+    assert all(not g.any() for g in grads)
+
+    bias = bias.clone()
+    bias[123] = 1e4
+    logp, entropy, lse = linear_token_stats_fwd(hidden, weight, bias, labels, 1.0, IGNORE, True, True, config=SMALL)
+    logits = hidden.double() @ weight.double().T + bias.double()
+    ref_logp, ref_entropy = ref.token_logprobs_and_entropy(logits, labels, ignore_index=IGNORE)
+    # logp ~ -1e4 off the huge column: relative agreement; entropy ~ 0: absolute
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=0, atol=1e-5)
+
+
+def test_masked_vocabulary():
+    # a -inf bias masks columns out of the softmax: no NaN anywhere, and zero gradient to them
+    hidden, weight, bias, labels = _inputs(13, 40, 301, torch.float32, True)
+    bias[::7] = float("-inf")
+    labels[labels % 7 == 0] = 1  # no label on a masked column
+    logp, entropy, lse = linear_token_stats_fwd(
+        hidden, weight, bias, labels, TEMPERATURE, IGNORE, True, True, config=SMALL
+    )
+    leaves = [t.double().requires_grad_() for t in (hidden, weight)]
+    ref_logp, ref_entropy = ref.token_logprobs_and_entropy(
+        leaves[0] @ leaves[1].T + bias.double(), labels, temperature=TEMPERATURE, ignore_index=IGNORE
+    )
+    assert _rel_err(logp, ref_logp) < 1e-5 and _rel_err(entropy, ref_entropy) < 1e-5
+    g_lp, g_h = torch.randn(13), torch.randn(13)
+    (ref_logp * g_lp + ref_entropy * g_h).sum().backward()
+    d_hidden, d_weight, d_bias = linear_token_stats_bwd(
+        hidden, weight, bias, labels, lse, entropy, g_lp, g_h, TEMPERATURE, IGNORE, True, True, True, config=SMALL
+    )
+    assert _rel_err(d_hidden, leaves[0].grad) < 1e-5 and _rel_err(d_weight, leaves[1].grad) < 1e-5
+    assert torch.isfinite(d_bias).all() and not d_bias[::7].any() and not d_weight[::7].any()
