@@ -91,6 +91,37 @@ class _HeadGrads:
         return self.d_hidden, d_weight, d_bias
 
 
+class _TritonLinearTokenStats(torch.autograd.Function):
+    """``(logp, entropy)`` through the Triton fused-linear kernels (``kernels/linear_token_stats.py``)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, with_logp, with_entropy):
+        from rlhf_fast.kernels import linear_token_stats as k
+
+        logp, ent, lse = k.linear_token_stats_fwd(
+            hidden, weight, bias, labels, temperature, ignore_index, with_logp, with_entropy
+        )
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if with_entropy else None)
+        ctx.args = (temperature, ignore_index, with_logp, with_entropy)
+        ctx.mark_non_differentiable(*(o for o, w in ((logp, with_logp), (ent, with_entropy)) if not w))
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        from rlhf_fast.kernels import linear_token_stats as k
+
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        temperature, ignore_index, with_logp, with_entropy = ctx.args
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        d_h, d_w, d_b = k.linear_token_stats_bwd(
+            hidden, weight, bias, labels, lse, entropy,
+            grad_logp.contiguous() if with_logp and grad_logp is not None else None,
+            grad_entropy.contiguous() if with_entropy and grad_entropy is not None else None,
+            temperature, ignore_index, need_h, need_w, need_b,
+        )  # fmt: skip
+        return (d_h if need_h else None), (d_w if need_w else None), (d_b if need_b else None), *(None,) * 5
+
+
 class _LinearTokenStats(torch.autograd.Function):
     """``(logp, entropy, mean_logp)`` of ``hidden @ weight.T + bias``; the backward recomputes chunks."""
 
@@ -180,9 +211,17 @@ def _linear_stats(
         hidden, weight, labels, bias, temperature, ignore_index, chunk_bytes, backend
     )
     softcap = _check_softcap(softcap)
-    logp, ent, _ = _LinearTokenStats.apply(
-        h2d, weight, bias, flat, temperature, ignore_index, (with_logp, with_entropy, False), rows, softcap, backend
-    )
+    if backend == "triton" and softcap is None:
+        # tl.dot kernels: the logits exist only tile by tile, in registers
+        if labels is not None:
+            _custom.check_labels_in_range(flat, weight.shape[0], ignore_index)
+        logp, ent = _TritonLinearTokenStats.apply(
+            h2d.contiguous(), weight.contiguous(), bias, flat, temperature, ignore_index, with_logp, with_entropy
+        )
+    else:
+        logp, ent, _ = _LinearTokenStats.apply(
+            h2d, weight, bias, flat, temperature, ignore_index, (with_logp, with_entropy, False), rows, softcap, backend
+        )
     lead = hidden.shape[:-1]
     return (logp.view(lead) if with_logp else None), (ent.view(lead) if with_entropy else None)
 
