@@ -122,20 +122,36 @@ class Timing:
     times_s: list[float]
 
 
-def time_fn(fn: Callable[[], object], *, repeats: int, warmup: int = 1) -> Timing:
+def time_fn(
+    fn: Callable[[], object],
+    *,
+    repeats: int,
+    warmup: int = 1,
+    before: Callable[[], object] | None = None,
+    max_seconds: float | None = None,
+) -> Timing:
     """Wall time of ``fn()`` with ``time.perf_counter``; warm-up calls are not timed.
 
-    The result of each call is dropped only after the clock stops, so freeing it is not timed.
-    CPU only: nothing here synchronizes a GPU stream.
+    ``before()``, if given, runs untimed ahead of every call (e.g. to restore inputs that an
+    in-place op destroys). With ``max_seconds``, timing stops early once the timed calls add up to
+    that much and at least three were made (slow peers need few repeats for a stable median). The
+    result of each call is dropped only after the clock stops, so freeing it is not timed. CPU
+    only: nothing here synchronizes a GPU stream.
     """
     for _ in range(warmup):
+        if before is not None:
+            before()
         fn()
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
         del out
+        if max_seconds is not None and len(times) >= 3 and sum(times) >= max_seconds:
+            break
     return Timing(statistics.median(times), min(times), times)
 
 

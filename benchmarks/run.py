@@ -1,17 +1,21 @@
-"""Benchmark ``rf.token_logprobs`` forward+backward on CPU against eager PyTorch and torch.compile.
+"""Benchmark rlhf_fast's ops forward+backward on CPU against eager PyTorch and torch.compile.
 
-    python -m benchmarks.run                      # 4096 tokens x 32000 vocab, float32 and bfloat16
+    python -m benchmarks.run                      # every op, 4096 tokens x 32000 vocab, float32 and bfloat16
     python -m benchmarks.run --quick              # small shape, few repeats: a smoke test
-    python -m benchmarks.run --dtype bf16 --providers rf-cpp,eager --out bench_out
+    python -m benchmarks.run --ops cross_entropy,ppo_loss --dtype bf16 --providers rf-cpp,eager --out bench_out
 
-Providers: ``rf-cpp`` and ``rf-torch`` (``rf.token_logprobs(..., backend=...)``), ``eager`` (the
-usual ``log_softmax(logits.float()).gather``) and ``compile`` (``torch.compile`` of that same
-function). Each (provider, dtype) case runs in a fresh process: it checks forward values and the
-gradient against ``rlhf_fast.reference`` in float64 on a sample of rows (a wrong answer is a FAIL,
-never a time), measures the peak extra resident memory of one forward+backward, then times
-``--repeats`` of them. The floor is the time to move the bytes the op must move, at this machine's
-copy bandwidth measured in the same run: read the logits forward, read them again backward, write
-the gradient (3 x logits bytes). Method and soundness of the memory figure: ``benchmarks/_harness.py``.
+Ops (``benchmarks/ops.py``): ``token_logprobs``; the gradient-in-forward losses ``cross_entropy``
+(mean) and ``ppo_loss`` (clipped, k3 KL, entropy bonus, token mean), each also with
+``inplace_backward=True`` (provider ``rf-cpp-inplace``); ``dpo_loss`` on the chosen/rejected halves
+of one ``[2B, T, V]`` output. Providers: ``rf-cpp`` (and ``rf-torch`` for ``token_logprobs``),
+``eager`` (the usual ``log_softmax(logits.float())`` code) and ``compile`` (``torch.compile`` of
+that same function). Each (op, provider, dtype) case runs in a fresh process: it checks the output
+and the logits' gradient against a float64 reference (``rlhf_fast.reference``, ``F.cross_entropy``)
+on a sample of rows (a wrong answer is a FAIL, never a time), measures the peak extra resident
+memory of one forward+backward, then times ``--repeats`` of them. The floor is the time to move the
+bytes the op must move, at this machine's copy bandwidth measured in the same run: 3 x logits bytes
+(read forward, read backward, write the gradient), 2 x for the gradient-in-forward losses. Method
+and soundness of the memory figure: ``benchmarks/_harness.py``.
 """
 
 from __future__ import annotations
@@ -21,9 +25,8 @@ import sys
 import time
 
 from benchmarks import _harness as h
+from benchmarks import ops
 
-PROVIDERS = ("rf-cpp", "rf-torch", "eager", "compile")
-PEERS = ("eager", "compile")  # what rlhf_fast is compared with
 DTYPES = {
     "float32": "float32", "fp32": "float32", "f32": "float32",
     "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -32,115 +35,95 @@ DTYPES = {
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # max |error| / max |reference| against float64 (DESIGN.md numerics rule)
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
-CHECK_ROWS = 32
-LOGIT_SCALE = 3.0  # std of the random logits, about that of a trained LM head's output
+PROVIDERS = tuple(dict.fromkeys(p for op in ops.OPS.values() for p in op.providers))
 
 
-def eager_token_logprobs(logits, labels):
-    """The usual way: a float32 copy, a [tokens, vocab] log_softmax, a gather."""
+def _check_types(case, out, grad) -> list[str]:
     import torch
-
-    return torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).squeeze(-1)
-
-
-def _provider_fn(name: str):
-    """The function ``(logits, labels) -> logp`` of a provider; a str (the reason) if it cannot run."""
-    import torch
-
-    if name == "eager":
-        return eager_token_logprobs
-    if name == "compile":
-        return torch.compile(eager_token_logprobs, fullgraph=True, dynamic=False)
-    import rlhf_fast as rf
-
-    backend = name.removeprefix("rf-")
-    status = rf.backends()[backend]
-    if not status.available:
-        return status.detail
-    return lambda logits, labels: rf.token_logprobs(logits, labels, backend=backend)
-
-
-def _rel_err(a, b) -> float:
-    """max |a - b| / max |b|, in float64; inf when ``a`` has a NaN."""
-    import torch
-
-    err = (a.double() - b).abs().max().item()
-    return float("inf") if err != err else err / max(b.abs().max().item(), torch.finfo(torch.float64).tiny)
-
-
-def _check(logits, labels, grad_out, logp, grad, tol: float) -> tuple[list[str], dict]:
-    """Compare one forward+backward with the float64 reference; returns (problems, errors)."""
-    import torch
-
-    import rlhf_fast as rf
 
     problems = []
-    if logp.dtype != torch.float32 or logp.shape != labels.shape:
-        problems.append(f"logp is {logp.dtype} {tuple(logp.shape)}, expected float32 {tuple(labels.shape)}")
-    if grad.dtype != logits.dtype or grad.shape != logits.shape:
-        problems.append(f"grad is {grad.dtype} {tuple(grad.shape)}, expected {logits.dtype} {tuple(logits.shape)}")
+    want = tuple(case.labels.shape) if case.grad_out is not None else ()
+    if out.dtype != torch.float32 or tuple(out.shape) != want:
+        problems.append(f"output is {out.dtype} {tuple(out.shape)}, expected float32 {want}")
+    if grad.dtype != case.logits.dtype or grad.shape != case.logits.shape:
+        problems.append(
+            f"grad is {grad.dtype} {tuple(grad.shape)}, expected {case.logits.dtype} {tuple(case.logits.shape)}"
+        )
     if problems:
-        return problems, {}
-    if not torch.isfinite(logp).all():
-        problems.append("non-finite log-probs")
+        return problems
+    if not torch.isfinite(out).all():
+        problems.append("non-finite output")
     if not torch.isfinite(grad).all():
         problems.append("non-finite gradient")
-
-    rows = torch.linspace(0, labels.numel() - 1, min(labels.numel(), CHECK_ROWS)).round().long().unique()
-    x = logits.detach()[rows].double().requires_grad_()  # x: [rows, V]
-    ref = rf.reference.token_logprobs(x, labels[rows])
-    (ref_grad,) = torch.autograd.grad(ref, x, grad_out[rows].double())
-    errors = {"fwd_err": _rel_err(logp.detach()[rows], ref), "grad_err": _rel_err(grad[rows], ref_grad)}
-    for key, err in errors.items():
-        if not err <= tol:
-            problems.append(f"{key} {err:.2e} > {tol:.0e}")
-    return problems, errors
+    return problems
 
 
-def measure_token_logprobs(spec: dict) -> dict:
-    """One (provider, dtype) case; runs in its own process (see ``_harness.run_isolated``)."""
+def measure_case(spec: dict) -> dict:
+    """One (op, provider, dtype) case; runs in its own process (see ``_harness.run_isolated``).
+
+    ``*-inplace`` providers write the gradient over the logits: every call (the checked one, the
+    measured one, each timed repeat) first restores the logits from a pristine copy, untimed, and
+    the check reads the gradient from the logits buffer itself.
+    """
     import torch
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     result = {**h.torch_info()}
-    fn = _provider_fn(spec["provider"])
+    op = ops.OPS[spec["op"]]
+    fn = op.fn(spec["provider"])
     if isinstance(fn, str):
         return {**result, "status": "SKIP", "detail": fn}
 
-    torch.manual_seed(spec["seed"])
-    n, v, dtype = spec["tokens"], spec["vocab"], getattr(torch, spec["dtype"])
-    logits = torch.randn(n, v, dtype=dtype).mul_(LOGIT_SCALE).requires_grad_()  # [N, V]
-    labels = torch.randint(0, v, (n,))  # [N] int64
-    grad_out = torch.randn(n)  # [N] float32, != 1 so a wrongly scaled gradient shows
+    case = op.setup(spec)
+    inplace = spec["provider"].endswith("-inplace")
+    pristine = case.logits.detach().clone() if inplace else case.logits.detach()
+
+    def restore():
+        if inplace:
+            with torch.no_grad():
+                case.logits.copy_(pristine)
 
     def step():
-        logp = fn(logits, labels)
-        (grad,) = torch.autograd.grad(logp, logits, grad_out)
-        return logp, grad
+        out = fn(case)
+        (grad,) = torch.autograd.grad(out, case.logits, case.grad_out)
+        return out, grad
 
     # First call: the warm-up (compiles, allocates lazily) whose answer is checked.
+    restore()
     t0 = time.perf_counter()
-    logp, grad = step()
+    out, grad = step()
     result["first_call_s"] = time.perf_counter() - t0
-    problems, errors = _check(logits, labels, grad_out, logp, grad, TOLERANCE[spec["dtype"]])
-    result.update(errors)
-    del logp, grad
+    problems = _check_types(case, out, grad)
+    if inplace and not problems and grad.data_ptr() != case.logits.data_ptr():
+        problems.append("inplace_backward=True returned a gradient that is not the logits buffer")
+    if inplace:
+        grad = case.logits.detach()  # what the caller gets: the gradient written into the buffer
+    if not problems:
+        errors = op.check(case, pristine, out, grad)
+        result.update(errors)
+        tol = op.tolerance.get(spec["dtype"], TOLERANCE[spec["dtype"]])
+        problems += [f"{key} {err:.2e} > {tol:.0e}" for key, err in errors.items() if not err <= tol]
+    del out, grad
     if problems:
         return {**result, "status": "FAIL", "detail": "; ".join(problems)}
 
     supported, why = h.peak_rss_supported()
     if supported:
+        restore()
         with h.PeakRSS() as mem:
             out = step()
         del out
         result["peak_delta_bytes"] = mem.extra_bytes
     else:
         result["memory_detail"] = why
-    timing = h.time_fn(step, repeats=spec["repeats"], warmup=0 if supported else 1)
+    timing = h.time_fn(
+        step, repeats=spec["repeats"], warmup=0 if supported else 1, before=restore, max_seconds=spec.get("max_seconds")
+    )
     return {
         **result,
         "status": "ok",
+        "timed_calls": len(timing.times_s),
         "median_ms": timing.median_s * 1e3,
         "min_ms": timing.min_s * 1e3,
         "times_ms": [round(t * 1e3, 3) for t in timing.times_s],
@@ -169,7 +152,7 @@ def _derive(rows: list[dict], bandwidth: float) -> None:
     """Add floor, GB/s, ratios and memory shares to each row, in place."""
     for row in rows:
         logits_bytes = row["tokens"] * row["vocab"] * DTYPE_BYTES[row["dtype"]]
-        moved = 3 * logits_bytes  # read logits forward, read them backward, write the gradient
+        moved = ops.OPS[row["op"]].floor_passes * logits_bytes
         row["logits_bytes"] = logits_bytes
         row["floor_ms"] = moved / bandwidth * 1e3
         if row.get("status") != "ok":
@@ -177,22 +160,26 @@ def _derive(rows: list[dict], bandwidth: float) -> None:
         row["GBps"] = moved / (row["median_ms"] * 1e-3) / 1e9
         row["x_floor"] = row["median_ms"] / row["floor_ms"]
         if "peak_delta_bytes" in row:
-            # the op allocates the logits' gradient itself: one [N, V] tensor in the logits' dtype
-            row["extra_bytes"] = row["peak_delta_bytes"] - logits_bytes
+            # The op returns the logits' gradient, one [N, V] tensor in the logits' dtype; with
+            # inplace_backward=True that gradient is the logits buffer, so all of the delta is extra.
+            gradient = 0 if row["provider"].endswith("-inplace") else logits_bytes
+            row["extra_bytes"] = row["peak_delta_bytes"] - gradient
             row["peak_delta_MiB"] = row["peak_delta_bytes"] / h.MiB
             row["extra_MiB"] = row["extra_bytes"] / h.MiB
             row["extra_pct"] = 100 * row["extra_bytes"] / logits_bytes
-    for dtype in {r["dtype"] for r in rows}:
-        peers = [r["median_ms"] for r in rows if r["dtype"] == dtype and r["provider"] in PEERS and "median_ms" in r]
-        for row in rows:
-            if row["dtype"] == dtype and peers and "median_ms" in row:
-                row["speedup_vs_best_peer"] = min(peers) / row["median_ms"]
+    for key in {(r["op"], r["dtype"]) for r in rows}:
+        group = [r for r in rows if (r["op"], r["dtype"]) == key and "median_ms" in r]
+        peers = [r["median_ms"] for r in group if r["provider"] in ops.PEERS]
+        for row in group if peers else []:
+            row["speedup_vs_best_peer"] = min(peers) / row["median_ms"]
 
 
 COLUMNS = [
+    ("op", "op", "s"),
     ("provider", "provider", "s"),
     ("dtype", "dtype", "s"),
     ("status", "status", "s"),
+    ("calls", "timed_calls", "d"),
     ("median ms", "median_ms", ".1f"),
     ("min ms", "min_ms", ".1f"),
     ("GB/s", "GBps", ".1f"),
@@ -219,8 +206,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="append",
         help="float32, bfloat16, float16; repeatable or comma list (default: float32,bfloat16)",
     )
+    p.add_argument("--ops", action="append", help=f"comma list of {', '.join(ops.OPS)} (default: all)")
     p.add_argument("--providers", action="append", help=f"comma list of {', '.join(PROVIDERS)} (default: all)")
     p.add_argument("--repeats", type=int, help="timed repeats per case (default 10; --quick: 3)")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=3.0,
+        help="stop timing a case once its timed calls add up to this (at least 3 calls; default 3; 0: no limit)",
+    )
     p.add_argument("--threads", type=int, help="torch.set_num_threads in each case (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="directory for the CSV and JSON rows")
@@ -240,15 +234,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [x for x in args.providers if x not in PROVIDERS]
     if unknown:
         p.error(f"unknown --providers {unknown}; choose from {list(PROVIDERS)}")
+    args.ops = _csv_list(args.ops, tuple(ops.OPS))
+    unknown = [x for x in args.ops if x not in ops.OPS]
+    if unknown:
+        p.error(f"unknown --ops {unknown}; choose from {list(ops.OPS)}")
     if min(args.tokens, args.vocab, args.repeats) < 1:
         p.error("--tokens, --vocab and --repeats must be positive")
+    if args.tokens % ops.SEQS and {"ppo_loss", "dpo_loss"} & set(args.ops):
+        p.error(f"--tokens must be a multiple of {ops.SEQS} (ppo_loss and dpo_loss use {ops.SEQS} sequences)")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     info = {**h.machine_info(), "load_avg_1min": h.load_average()}
-    print(f"token_logprobs forward+backward, {args.tokens} tokens x {args.vocab} vocab, CPU")
+    print(f"{', '.join(args.ops)} forward+backward, {args.tokens} tokens x {args.vocab} vocab, CPU")
     print(f"machine: {info['device']}, Python {info['python']}, git {info['git_rev']}")
     if info["load_avg_1min"] > 0.5:
         print(f"warning: load average {info['load_avg_1min']:.2f}; timings share the CPU with other jobs")
@@ -272,34 +272,38 @@ def main(argv=None) -> int:
         + (f"{probe:.3f} x the bytes allocated (must be ~1)" if probe is not None else copy["rss_detail"])
     )
 
-    cases = [(d, p) for d in args.dtypes for p in args.providers]
+    cases = [(op, d, p) for op in args.ops for d in args.dtypes for p in ops.OPS[op].providers if p in args.providers]
     rows = []
-    for i, (dtype, provider) in enumerate(cases, 1):
+    for i, (op, dtype, provider) in enumerate(cases, 1):
         spec = {
-            "provider": provider, "dtype": dtype, "tokens": args.tokens, "vocab": args.vocab,
-            "repeats": args.repeats, "seed": args.seed, "threads": args.threads,
+            "op": op, "provider": provider, "dtype": dtype, "tokens": args.tokens, "vocab": args.vocab,
+            "repeats": args.repeats, "max_seconds": args.max_seconds or None, "seed": args.seed,
+            "threads": args.threads,
         }  # fmt: skip
-        row = {"op": "token_logprobs", "mode": "fwd+bwd", **spec, **info, "copy_bw_GBps": bandwidth / 1e9}
-        result = h.run_isolated("benchmarks.run:measure_token_logprobs", spec)
+        row = {"mode": "fwd+bwd", **spec, **info, "copy_bw_GBps": bandwidth / 1e9}
+        result = h.run_isolated("benchmarks.run:measure_case", spec)
         row.update(result)
         rows.append(row)
         summary = f"{row['median_ms']:.1f} ms" if row["status"] == "ok" else row["status"]
         first = f" (first call {row['first_call_s']:.1f} s)" if "first_call_s" in row else ""
-        print(f"  [{i}/{len(cases)}] {provider:<8} {dtype:<8} {summary}{first}", flush=True)
+        print(f"  [{i}/{len(cases)}] {op:<14} {provider:<14} {dtype:<8} {summary}{first}", flush=True)
     _derive(rows, bandwidth)
 
     print()
     print(h.format_table(rows, COLUMNS))
-    floors = ", ".join(f"{d} {r['floor_ms']:.1f} ms" for d, r in {r["dtype"]: r for r in rows}.items())
-    print(f"floor (3 x logits bytes at copy bandwidth): {floors}")
-    print("extra = peak delta - the gradient the op returns; % of the logits' size")
+    for op in dict.fromkeys(r["op"] for r in rows):
+        spec = ops.OPS[op]
+        by_dtype = {r["dtype"]: r["floor_ms"] for r in rows if r["op"] == op}
+        floors = ", ".join(f"{dtype} {ms:.1f} ms" for dtype, ms in by_dtype.items())
+        print(f"floor of {op} ({spec.floor_passes} x logits bytes at copy bandwidth: {spec.floor_note}): {floors}")
+    print("extra = peak delta - the gradient the op returns (-inplace: none, it is the logits); % of the logits")
     for row in rows:
         if row["status"] != "ok" or "memory_detail" in row:
-            print(f"{row['provider']} {row['dtype']}: {row.get('detail') or row['memory_detail']}")
+            print(f"{row['op']} {row['provider']} {row['dtype']}: {row.get('detail') or row['memory_detail']}")
 
     if args.out:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        for path in h.write_rows(rows, args.out, f"token_logprobs-{stamp}"):
+        for path in h.write_rows(rows, args.out, f"bench-{stamp}"):
             print(f"wrote {path}")
     return 1 if any(r["status"] in ("FAIL", "ERROR") for r in rows) else 0
 

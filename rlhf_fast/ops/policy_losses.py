@@ -6,6 +6,7 @@ call; everything after it is element-wise math on ``[B, T]`` numbers.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -287,13 +288,47 @@ def dpo_loss(
     v.check_logits(rejected_logits, "rejected_logits")
     v.check_labels(chosen_labels, chosen_logits, "chosen_labels")
     v.check_labels(rejected_labels, rejected_logits, "rejected_labels")
+    base = _concatenated_base(chosen_logits, rejected_logits)
+    if base is not None:
+        # One op over the whole [2B, T, V] output: the logits gradient is then a single tensor, instead
+        # of one per half that autograd would add into a third, full-size one.
+        B = chosen_logits.shape[0]
+        both = functools.cache(
+            lambda: token_logprobs(
+                base, torch.cat([chosen_labels, rejected_labels]), ignore_index=ignore_index, backend=backend
+            )
+        )
+        chosen_fn, rejected_fn = (lambda: both()[:B]), (lambda: both()[B:])
+    else:
+        chosen_fn = lambda: token_logprobs(chosen_logits, chosen_labels, ignore_index=ignore_index, backend=backend)
+        rejected_fn = lambda: token_logprobs(
+            rejected_logits, rejected_labels, ignore_index=ignore_index, backend=backend
+        )
     return dpo_from_token_logprobs(
-        lambda: token_logprobs(chosen_logits, chosen_labels, ignore_index=ignore_index, backend=backend),
-        lambda: token_logprobs(rejected_logits, rejected_labels, ignore_index=ignore_index, backend=backend),
+        chosen_fn,
+        rejected_fn,
         chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
         label_smoothing=label_smoothing, ignore_index=ignore_index, average_logprobs=average_logprobs,
         nll_coef=nll_coef,
     )  # fmt: skip
+
+
+def _concatenated_base(chosen: Tensor, rejected: Tensor) -> Tensor | None:
+    """The ``[2B, ...]`` tensor whose halves ``[:B]`` and ``[B:]`` are exactly ``chosen`` and ``rejected``
+    (the usual concatenated forward), or None."""
+    if torch.compiler.is_compiling():
+        return None  # view bases are not traceable; the two-call path is equally correct
+    base = chosen._base
+    if base is None or rejected._base is not base or chosen.shape != rejected.shape or chosen.dim() < 2:
+        return None
+    B = chosen.shape[0]
+    if base.shape != (2 * B, *chosen.shape[1:]) or chosen.stride() != base.stride():
+        return None
+    if rejected.stride() != base.stride() or chosen.storage_offset() != base.storage_offset():
+        return None
+    if rejected.storage_offset() != base.storage_offset() + B * base.stride(0):
+        return None
+    return base
 
 
 def dpo_from_token_logprobs(
