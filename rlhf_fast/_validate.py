@@ -27,16 +27,17 @@ def check_logits(logits, name: str = "logits") -> None:
         raise ValueError(f"{name} has an empty vocabulary dimension (V = 0)")
 
 
-def check_labels(labels, logits: Tensor, name: str = "labels") -> None:
+def check_labels(labels, logits: Tensor, name: str = "labels", ref_name: str = "logits") -> None:
+    """``labels`` of ``logits.shape[:-1]`` (``ref_name`` names ``logits`` in messages: hidden states too)."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in LABEL_DTYPES:
         raise TypeError(f"{name} must be int64 or int32, got {labels.dtype}")
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
-            f"{name} must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+            f"{name} must have shape {ref_name}.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
         )
-    check_same_device(labels, logits, name)
+    check_same_device(labels, logits, name, ref_name)
 
 
 def check_same_device(t: Tensor, ref: Tensor, name: str, ref_name: str = "logits") -> None:

@@ -187,14 +187,9 @@ def _prepare_linear(hidden, weight, labels, bias, temperature, ignore_index, chu
         v.check_same_device(bias, hidden, "bias", "hidden")
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocabulary dimension (V = 0)")
-    lead = hidden.shape[:-1]
     flat = None
     if labels is not None:
-        if not isinstance(labels, Tensor) or labels.dtype not in v.LABEL_DTYPES:
-            raise TypeError("labels must be an int64 or int32 tensor")
-        if labels.shape != lead:
-            raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(lead)}, got {tuple(labels.shape)}")
-        v.check_same_device(labels, hidden, "labels", "hidden")
+        v.check_labels(labels, hidden, ref_name="hidden")
         flat = v.flat_labels(labels)
     temperature = v.check_temperature(temperature)
     ignore_index = v.check_ignore_index(ignore_index)
@@ -490,8 +485,7 @@ def linear_dpo_loss(
         (rejected_hidden, rejected_labels, "rejected"),
     ):
         v.check_logits(hidden, f"{name}_hidden")
-        if not isinstance(labels, Tensor) or labels.shape != hidden.shape[:-1]:
-            raise ValueError(f"{name}_labels must have shape {name}_hidden.shape[:-1] = {tuple(hidden.shape[:-1])}")
+        v.check_labels(labels, hidden, f"{name}_labels", f"{name}_hidden")
     return dpo_from_token_logprobs(
         token_logprobs(chosen_hidden, chosen_labels), token_logprobs(rejected_hidden, rejected_labels),
         chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
