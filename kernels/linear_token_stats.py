@@ -116,10 +116,14 @@ def _grad_tile(
     g_lp,  # [BLOCK_N] float32, already divided by T; used if GRAD_LOGP
     g_h,  # [BLOCK_N] float32, already divided by T; used if GRAD_ENTROPY
     entropy,  # [BLOCK_N] float32; used if GRAD_ENTROPY
+    g_m,  # [BLOCK_N] float32, already divided by T; used if GRAD_MEAN
+    inv_vocab,  # 1 / V
     GRAD_LOGP: tl.constexpr,
     GRAD_ENTROPY: tl.constexpr,
+    GRAD_MEAN: tl.constexpr,
 ):
-    """d(g_lp logp + g_H entropy)/d logits for one tile, float32, 0 in masked rows and padded columns."""
+    """d(g_lp logp + g_H entropy + g_m mean_logp)/d logits for one tile, float32, 0 in masked rows and
+    padded columns."""
     logp = x - lse[:, None]
     p = tl.exp(logp)
     g = tl.zeros(x.shape, tl.float32)
@@ -128,17 +132,21 @@ def _grad_tile(
     if GRAD_ENTROPY:
         # p = 0 where x = -inf: zero log p there so that p * log p is 0, not 0 * -inf
         g -= g_h[:, None] * p * (tl.where(x == float("-inf"), 0.0, logp) + entropy[:, None])
+    if GRAD_MEAN:
+        # mean_logp = sum_v x_v / V - lse: d/dx_v = 1/V - p_v on real columns, 0 on padded ones
+        g += g_m[:, None] * tl.where(x == float("-inf"), 0.0, inv_vocab - p)
     # masked rows were computed from zero hidden states and a made-up lse: discard, whatever they hold
     return tl.where(row_ok[:, None], g, 0.0)
 
 
 @triton.jit
 def _row_grads(
-    labels_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
+    labels_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr,
     rows, N, inv_temperature, ignore_index,
-    HAS_LABELS: tl.constexpr, GRAD_LOGP: tl.constexpr, GRAD_ENTROPY: tl.constexpr,
+    HAS_LABELS: tl.constexpr, GRAD_LOGP: tl.constexpr, GRAD_ENTROPY: tl.constexpr, GRAD_MEAN: tl.constexpr,
 ):  # fmt: skip
-    """Per-row inputs of :func:`_grad_tile` for token indices ``rows``: ``(row_ok, lse, label, g_lp, g_h, entropy)``."""
+    """Per-row inputs of :func:`_grad_tile` for token indices ``rows``:
+    ``(row_ok, lse, label, g_lp, g_h, entropy, g_m)``."""
     in_range = rows < N
     row_ok = in_range
     label = tl.zeros(rows.shape, tl.int64)
@@ -154,7 +162,10 @@ def _row_grads(
     if GRAD_ENTROPY:
         g_h = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
         entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
-    return row_ok, lse, label, g_lp, g_h, entropy
+    g_m = tl.zeros(rows.shape, tl.float32)
+    if GRAD_MEAN:
+        g_m = tl.load(grad_mean_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
+    return row_ok, lse, label, g_lp, g_h, entropy, g_m
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -166,6 +177,7 @@ def _linear_fwd_kernel(
     labels_ptr,  # [N] int64; unused unless HAS_LABELS
     logp_ptr,  # [N] float32 out; unused unless WITH_LOGP
     entropy_ptr,  # [N] float32 out; unused unless WITH_ENTROPY
+    mean_ptr,  # [N] float32 out, mean_v log p_v; unused unless WITH_MEAN
     lse_ptr,  # [N] float32 out
     # sizes
     N,
@@ -179,6 +191,7 @@ def _linear_fwd_kernel(
     HAS_LABELS: tl.constexpr,
     WITH_LOGP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    WITH_MEAN: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter only, see _dot
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -200,6 +213,7 @@ def _linear_fwd_kernel(
     s = tl.zeros([BLOCK_N], tl.float32)
     t = tl.zeros([BLOCK_N], tl.float32)
     x_label = tl.zeros([BLOCK_N], tl.float32)
+    x_sum = tl.zeros([BLOCK_N], tl.float32)  # sum_v x_v, for mean_logp (label smoothing)
     for v0 in range(0, n_cols, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         x = _logits_tile(
@@ -218,6 +232,8 @@ def _linear_fwd_kernel(
             t = alpha * (t + shift * s) + tl.sum(tl.where(x == float("-inf"), 0.0, e * d), axis=1)
         if WITH_LOGP:
             x_label += tl.sum(tl.where(cols[None, :] == label[:, None], x, 0.0), axis=1)
+        if WITH_MEAN:
+            x_sum += tl.sum(tl.where(x == float("-inf"), 0.0, x), axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
 
@@ -229,6 +245,8 @@ def _linear_fwd_kernel(
         tl.store(logp_ptr + rows, tl.where(row_ok, (x_label - m) - log_s, 0.0), mask=in_range)
     if WITH_ENTROPY:
         tl.store(entropy_ptr + rows, tl.where(row_ok, log_s - t / s, 0.0), mask=in_range)
+    if WITH_MEAN:
+        tl.store(mean_ptr + rows, tl.where(row_ok, (x_sum / V - m) - log_s, 0.0), mask=in_range)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -242,6 +260,7 @@ def _linear_dh_kernel(
     entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
     grad_logp_ptr,  # [N] float32; unused unless GRAD_LOGP
     grad_entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
+    grad_mean_ptr,  # [N] float32; unused unless GRAD_MEAN
     dh_ptr,  # [N, H] float32 in/out, zero-initialized; only this program's rows are touched
     # sizes
     N,
@@ -255,15 +274,16 @@ def _linear_dh_kernel(
     HAS_LABELS: tl.constexpr,
     GRAD_LOGP: tl.constexpr,
     GRAD_ENTROPY: tl.constexpr,
+    GRAD_MEAN: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter only, see _dot
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok, lse, label, g_lp, g_h, entropy = _row_grads(
-        labels_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, rows, N, inv_temperature,
-        ignore_index, HAS_LABELS, GRAD_LOGP, GRAD_ENTROPY,
+    row_ok, lse, label, g_lp, g_h, entropy, g_m = _row_grads(
+        labels_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr, rows, N,
+        inv_temperature, ignore_index, HAS_LABELS, GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN,
     )  # fmt: skip
     n_cols = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, V, 0)
     ks = tl.arange(0, BLOCK_H)
@@ -274,7 +294,9 @@ def _linear_dh_kernel(
             hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H, inv_temperature,
             HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
-        g = _grad_tile(x, cols, row_ok, lse, label, g_lp, g_h, entropy, GRAD_LOGP, GRAD_ENTROPY)
+        g = _grad_tile(
+            x, cols, row_ok, lse, label, g_lp, g_h, entropy, g_m, 1.0 / V, GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN
+        )
         g = g.to(weight_ptr.dtype.element_ty)
         # d_hidden[rows] += g @ weight[cols], H in BLOCK_H slices (an [N, H] accumulator would not fit)
         for k0 in range(0, H, BLOCK_H):
@@ -297,6 +319,7 @@ def _linear_dw_kernel(
     entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
     grad_logp_ptr,  # [N] float32; unused unless GRAD_LOGP
     grad_entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
+    grad_mean_ptr,  # [N] float32; unused unless GRAD_MEAN
     dw_ptr,  # [V, H] float32 in/out, zero-initialized; unused unless NEED_WEIGHT
     db_ptr,  # [V] out, bias dtype; unused unless NEED_BIAS
     # sizes
@@ -311,6 +334,7 @@ def _linear_dw_kernel(
     HAS_LABELS: tl.constexpr,
     GRAD_LOGP: tl.constexpr,
     GRAD_ENTROPY: tl.constexpr,
+    GRAD_MEAN: tl.constexpr,
     NEED_WEIGHT: tl.constexpr,
     NEED_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter only, see _dot
@@ -324,9 +348,9 @@ def _linear_dw_kernel(
     db = tl.zeros([BLOCK_V], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        row_ok, lse, label, g_lp, g_h, entropy = _row_grads(
-            labels_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, rows, N, inv_temperature,
-            ignore_index, HAS_LABELS, GRAD_LOGP, GRAD_ENTROPY,
+        row_ok, lse, label, g_lp, g_h, entropy, g_m = _row_grads(
+            labels_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr, rows, N,
+            inv_temperature, ignore_index, HAS_LABELS, GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN,
         )  # fmt: skip
         # a tile of ignored tokens adds nothing: skip its matmuls
         if tl.max(row_ok.to(tl.int32), axis=0) > 0:
@@ -334,7 +358,9 @@ def _linear_dw_kernel(
                 hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H, inv_temperature,
                 HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
             )  # fmt: skip
-            g = _grad_tile(x, cols, row_ok, lse, label, g_lp, g_h, entropy, GRAD_LOGP, GRAD_ENTROPY)
+            g = _grad_tile(
+                x, cols, row_ok, lse, label, g_lp, g_h, entropy, g_m, 1.0 / V, GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN
+            )
             if NEED_BIAS:
                 db += tl.sum(g, axis=0)
             if NEED_WEIGHT:
@@ -378,10 +404,11 @@ def linear_token_stats_fwd(
     ignore_index: int,
     with_logp: bool,
     with_entropy: bool,
+    with_mean_logp: bool = False,
     *,
     config: TileConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token ``(logp, entropy, lse)`` of ``softmax(x)``, ``x = (hidden @ weight.T + bias) / temperature``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token ``(logp, entropy, lse, mean_logp)`` of ``softmax(x)``, ``x = (hidden @ weight.T + bias) / T``.
 
     Args:
         hidden: ``[N, H]`` contiguous, float32/bfloat16/float16.
@@ -390,11 +417,13 @@ def linear_token_stats_fwd(
             Tokens whose label is ``ignore_index`` are not computed and get 0 in every output.
         temperature, ignore_index: runtime scalars.
         with_logp: return ``logp = x[label] - lse`` (needs ``labels``); with_entropy: return
-            ``entropy = lse - sum_v softmax(x)_v x_v``.
+            ``entropy = lse - sum_v softmax(x)_v x_v``; with_mean_logp: return
+            ``mean_logp = sum_v x_v / V - lse`` (the label-smoothing term).
         config: force the tile sizes (tests use small ones so that several tiles occur).
 
     Returns:
-        ``(logp, entropy, lse)``, float32 ``[N]``; ``logp``/``entropy`` are empty ``[0]`` when not asked for.
+        ``(logp, entropy, lse, mean_logp)``, float32 ``[N]``; the optional ones are empty ``[0]`` when not
+        asked for.
     """
     n_rows, _, vocab = _check(hidden, weight, bias)
     if with_logp and labels is None:
@@ -403,19 +432,21 @@ def linear_token_stats_fwd(
     lse = torch.empty(n_rows, dtype=torch.float32, device=device)
     logp = torch.empty(n_rows, dtype=torch.float32, device=device) if with_logp else empty_f32(device)
     entropy = torch.empty(n_rows, dtype=torch.float32, device=device) if with_entropy else empty_f32(device)
+    mean_logp = torch.empty(n_rows, dtype=torch.float32, device=device) if with_mean_logp else empty_f32(device)
     if n_rows == 0:
-        return logp, entropy, lse
+        return logp, entropy, lse, mean_logp
     config = config or CONFIGS[hidden.dtype][0]
     # switched-off pointers are never touched; lse stands in for them
     _linear_fwd_kernel[(triton.cdiv(n_rows, config.block_n),)](
         hidden, weight, lse if bias is None else bias, lse if labels is None else labels,
-        logp if with_logp else lse, entropy if with_entropy else lse, lse,
+        logp if with_logp else lse, entropy if with_entropy else lse, mean_logp if with_mean_logp else lse, lse,
         n_rows, hidden.shape[1], vocab,
         1.0 / temperature, ignore_index,
         HAS_BIAS=bias is not None, HAS_LABELS=labels is not None, WITH_LOGP=with_logp, WITH_ENTROPY=with_entropy,
-        UPCAST=_upcast_dot(hidden), **config.constexprs(), num_warps=config.num_warps, num_stages=config.num_stages,
+        WITH_MEAN=with_mean_logp, UPCAST=_upcast_dot(hidden), **config.constexprs(), num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )  # fmt: skip
-    return logp, entropy, lse
+    return logp, entropy, lse, mean_logp
 
 
 def linear_token_stats_bwd(
@@ -433,11 +464,13 @@ def linear_token_stats_bwd(
     need_weight: bool,
     need_bias: bool,
     *,
+    grad_mean_logp: torch.Tensor | None = None,
     config: TileConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``sum_n g_lp[n] logp[n] + g_H[n] entropy[n]`` w.r.t. ``hidden``, ``weight``, ``bias``.
+    """Gradients of ``sum_n g_lp[n] logp[n] + g_H[n] entropy[n] + g_m[n] mean_logp[n]`` w.r.t. ``hidden``,
+    ``weight``, ``bias``.
 
-    With ``g = (g_lp (1[v == label] - p) - g_H p (log p + H)) / temperature`` per logits entry
+    With ``g = (g_lp (1[v == label] - p) - g_H p (log p + H) + g_m (1/V - p)) / temperature`` per logits entry
     (0 on ignored tokens): ``d_hidden = g @ weight``, ``d_weight = g.T @ hidden``, ``d_bias = g.sum(0)``,
     accumulated in float32 and cast to the inputs' dtype once.
 
@@ -445,7 +478,8 @@ def linear_token_stats_bwd(
         hidden, weight, bias, labels, temperature, ignore_index: as in :func:`linear_token_stats_fwd`.
         lse: ``[N]`` float32 from the forward; entropy: ``[N]`` float32 from the forward (None when
             ``grad_entropy`` is None).
-        grad_logp, grad_entropy: ``[N]`` float32 incoming gradients, or None for "no such term".
+        grad_logp, grad_entropy, grad_mean_logp: ``[N]`` float32 incoming gradients, or None for "no
+            such term".
         need_hidden, need_weight, need_bias: which gradients to compute (``need_bias`` needs ``bias``).
         config: force the tile sizes (tests).
 
@@ -465,17 +499,18 @@ def linear_token_stats_bwd(
     d_hidden = torch.zeros((n_rows, h_dim), dtype=torch.float32, device=device) if need_hidden else empty_f32(device)
     d_weight = torch.zeros((vocab, h_dim), dtype=torch.float32, device=device) if need_weight else empty_f32(device)
     d_bias = torch.zeros(vocab, dtype=dtype, device=device) if need_bias else empty_f32(device)
-    active = n_rows > 0 and (grad_logp is not None or grad_entropy is not None)
+    active = n_rows > 0 and any(g is not None for g in (grad_logp, grad_entropy, grad_mean_logp))
     if active:
         config = config or CONFIGS[dtype][1]
         pointers = (
             hidden, weight, lse if bias is None else bias, lse if labels is None else labels, lse,
             lse if entropy is None else entropy, lse if grad_logp is None else grad_logp,
-            lse if grad_entropy is None else grad_entropy,
+            lse if grad_entropy is None else grad_entropy, lse if grad_mean_logp is None else grad_mean_logp,
         )  # fmt: skip
         switches = {
             "HAS_BIAS": bias is not None, "HAS_LABELS": labels is not None,
             "GRAD_LOGP": grad_logp is not None, "GRAD_ENTROPY": grad_entropy is not None,
+            "GRAD_MEAN": grad_mean_logp is not None,
         }  # fmt: skip
         launch = {"UPCAST": _upcast_dot(hidden), **config.constexprs()}
         launch.update(num_warps=config.num_warps, num_stages=config.num_stages)
@@ -501,10 +536,11 @@ def linear_token_stats_bwd(
 
 # Not the full product of the switches: the combinations the ops launch most (logp alone; everything
 # on) and one that turns the rest off, so that every value of every switch is compiled per dtype.
-# (HAS_BIAS, HAS_LABELS, WITH_LOGP / GRAD_LOGP, WITH_ENTROPY / GRAD_ENTROPY[, NEED_WEIGHT, NEED_BIAS])
-_FWD_SWITCHES = [(0, 1, 1, 0), (1, 1, 1, 1), (1, 0, 0, 1)]
-_DH_SWITCHES = [(0, 1, 1, 0), (1, 1, 1, 1), (1, 0, 0, 1)]
-_DW_SWITCHES = [(0, 1, 1, 0, 1, 0), (1, 1, 1, 1, 1, 1), (1, 0, 0, 1, 0, 1)]
+# (HAS_BIAS, HAS_LABELS, WITH_LOGP / GRAD_LOGP, WITH_ENTROPY / GRAD_ENTROPY, WITH_MEAN / GRAD_MEAN
+#  [, NEED_WEIGHT, NEED_BIAS])
+_FWD_SWITCHES = [(0, 1, 1, 0, 0), (1, 1, 1, 1, 1), (1, 0, 0, 1, 0)]
+_DH_SWITCHES = [(0, 1, 1, 0, 0), (1, 1, 1, 1, 1), (1, 0, 0, 1, 0)]
+_DW_SWITCHES = [(0, 1, 1, 0, 0, 1, 0), (1, 1, 1, 1, 1, 1, 1), (1, 0, 0, 1, 0, 0, 1)]
 
 
 def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
@@ -514,10 +550,12 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     dt = TRITON_DTYPE[dtype]
     types = {"hidden_ptr": f"*{dt}", "weight_ptr": f"*{dt}", "inv_temperature": "fp32"}
     cases = [
-        (_linear_fwd_kernel, CONFIGS[dtype][0], ("HAS_BIAS", "HAS_LABELS", "WITH_LOGP", "WITH_ENTROPY"), _FWD_SWITCHES),
-        (_linear_dh_kernel, CONFIGS[dtype][1], ("HAS_BIAS", "HAS_LABELS", "GRAD_LOGP", "GRAD_ENTROPY"), _DH_SWITCHES),
-        (_linear_dw_kernel, CONFIGS[dtype][1], ("HAS_BIAS", "HAS_LABELS", "GRAD_LOGP", "GRAD_ENTROPY", "NEED_WEIGHT",
-                                          "NEED_BIAS"), _DW_SWITCHES),
+        (_linear_fwd_kernel, CONFIGS[dtype][0], ("HAS_BIAS", "HAS_LABELS", "WITH_LOGP", "WITH_ENTROPY", "WITH_MEAN"),
+         _FWD_SWITCHES),
+        (_linear_dh_kernel, CONFIGS[dtype][1], ("HAS_BIAS", "HAS_LABELS", "GRAD_LOGP", "GRAD_ENTROPY", "GRAD_MEAN"),
+         _DH_SWITCHES),
+        (_linear_dw_kernel, CONFIGS[dtype][1], ("HAS_BIAS", "HAS_LABELS", "GRAD_LOGP", "GRAD_ENTROPY", "GRAD_MEAN",
+                                          "NEED_WEIGHT", "NEED_BIAS"), _DW_SWITCHES),
     ]  # fmt: skip
     specs = []
     for kernel, config, names, combos in cases:

@@ -195,14 +195,22 @@ def test_linear_ppo_loss_matches_float64(backend, dtype):
     _grads_vs_float64(loss * 1.7, ref_loss * 1.7, [hidden, weight, b], leaves64, dtype, baseline)
 
 
-def test_linear_losses_without_grad_and_fully_ignored():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_losses_without_grad_and_fully_ignored(backend):
+    _skip_unavailable(backend)
     hidden, weight, _, labels = _inputs((2, 6), 16, 129, torch.float32, bias=False, seed=21)
     labels.fill_(-100)
-    loss = rf.linear_cross_entropy(hidden, weight, labels, backend="torch")
+    for smoothing in (0.0, 0.1):
+        loss = rf.linear_cross_entropy(hidden, weight, labels, label_smoothing=smoothing, backend=backend)
+        g_h, g_w = torch.autograd.grad(loss, (hidden, weight))
+        assert loss.item() == 0.0 and not g_h.any() and not g_w.any()
+    zeros = torch.zeros(labels.shape)
+    loss, stats = rf.linear_ppo_loss(hidden, weight, labels, zeros, zeros, entropy_coef=0.1, backend=backend)
     g_h, g_w = torch.autograd.grad(loss, (hidden, weight))
     assert loss.item() == 0.0 and not g_h.any() and not g_w.any()
+    assert all(torch.isfinite(s) for s in stats.values())
     with torch.no_grad():
-        loss = rf.linear_cross_entropy(hidden, weight, labels, backend="torch")
+        loss = rf.linear_cross_entropy(hidden, weight, labels, backend=backend)
     assert loss.item() == 0.0 and not loss.requires_grad
 
 

@@ -54,7 +54,7 @@ def _rel_err(actual, expected):
 def test_forward_and_backward_match_float64(n, v, with_bias, dtype):
     hidden, weight, bias, labels = _inputs(n, 40, v, dtype, with_bias)
     tol_out, tol_grad = TOL[dtype]
-    logp, entropy, lse = linear_token_stats_fwd(
+    logp, entropy, lse, _ = linear_token_stats_fwd(
         hidden, weight, bias, labels, TEMPERATURE, IGNORE, True, True, config=SMALL
     )
     ref_logp, ref_entropy, leaves = _reference(hidden, weight, bias, labels)
@@ -83,7 +83,7 @@ def test_forward_and_backward_match_float64(n, v, with_bias, dtype):
 def test_entropy_only_and_single_gradients():
     # no labels (entropy alone), then its backward asking for one gradient at a time
     hidden, weight, bias, _ = _inputs(21, 40, 301, torch.float32, True)
-    logp, entropy, lse = linear_token_stats_fwd(
+    logp, entropy, lse, _ = linear_token_stats_fwd(
         hidden, weight, bias, None, TEMPERATURE, IGNORE, False, True, config=SMALL
     )
     assert logp.shape == (0,)
@@ -105,7 +105,7 @@ def test_fully_ignored_tokens_and_huge_logits():
     # every label ignored: zeros everywhere, no NaN; then one logit ~1e4 next to O(1) ones
     hidden, weight, bias, labels = _inputs(13, 40, 301, torch.float32, True)
     all_ignored = torch.full_like(labels, IGNORE)
-    logp, entropy, lse = linear_token_stats_fwd(
+    logp, entropy, lse, _ = linear_token_stats_fwd(
         hidden, weight, bias, all_ignored, 1.0, IGNORE, True, True, config=SMALL
     )
     assert not logp.any() and not entropy.any() and not lse.any()
@@ -117,7 +117,7 @@ def test_fully_ignored_tokens_and_huge_logits():
 
     bias = bias.clone()
     bias[123] = 1e4
-    logp, entropy, lse = linear_token_stats_fwd(hidden, weight, bias, labels, 1.0, IGNORE, True, True, config=SMALL)
+    logp, entropy, lse, _ = linear_token_stats_fwd(hidden, weight, bias, labels, 1.0, IGNORE, True, True, config=SMALL)
     logits = hidden.double() @ weight.double().T + bias.double()
     ref_logp, ref_entropy = ref.token_logprobs_and_entropy(logits, labels, ignore_index=IGNORE)
     # logp ~ -1e4 off the huge column: relative agreement; entropy ~ 0: absolute
@@ -130,7 +130,7 @@ def test_masked_vocabulary():
     hidden, weight, bias, labels = _inputs(13, 40, 301, torch.float32, True)
     bias[::7] = float("-inf")
     labels[labels % 7 == 0] = 1  # no label on a masked column
-    logp, entropy, lse = linear_token_stats_fwd(
+    logp, entropy, lse, _ = linear_token_stats_fwd(
         hidden, weight, bias, labels, TEMPERATURE, IGNORE, True, True, config=SMALL
     )
     leaves = [t.double().requires_grad_() for t in (hidden, weight)]
@@ -145,3 +145,32 @@ def test_masked_vocabulary():
     )
     assert _rel_err(d_hidden, leaves[0].grad) < 1e-5 and _rel_err(d_weight, leaves[1].grad) < 1e-5
     assert torch.isfinite(d_bias).all() and not d_bias[::7].any() and not d_weight[::7].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mean_logprob_term(dtype):
+    # mean_logp = mean_v log softmax(x)_v (label smoothing's term) and its gradient (1/V - p) / T,
+    # alone and beside the log-prob term, over ragged vocabulary tiles (V = 301 with 64-column tiles)
+    hidden, weight, bias, labels = _inputs(37, 40, 301, dtype, True)
+    tol_out, tol_grad = TOL[dtype]
+    logp, _, lse, mean_logp = linear_token_stats_fwd(
+        hidden, weight, bias, labels, TEMPERATURE, IGNORE, True, False, True, config=SMALL
+    )
+    leaves = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    logits = (leaves[0] @ leaves[1].T + leaves[2]) / TEMPERATURE
+    valid = labels != IGNORE
+    ref_mean = torch.where(valid, torch.log_softmax(logits, -1).mean(-1), 0.0)
+    ref_logp = ref.token_logprobs(logits, labels, ignore_index=IGNORE)
+    assert _rel_err(mean_logp, ref_mean) < tol_out and _rel_err(logp, ref_logp) < tol_out
+    assert (mean_logp[~valid] == 0).all()
+    for g_lp in (None, torch.randn(37)):
+        g_m = torch.randn(37)
+        for leaf in leaves:
+            leaf.grad = None
+        ((ref_mean * g_m).sum() + (0 if g_lp is None else (ref_logp * g_lp).sum())).backward(retain_graph=True)
+        grads = linear_token_stats_bwd(
+            hidden, weight, bias, labels, lse, None, g_lp, None, TEMPERATURE, IGNORE, True, True, True,
+            grad_mean_logp=g_m, config=SMALL,
+        )  # fmt: skip
+        for name, grad, leaf in zip(("hidden", "weight", "bias"), grads, leaves, strict=True):
+            assert _rel_err(grad, leaf.grad) < tol_grad, name

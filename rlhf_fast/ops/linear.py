@@ -92,34 +92,51 @@ class _HeadGrads:
 
 
 class _TritonLinearTokenStats(torch.autograd.Function):
-    """``(logp, entropy)`` through the Triton fused-linear kernels (``kernels/linear_token_stats.py``)."""
+    """``(logp, entropy, mean_logp)`` through the Triton fused-linear kernels (``kernels/linear_token_stats.py``):
+    the forward walks the vocabulary once per token tile, the backward recomputes the logits tiles. A loss
+    built on these outputs (cross entropy, PPO, DPO) reaches the kernels as per-token upstream gradients."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, with_logp, with_entropy):
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, wanted):
         from rlhf_fast.kernels import linear_token_stats as k
 
-        logp, ent, lse = k.linear_token_stats_fwd(
-            hidden, weight, bias, labels, temperature, ignore_index, with_logp, with_entropy
+        logp, ent, lse, mean_logp = k.linear_token_stats_fwd(
+            hidden, weight, bias, labels, temperature, ignore_index, *wanted
         )
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if with_entropy else None)
-        ctx.args = (temperature, ignore_index, with_logp, with_entropy)
-        ctx.mark_non_differentiable(*(o for o, w in ((logp, with_logp), (ent, with_entropy)) if not w))
-        return logp, ent
+        outs = (logp, ent, mean_logp)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if wanted[1] else None)
+        ctx.args = (temperature, ignore_index, wanted)
+        ctx.mark_non_differentiable(*(o for o, w in zip(outs, wanted, strict=True) if not w))
+        # an output the loss does not use (PPO's entropy without a bonus) must not cost a kernel term
+        ctx.set_materialize_grads(False)
+        return outs
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
+    def backward(ctx, *grads):
         from rlhf_fast.kernels import linear_token_stats as k
 
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-        temperature, ignore_index, with_logp, with_entropy = ctx.args
+        temperature, ignore_index, wanted = ctx.args
+        g_lp, g_h, g_m = (g.contiguous() if w and g is not None else None for g, w in zip(grads, wanted, strict=True))
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if g_lp is None and g_h is None and g_m is None:
+            return (None,) * 7
         d_h, d_w, d_b = k.linear_token_stats_bwd(
-            hidden, weight, bias, labels, lse, entropy,
-            grad_logp.contiguous() if with_logp and grad_logp is not None else None,
-            grad_entropy.contiguous() if with_entropy and grad_entropy is not None else None,
-            temperature, ignore_index, need_h, need_w, need_b,
+            hidden, weight, bias, labels, lse, entropy, g_lp, g_h, temperature, ignore_index, need_h, need_w, need_b,
+            grad_mean_logp=g_m,
         )  # fmt: skip
-        return (d_h if need_h else None), (d_w if need_w else None), (d_b if need_b else None), *(None,) * 5
+        return (d_h if need_h else None), (d_w if need_w else None), (d_b if need_b else None), None, None, None, None
+
+
+def _triton_stats(h2d, weight, bias, labels, temperature, ignore_index, wanted):
+    """``(logp, entropy, mean_logp)`` ``[N]`` of the Triton fused-linear kernels (``wanted`` switches them on).
+    Labels are range-checked here: the kernels trust them."""
+    if labels is not None:
+        _custom.check_labels_in_range(labels, weight.shape[0], ignore_index)
+    return _TritonLinearTokenStats.apply(
+        h2d.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), labels, temperature,
+        ignore_index, wanted,
+    )  # fmt: skip
 
 
 class _LinearTokenStats(torch.autograd.Function):
@@ -208,11 +225,8 @@ def _linear_stats(
     softcap = _check_softcap(softcap)
     if backend == "triton" and softcap is None:
         # tl.dot kernels: the logits exist only tile by tile, in registers
-        if labels is not None:
-            _custom.check_labels_in_range(flat, weight.shape[0], ignore_index)
-        logp, ent = _TritonLinearTokenStats.apply(
-            h2d.contiguous(), weight.contiguous(), bias, flat, temperature, ignore_index, with_logp, with_entropy
-        )
+        wanted = (with_logp, with_entropy, False)
+        logp, ent, _ = _triton_stats(h2d, weight, bias, flat, temperature, ignore_index, wanted)
     else:
         logp, ent, _ = _LinearTokenStats.apply(
             h2d, weight, bias, flat, temperature, ignore_index, (with_logp, with_entropy, False), rows, softcap, backend
@@ -372,6 +386,16 @@ def linear_cross_entropy(
     h2d, flat, _, ignore_index, backend, rows = _prepare_linear(
         hidden, weight, labels, bias, 1.0, ignore_index, chunk_bytes, backend
     )
+    if backend == "triton" and softcap is None:
+        # one forward pass of the tl.dot kernel; the loss's per-token gradients reach its backward kernels
+        smooth = eps > 0.0
+        logp, _, mean_logp = _triton_stats(h2d, weight, bias, flat, 1.0, ignore_index, (True, False, smooth))
+        per_token = -(1.0 - eps) * logp - eps * mean_logp if smooth else -logp
+        if reduction == "none":
+            return per_token.view(labels.shape)
+        valid = (flat != ignore_index).float()
+        total = (per_token * valid).sum()
+        return total / valid.sum().clamp(min=1) if reduction == "mean" else total
     if reduction == "none":
         smooth = eps > 0.0
         logp, _, mean_logp = _LinearTokenStats.apply(
@@ -431,10 +455,15 @@ def linear_ppo_loss(
     )  # fmt: skip
     if setup.side_inputs_need_grad:
         raise ValueError("linear_ppo_loss does not differentiate old_logprobs, advantages or ref_logprobs")
+    softcap = _check_softcap(softcap)
+    if backend == "triton" and softcap is None:
+        # log-prob and entropy in one tl.dot pass; the entropy term reaches the backward only with a bonus
+        logp, entropy, _ = _triton_stats(h2d, weight, bias, flat, temperature, ignore_index, (True, True, False))
+        return setup.finish(logp.view(labels.shape), entropy.view(labels.shape))
     need = _needs(hidden, weight, bias)
     (logp, entropy, _, _), grads = _fused_chunks(
         h2d, weight, bias, flat, temperature, ignore_index, with_mean_logp=False, mode=1, coefs=setup.coefs(),
-        params=setup.params(), rows=rows, backend=backend, need=need, softcap=_check_softcap(softcap),
+        params=setup.params(), rows=rows, backend=backend, need=need, softcap=softcap,
     )  # fmt: skip
     loss, stats = setup.finish(logp.view(labels.shape), entropy.view(labels.shape))
     return (_attach(loss, grads, hidden, weight, bias) if any(need) else loss), stats
