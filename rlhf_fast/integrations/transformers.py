@@ -10,8 +10,12 @@ from torch import Tensor
 from rlhf_fast.ops import linear
 
 
-def _head(model):
-    """(weight [V, H], bias [V] | None, hidden scale | None, soft cap | None) of the model's LM head."""
+def lm_head(model):
+    """``(weight [V, H], bias [V] | None, logit scale | None, soft cap | None)`` of a causal LM's head.
+
+    The logits the model's own forward computes are ``softcap(scale * (hidden @ weight.T + bias))``:
+    feed ``weight``/``bias`` to a ``rlhf_fast.linear_*`` op with ``hidden * scale`` and ``softcap=``.
+    """
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{type(model).__name__} has no linear output embedding (get_output_embeddings())")
@@ -62,7 +66,7 @@ def lm_head_logprobs(
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
     hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)[:, :-1]
-    weight, bias, scale, softcap = _head(model)
+    weight, bias, scale, softcap = lm_head(model)
     if scale is not None and scale != 1.0:
         hidden = hidden * scale
     kw = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, chunk_bytes=chunk_bytes,
