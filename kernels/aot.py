@@ -48,12 +48,12 @@ AOT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def all_specs(dtypes: tuple[torch.dtype, ...] = AOT_DTYPES) -> list[AotSpec]:
-    """Every kernel specialization the launchers of ``token_stats``, ``token_stats_fused``, ``kl_div`` and
-    ``linear_token_stats`` may JIT (for the token-stats and linear kernels: every value of every switch,
-    see their ``aot_specs``)."""
-    from . import kl_div, linear_token_stats, token_stats, token_stats_fused
+    """Every kernel specialization the launchers of ``token_stats``, ``token_stats_fused``, ``kl_div``,
+    ``linear_token_stats`` and ``linear_kl`` may JIT (for the token-stats and linear kernels: every value
+    of every switch, see their ``aot_specs``)."""
+    from . import kl_div, linear_kl, linear_token_stats, token_stats, token_stats_fused
 
-    modules = (token_stats, token_stats_fused, kl_div, linear_token_stats)
+    modules = (token_stats, token_stats_fused, kl_div, linear_token_stats, linear_kl)
     return [spec for dtype in dtypes for module in modules for spec in module.aot_specs(dtype)]
 
 

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import TRITON_DTYPE, AotSpec, TileConfig, aot_spec, empty_f32
+from ._linear_tile import dot, load_rows, logits_tile, upcast_dot
 
 __all__ = ["CONFIGS", "aot_specs", "linear_token_stats_bwd", "linear_token_stats_fwd"]
 
@@ -55,55 +56,6 @@ CONFIGS: dict[torch.dtype, tuple[TileConfig, TileConfig]] = {
         TileConfig(block_n=32, block_v=32, block_h=16, num_warps=8, num_stages=2),
     ),
 }
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr):
-    """``acc + a @ b`` in float32. ``UPCAST`` is for the interpreter only: Triton 3.9's interpreter
-    multiplies bf16 operands as their uint16 bit patterns, so it gets exact float32 copies instead
-    (bf16 -> float32 is exact, and the GPU's mma accumulates bf16 products in float32 too)."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    # "ieee": float32 inputs must not be rounded to tf32 (1e-5 relative is the target);
-    # bf16/fp16 inputs take the tensor cores either way
-    return tl.dot(a, b, acc, input_precision="ieee")
-
-
-@triton.jit
-def _load_rows(ptr, idx, ok, k0, H, BLOCK_H: tl.constexpr):
-    """``ptr[idx, k0 : k0 + BLOCK_H]`` of a contiguous ``[*, H]`` matrix: zeros in rows not ``ok`` and past ``H``."""
-    ks = k0 + tl.arange(0, BLOCK_H)
-    return tl.load(ptr + idx[:, None] * H + ks[None, :], mask=ok[:, None] & (ks < H)[None, :], other=0.0)
-
-
-@triton.jit
-def _logits_tile(
-    hidden_ptr,  # [N, H] contiguous
-    weight_ptr,  # [V, H] contiguous
-    bias_ptr,  # [V]; unused unless HAS_BIAS
-    rows,  # [BLOCK_N] int64 token indices
-    cols,  # [BLOCK_V] int64 vocabulary indices
-    row_ok,  # [BLOCK_N] rows to read (others contribute zeros)
-    col_ok,  # [BLOCK_V] cols < V
-    H,
-    inv_temperature,
-    HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    """``x = (hidden[rows] @ weight[cols].T + bias[cols]) / T`` as a float32 ``[BLOCK_N, BLOCK_V]``
-    tile, ``-inf`` in padded columns (never 0: a 0 logit would carry probability mass)."""
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for k0 in range(0, H, BLOCK_H):
-        h = _load_rows(hidden_ptr, rows, row_ok, k0, H, BLOCK_H)  # [BLOCK_N, BLOCK_H]
-        w = _load_rows(weight_ptr, cols, col_ok, k0, H, BLOCK_H)  # [BLOCK_V, BLOCK_H]
-        acc = _dot(h, tl.trans(w), acc, UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(col_ok[None, :], acc * inv_temperature, float("-inf"))
 
 
 @triton.jit
@@ -192,7 +144,7 @@ def _linear_fwd_kernel(
     WITH_LOGP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     WITH_MEAN: tl.constexpr,
-    UPCAST: tl.constexpr,  # interpreter only, see _dot
+    UPCAST: tl.constexpr,  # interpreter only, see dot
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -216,7 +168,7 @@ def _linear_fwd_kernel(
     x_sum = tl.zeros([BLOCK_N], tl.float32)  # sum_v x_v, for mean_logp (label smoothing)
     for v0 in range(0, n_cols, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        x = _logits_tile(
+        x = logits_tile(
             hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, cols < V, H, inv_temperature,
             HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
@@ -275,7 +227,7 @@ def _linear_dh_kernel(
     GRAD_LOGP: tl.constexpr,
     GRAD_ENTROPY: tl.constexpr,
     GRAD_MEAN: tl.constexpr,
-    UPCAST: tl.constexpr,  # interpreter only, see _dot
+    UPCAST: tl.constexpr,  # interpreter only, see dot
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -290,7 +242,7 @@ def _linear_dh_kernel(
     for v0 in range(0, n_cols, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_ok = cols < V
-        x = _logits_tile(
+        x = logits_tile(
             hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H, inv_temperature,
             HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
@@ -301,11 +253,11 @@ def _linear_dh_kernel(
         # d_hidden[rows] += g @ weight[cols], H in BLOCK_H slices (an [N, H] accumulator would not fit)
         for k0 in range(0, H, BLOCK_H):
             k_ok = (k0 + ks) < H
-            w = _load_rows(weight_ptr, cols, col_ok, k0, H, BLOCK_H)
+            w = load_rows(weight_ptr, cols, col_ok, k0, H, BLOCK_H)
             dh_ptrs = dh_ptr + rows[:, None] * H + (k0 + ks)[None, :]
             dh_mask = row_ok[:, None] & k_ok[None, :]
             dh = tl.load(dh_ptrs, mask=dh_mask, other=0.0)
-            tl.store(dh_ptrs, _dot(g, w, dh, UPCAST), mask=dh_mask)
+            tl.store(dh_ptrs, dot(g, w, dh, UPCAST), mask=dh_mask)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -337,7 +289,7 @@ def _linear_dw_kernel(
     GRAD_MEAN: tl.constexpr,
     NEED_WEIGHT: tl.constexpr,
     NEED_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr,  # interpreter only, see _dot
+    UPCAST: tl.constexpr,  # interpreter only, see dot
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -354,7 +306,7 @@ def _linear_dw_kernel(
         )  # fmt: skip
         # a tile of ignored tokens adds nothing: skip its matmuls
         if tl.max(row_ok.to(tl.int32), axis=0) > 0:
-            x = _logits_tile(
+            x = logits_tile(
                 hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H, inv_temperature,
                 HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
             )  # fmt: skip
@@ -368,21 +320,13 @@ def _linear_dw_kernel(
                 # d_weight[cols] += g^T @ hidden[rows], H in BLOCK_H slices
                 for k0 in range(0, H, BLOCK_H):
                     k_ok = (k0 + ks) < H
-                    h = _load_rows(hidden_ptr, rows, row_ok, k0, H, BLOCK_H)
+                    h = load_rows(hidden_ptr, rows, row_ok, k0, H, BLOCK_H)
                     dw_ptrs = dw_ptr + cols[:, None] * H + (k0 + ks)[None, :]
                     dw_mask = col_ok[:, None] & k_ok[None, :]
                     dw = tl.load(dw_ptrs, mask=dw_mask, other=0.0)
-                    tl.store(dw_ptrs, _dot(g_t, h, dw, UPCAST), mask=dw_mask)
+                    tl.store(dw_ptrs, dot(g_t, h, dw, UPCAST), mask=dw_mask)
     if NEED_BIAS:
         tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
-
-
-def _upcast_dot(hidden: torch.Tensor) -> bool:
-    """Whether the kernels must upcast the dot operands: only for 16-bit inputs under the interpreter."""
-    from triton.runtime.jit import JITFunction
-
-    interpreting = not isinstance(tl.standard.max, JITFunction)
-    return interpreting and hidden.dtype != torch.float32
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int]:
@@ -443,7 +387,7 @@ def linear_token_stats_fwd(
         n_rows, hidden.shape[1], vocab,
         1.0 / temperature, ignore_index,
         HAS_BIAS=bias is not None, HAS_LABELS=labels is not None, WITH_LOGP=with_logp, WITH_ENTROPY=with_entropy,
-        WITH_MEAN=with_mean_logp, UPCAST=_upcast_dot(hidden), **config.constexprs(), num_warps=config.num_warps,
+        WITH_MEAN=with_mean_logp, UPCAST=upcast_dot(hidden), **config.constexprs(), num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip
     return logp, entropy, lse, mean_logp
@@ -512,7 +456,7 @@ def linear_token_stats_bwd(
             "GRAD_LOGP": grad_logp is not None, "GRAD_ENTROPY": grad_entropy is not None,
             "GRAD_MEAN": grad_mean_logp is not None,
         }  # fmt: skip
-        launch = {"UPCAST": _upcast_dot(hidden), **config.constexprs()}
+        launch = {"UPCAST": upcast_dot(hidden), **config.constexprs()}
         launch.update(num_warps=config.num_warps, num_stages=config.num_stages)
         scalars = (n_rows, h_dim, vocab, 1.0 / temperature, ignore_index)
         if need_hidden:

@@ -17,13 +17,13 @@ target, and checks that
 Registers, spills, shared/local memory and access widths go to ``record_property`` (``--junitxml``)
 and into every assertion message; ``python -m rlhf_fast.kernels.aot`` prints them as a table.
 Everything is compiled once per session (in a subprocess when this process runs the interpreter,
-see ``kernels/aot.py``): the row kernels take ~75 s of CPU time with a cold Triton cache, the 54
-fused-linear specializations ~70 s more (about 75 s of wall time on two idle cores; 2.5 min was
-measured with the cores shared by other jobs), ~20 s with a warm cache.
+see ``kernels/aot.py``): the row kernels take ~75 s of CPU time with a cold Triton cache, the 102
+fused-linear cases (token stats and the two-head KL) ~2 min more (2.5-5 min of wall time
+with the two cores shared by other jobs), ~20 s with a warm cache.
 The token-stats kernels are compiled in a chosen subset of their switch combinations (every value of
 every switch, the combinations the losses launch, and everything on: see ``aot_specs`` in
 ``kernels/token_stats.py`` and ``kernels/token_stats_fused.py``), not the full product; so are the
-fused-linear kernels (``kernels/linear_token_stats.py``).
+fused-linear kernels (``kernels/linear_token_stats.py``, ``kernels/linear_kl.py``).
 """
 
 from __future__ import annotations
@@ -103,21 +103,25 @@ KERNELS = {
 }
 # the fused-linear (tl.dot) kernels, with their own tile configs per dtype
 LINEAR_KERNELS = {"_linear_fwd_kernel", "_linear_dh_kernel", "_linear_dw_kernel"}
+LINEAR_KL_KERNELS = {"_linear_kl_fwd_kernel", "_linear_kl_dh_kernel", "_linear_kl_dw_kernel"}
 
 
 def test_every_launch_config_is_covered():
     # The launchers pick from CONFIGS; the AOT cases must cover each of them for each kernel.
     from rlhf_fast.kernels import CONFIGS
+    from rlhf_fast.kernels.linear_kl import CONFIGS as LINEAR_KL_CONFIGS
     from rlhf_fast.kernels.linear_token_stats import CONFIGS as LINEAR_CONFIGS
 
     covered = {(spec.kernel.__name__, spec.config) for spec in SPECS if spec.kernel.__name__ in KERNELS}
-    assert {spec.kernel.__name__ for spec in SPECS} == KERNELS | LINEAR_KERNELS
+    assert {spec.kernel.__name__ for spec in SPECS} == KERNELS | LINEAR_KERNELS | LINEAR_KL_KERNELS
     assert covered == {(name, config) for name in KERNELS for config in CONFIGS}
-    for dtype in DTYPES:
-        fwd, bwd = LINEAR_CONFIGS[dtype]
-        dt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-        linear = {(s.kernel.__name__, s.config) for s in SPECS if s.kernel.__name__ in LINEAR_KERNELS and s.dtype == dt}
-        assert linear == {("_linear_fwd_kernel", fwd), ("_linear_dh_kernel", bwd), ("_linear_dw_kernel", bwd)}
+    for kernels, configs in ((LINEAR_KERNELS, LINEAR_CONFIGS), (LINEAR_KL_KERNELS, LINEAR_KL_CONFIGS)):
+        fwd_name, dh_name, dw_name = sorted(kernels, key=lambda n: ("_fwd_" not in n, "_dw_" in n))
+        for dtype in DTYPES:
+            fwd, bwd = configs[dtype]
+            dt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+            seen = {(s.kernel.__name__, s.config) for s in SPECS if s.kernel.__name__ in kernels and s.dtype == dt}
+            assert seen == {(fwd_name, fwd), (dh_name, bwd), (dw_name, bwd)}
 
 
 def test_every_switch_value_is_covered_per_dtype():
@@ -128,7 +132,7 @@ def test_every_switch_value_is_covered_per_dtype():
 
     # UPCAST (linear kernels) exists for the interpreter only: never compiled on
     domains = {"MODE": {MODE_LINEAR, MODE_PPO}, "KL_KIND": {0, *KL_KINDS}, "UPCAST": {False}}
-    for name in KERNELS | LINEAR_KERNELS:
+    for name in KERNELS | LINEAR_KERNELS | LINEAR_KL_KERNELS:
         for dtype in {spec.dtype for spec in SPECS}:
             specs = [s for s in SPECS if s.kernel.__name__ == name and s.dtype == dtype]
             for switch in specs[0].constexprs.keys() - {"BLOCK_N", "BLOCK_V", "BLOCK_H"}:

@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from rlhf_fast.kernels._common import TileConfig
+from rlhf_fast.kernels.linear_kl import linear_kl_bwd, linear_kl_fwd
 from rlhf_fast.kernels.linear_token_stats import linear_token_stats_bwd, linear_token_stats_fwd
 
 from rlhf_fast import reference as ref
@@ -174,3 +175,58 @@ def test_mean_logprob_term(dtype):
         )  # fmt: skip
         for name, grad, leaf in zip(("hidden", "weight", "bias"), grads, leaves, strict=True):
             assert _rel_err(grad, leaf.grad) < tol_grad, name
+
+
+def _kl_heads(n, v, dtype, p_bias, q_bias):
+    """A student head (H = 40) and a teacher head of another width (H = 24) over one vocabulary."""
+    p = _inputs(n, 40, v, dtype, p_bias)[:3]
+    q = _inputs(n, 24, v, dtype, q_bias)[:3]
+    return (*p, *q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("p_bias", "q_bias"), [(False, False), (True, True), (False, True)], ids=["none", "both", "q"])
+@pytest.mark.parametrize(("n", "v"), [(13, 1000), (37, 301)])
+def test_linear_kl_matches_float64(n, v, p_bias, q_bias, dtype):
+    heads = _kl_heads(n, v, dtype, p_bias, q_bias)
+    tol_out, tol_grad = TOL[dtype]
+    kl, lse_p, lse_q = linear_kl_fwd(*heads, TEMPERATURE, config=SMALL)
+    leaves = [t.double().requires_grad_() if t is not None else None for t in heads]
+
+    def logits(h, w, b):
+        return (h @ w.T + (b if b is not None else 0)) / TEMPERATURE
+
+    x_p, x_q = logits(*leaves[:3]), logits(*leaves[3:])
+    ref_kl = ref.kl_divergence(x_p, x_q)
+    assert kl.dtype == torch.float32 and _rel_err(kl, ref_kl) < tol_out
+    assert _rel_err(lse_p, torch.logsumexp(x_p, -1)) < tol_out and _rel_err(lse_q, torch.logsumexp(x_q, -1)) < tol_out
+    g = torch.randn(n)  # grad_output != 1, both signs
+    (ref_kl * g).sum().backward()
+    need = tuple(t is not None for t in heads)
+    grads = linear_kl_bwd(*heads, kl, lse_p, lse_q, g, TEMPERATURE, need, config=SMALL)
+    names = ("p_hidden", "p_weight", "p_bias", "q_hidden", "q_weight", "q_bias")
+    for name, grad, leaf in zip(names, grads, leaves, strict=True):
+        if leaf is None:
+            assert grad.numel() == 0
+            continue
+        assert grad.dtype == dtype and grad.shape == leaf.shape, name
+        assert _rel_err(grad, leaf.grad) < tol_grad, name
+
+
+def test_linear_kl_one_side_and_identical_heads():
+    # gradients asked one at a time; and P == Q gives KL = 0 with zero gradient (p (log p - log q - 0) = 0, q - p = 0)
+    heads = _kl_heads(21, 301, torch.float32, True, True)
+    kl, lse_p, lse_q = linear_kl_fwd(*heads, 1.0, config=SMALL)
+    leaves = [t.double().requires_grad_() for t in heads]
+    ref_kl = ref.kl_divergence(leaves[0] @ leaves[1].T + leaves[2], leaves[3] @ leaves[4].T + leaves[5])
+    ref_kl.sum().backward()
+    for i, leaf in enumerate(leaves):
+        need = tuple(j == i for j in range(6))
+        grads = linear_kl_bwd(*heads, kl, lse_p, lse_q, torch.ones(21), 1.0, need, config=SMALL)
+        assert [g.numel() > 0 for g in grads] == list(need)
+        assert _rel_err(grads[i], leaf.grad) < 1e-5
+    same = heads[:3] * 2
+    kl, lse_p, lse_q = linear_kl_fwd(*same, 1.0, config=SMALL)
+    assert kl.abs().max() < 1e-5
+    grads = linear_kl_bwd(*same, kl, lse_p, lse_q, torch.ones(21), 1.0, (True,) * 6, config=SMALL)
+    assert all(g.abs().max() < 1e-5 for g in grads)

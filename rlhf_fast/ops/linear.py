@@ -562,6 +562,28 @@ class _LinearKL(torch.autograd.Function):
         return *head_p.result(), *head_q.result(), None, None, None
 
 
+class _TritonLinearKL(torch.autograd.Function):
+    """Exact KL(P || Q) of two heads through the Triton tl.dot kernels (``kernels/linear_kl.py``)."""
+
+    @staticmethod
+    def forward(ctx, p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias, temperature):
+        from rlhf_fast.kernels import linear_kl as k
+
+        kl, lse_p, lse_q = k.linear_kl_fwd(p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias, temperature)
+        ctx.save_for_backward(p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias, kl, lse_p, lse_q)
+        ctx.temperature = temperature
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        from rlhf_fast.kernels import linear_kl as k
+
+        *heads, kl, lse_p, lse_q = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[:6])
+        grads = k.linear_kl_bwd(*heads, kl, lse_p, lse_q, grad_kl.contiguous(), ctx.temperature, need)
+        return *(g if n else None for g, n in zip(grads, need, strict=True)), None
+
+
 def linear_kl_divergence(
     p_hidden: Tensor,
     p_weight: Tensor,
@@ -592,6 +614,10 @@ def linear_kl_divergence(
         )
     if q_weight.shape[0] != p_weight.shape[0] or q_hidden.dtype != p_hidden.dtype:
         raise ValueError("q_weight must have as many rows (V) as p_weight, and q_hidden the dtype of p_hidden")
+    if backend == "triton":
+        heads = (p2d, p_weight, p_bias, q2d, q_weight, q_bias)
+        kl = _TritonLinearKL.apply(*(None if t is None else t.contiguous() for t in heads), temperature)
+        return kl.view(p_hidden.shape[:-1])
     # two logits chunks and two gradient chunks live at once
     rows = max(1, _chunk_rows(p2d.shape[0], p_weight.shape[0], p_hidden.element_size(), chunk_bytes) // 2)
     kl = _LinearKL.apply(p2d, p_weight, p_bias, q2d, q_weight, q_bias, temperature, rows, backend)

@@ -1,0 +1,428 @@
+"""Exact per-token ``KL(P || Q)`` of two linear heads, ``P = softmax((h_p @ W_p.T + b_p) / T)`` and
+``Q = softmax((h_q @ W_q.T + b_q) / T)`` over a shared vocabulary, without ever holding either
+``[N, V]`` logits tensor (a student head and a teacher or reference head).
+
+Forward: one program per tile of ``BLOCK_N`` tokens walks the vocabulary in tiles of ``BLOCK_V``
+columns; each step builds both logits tiles with ``tl.dot`` (``H_p`` and ``H_q`` may differ) and
+merges them into two online log-sum-exps and the running ``sum_v exp(x_p - m_p) (x_p - x_q)``:
+
+    KL = E_P[x_p - x_q] - (lse_p - lse_q)
+
+Backward, with ``p = exp(x_p - lse_p)``, ``q = exp(x_q - lse_q)`` recomputed per tile and ``g`` the
+incoming per-token gradient::
+
+    d KL / d x_p = p (log p - log q - KL)          d KL / d x_q = q - p          (both / T)
+
+pushed through each head as in ``linear_token_stats.py``: ``_linear_kl_dh_kernel`` owns a token tile
+and accumulates ``dH_p``/``dH_q``; ``_linear_kl_dw_kernel`` owns a vocabulary tile and accumulates
+``dW_p``/``dW_q`` (and the biases' gradients), all in float32 buffers only that program touches, cast
+once at the end. Padded columns are ``-inf`` on both sides and contribute nothing; a column where
+``P`` puts no mass (``x_p = -inf``) contributes nothing to the KL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import TRITON_DTYPE, AotSpec, TileConfig, aot_spec, empty_f32
+from ._linear_tile import dot, load_rows, logits_tile, upcast_dot
+
+__all__ = ["CONFIGS", "aot_specs", "linear_kl_bwd", "linear_kl_fwd"]
+
+# (forward, backward) tiles per dtype. Two heads double the live logits tiles of linear_token_stats.py:
+# the forward keeps two 64 x 64 float32 tiles (the registers of that file's one 64 x 128); the backward
+# holds both tiles' gradients through the dH/dW dots, and ptxas spilled (16-64 B per thread on sm_80 or
+# sm_90) at every 32-token backward tile tried, whatever the warps or stages: 16 tokens x 64 columns with
+# H steps of 16 (bf16/fp16), 16 x 32 (float32, exact FMA dot) are the largest tiles found spill-free. The
+# float32 forward's 32 x 32 tile over 4 warps spilled too; 32 x 64 over 8 warps, single-staged, does not.
+_TILES_16BIT = (
+    TileConfig(block_n=64, block_v=64, block_h=64, num_warps=8, num_stages=3),
+    TileConfig(block_n=16, block_v=64, block_h=16, num_warps=4, num_stages=2),
+)
+CONFIGS: dict[torch.dtype, tuple[TileConfig, TileConfig]] = {
+    torch.bfloat16: _TILES_16BIT,
+    torch.float16: _TILES_16BIT,
+    torch.float32: (
+        TileConfig(block_n=32, block_v=64, block_h=16, num_warps=8, num_stages=1),
+        TileConfig(block_n=16, block_v=32, block_h=16, num_warps=8, num_stages=1),
+    ),
+}
+
+
+@triton.jit
+def _both_tiles(
+    p_hidden_ptr, p_weight_ptr, p_bias_ptr, q_hidden_ptr, q_weight_ptr, q_bias_ptr,
+    rows, cols, row_ok, col_ok, H_P, H_Q, inv_temperature,
+    HAS_P_BIAS: tl.constexpr, HAS_Q_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """``(x_p, x_q)``: both heads' float32 logits tiles over ``T``, ``-inf`` in padded columns."""
+    x_p = logits_tile(
+        p_hidden_ptr, p_weight_ptr, p_bias_ptr, rows, cols, row_ok, col_ok, H_P, inv_temperature,
+        HAS_P_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+    )  # fmt: skip
+    x_q = logits_tile(
+        q_hidden_ptr, q_weight_ptr, q_bias_ptr, rows, cols, row_ok, col_ok, H_Q, inv_temperature,
+        HAS_Q_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+    )  # fmt: skip
+    return x_p, x_q
+
+
+@triton.jit
+def _kl_grad_tiles(x_p, x_q, row_ok, lse_p, lse_q, kl, g):
+    """``(g_p, g_q)``: ``g * d KL / d x`` for both tiles (``g`` already divided by ``T``), float32, 0 in
+    masked rows and where a side has no mass."""
+    log_p = x_p - lse_p[:, None]
+    log_q = x_q - lse_q[:, None]
+    p = tl.exp(log_p)
+    q = tl.exp(log_q)
+    # p = 0 where x_p = -inf: its term is 0, not 0 * (-inf - ...)
+    g_p = tl.where(x_p == float("-inf"), 0.0, p * (log_p - log_q - kl[:, None]))
+    g_p = g[:, None] * g_p
+    g_q = g[:, None] * (q - p)
+    # masked rows were computed from zero hidden states and made-up statistics: discard them
+    return tl.where(row_ok[:, None], g_p, 0.0), tl.where(row_ok[:, None], g_q, 0.0)
+
+
+@triton.jit
+def _row_inputs(lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr, rows, N, inv_temperature):
+    """``(row_ok, lse_p, lse_q, kl, g / T)`` of token indices ``rows``."""
+    row_ok = rows < N
+    lse_p = tl.load(lse_p_ptr + rows, mask=row_ok, other=0.0)
+    lse_q = tl.load(lse_q_ptr + rows, mask=row_ok, other=0.0)
+    kl = tl.load(kl_ptr + rows, mask=row_ok, other=0.0)
+    g = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
+    return row_ok, lse_p, lse_q, kl, g
+
+
+@triton.jit
+def _linear_kl_fwd_kernel(
+    # pointers
+    p_hidden_ptr,  # [N, H_P] contiguous
+    p_weight_ptr,  # [V, H_P] contiguous
+    p_bias_ptr,  # [V]; unused unless HAS_P_BIAS
+    q_hidden_ptr,  # [N, H_Q] contiguous
+    q_weight_ptr,  # [V, H_Q] contiguous
+    q_bias_ptr,  # [V]; unused unless HAS_Q_BIAS
+    kl_ptr,  # [N] float32 out
+    lse_p_ptr,  # [N] float32 out
+    lse_q_ptr,  # [N] float32 out
+    # sizes
+    N,
+    H_P,
+    H_Q,
+    V,
+    # runtime scalars
+    inv_temperature,
+    # constexpr: feature switches and block sizes
+    HAS_P_BIAS: tl.constexpr,
+    HAS_Q_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter only, see _linear_tile.dot
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    # online log-sum-exp of each side (m the running max, s = sum exp(x - m)); a = sum exp(x_p - m_p) * d
+    # with d = x_p - x_q, rescaled with s_p, so that E_P[d] = a / s_p at the end
+    m_p = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    m_q = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s_p = tl.zeros([BLOCK_N], tl.float32)
+    s_q = tl.zeros([BLOCK_N], tl.float32)
+    a = tl.zeros([BLOCK_N], tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        x_p, x_q = _both_tiles(
+            p_hidden_ptr, p_weight_ptr, p_bias_ptr, q_hidden_ptr, q_weight_ptr, q_bias_ptr,
+            rows, cols, row_ok, cols < V, H_P, H_Q, inv_temperature,
+            HAS_P_BIAS, HAS_Q_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
+        # P side; while a row has seen only -inf, 0 is its reference (exp(-inf - -inf) would be NaN)
+        m_p_new = tl.maximum(m_p, tl.max(x_p, axis=1))
+        ref_p = tl.where(m_p_new == float("-inf"), 0.0, m_p_new)
+        alpha_p = tl.exp(m_p - ref_p)
+        e_p = tl.exp(x_p - ref_p[:, None])
+        a = alpha_p * a + tl.sum(tl.where(x_p == float("-inf"), 0.0, e_p * (x_p - x_q)), axis=1)
+        s_p = alpha_p * s_p + tl.sum(e_p, axis=1)
+        m_p = m_p_new
+        # Q side
+        m_q_new = tl.maximum(m_q, tl.max(x_q, axis=1))
+        ref_q = tl.where(m_q_new == float("-inf"), 0.0, m_q_new)
+        s_q = tl.exp(m_q - ref_q) * s_q + tl.sum(tl.exp(x_q - ref_q[:, None]), axis=1)
+        m_q = m_q_new
+
+    lse_p = m_p + tl.log(s_p)
+    lse_q = m_q + tl.log(s_q)
+    tl.store(kl_ptr + rows, a / s_p - (lse_p - lse_q), mask=row_ok)
+    tl.store(lse_p_ptr + rows, lse_p, mask=row_ok)
+    tl.store(lse_q_ptr + rows, lse_q, mask=row_ok)
+
+
+@triton.jit
+def _accumulate_dh(dh_ptr, g, weight_ptr, rows, cols, row_ok, col_ok, H, UPCAST: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``dh[rows] += g @ weight[cols]`` in ``BLOCK_H`` slices of ``H`` (float32 ``dh``)."""
+    ks = tl.arange(0, BLOCK_H)
+    g = g.to(weight_ptr.dtype.element_ty)
+    for k0 in range(0, H, BLOCK_H):
+        w = load_rows(weight_ptr, cols, col_ok, k0, H, BLOCK_H)
+        ptrs = dh_ptr + rows[:, None] * H + (k0 + ks)[None, :]
+        mask = row_ok[:, None] & ((k0 + ks) < H)[None, :]
+        tl.store(ptrs, dot(g, w, tl.load(ptrs, mask=mask, other=0.0), UPCAST), mask=mask)
+
+
+@triton.jit
+def _accumulate_dw(dw_ptr, g, hidden_ptr, rows, cols, row_ok, col_ok, H, UPCAST: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``dw[cols] += g.T @ hidden[rows]`` in ``BLOCK_H`` slices of ``H`` (float32 ``dw``)."""
+    ks = tl.arange(0, BLOCK_H)
+    g_t = tl.trans(g.to(hidden_ptr.dtype.element_ty))  # [BLOCK_V, BLOCK_N]
+    for k0 in range(0, H, BLOCK_H):
+        h = load_rows(hidden_ptr, rows, row_ok, k0, H, BLOCK_H)
+        ptrs = dw_ptr + cols[:, None] * H + (k0 + ks)[None, :]
+        mask = col_ok[:, None] & ((k0 + ks) < H)[None, :]
+        tl.store(ptrs, dot(g_t, h, tl.load(ptrs, mask=mask, other=0.0), UPCAST), mask=mask)
+
+
+@triton.jit
+def _linear_kl_dh_kernel(
+    # pointers
+    p_hidden_ptr, p_weight_ptr, p_bias_ptr,  # as in the forward
+    q_hidden_ptr, q_weight_ptr, q_bias_ptr,
+    kl_ptr, lse_p_ptr, lse_q_ptr,  # [N] float32 from the forward
+    grad_ptr,  # [N] float32 incoming gradient of the KL
+    dh_p_ptr,  # [N, H_P] float32 in/out, zero-initialized; unused unless NEED_P
+    dh_q_ptr,  # [N, H_Q] float32 in/out, zero-initialized; unused unless NEED_Q
+    # sizes
+    N, H_P, H_Q, V,
+    # runtime scalars
+    inv_temperature,
+    # constexpr: feature switches and block sizes
+    HAS_P_BIAS: tl.constexpr, HAS_Q_BIAS: tl.constexpr,
+    NEED_P: tl.constexpr, NEED_Q: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, lse_p, lse_q, kl, g = _row_inputs(lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr, rows, N, inv_temperature)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_ok = cols < V
+        x_p, x_q = _both_tiles(
+            p_hidden_ptr, p_weight_ptr, p_bias_ptr, q_hidden_ptr, q_weight_ptr, q_bias_ptr,
+            rows, cols, row_ok, col_ok, H_P, H_Q, inv_temperature,
+            HAS_P_BIAS, HAS_Q_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
+        g_p, g_q = _kl_grad_tiles(x_p, x_q, row_ok, lse_p, lse_q, kl, g)
+        if NEED_P:
+            _accumulate_dh(dh_p_ptr, g_p, p_weight_ptr, rows, cols, row_ok, col_ok, H_P, UPCAST, BLOCK_H)
+        if NEED_Q:
+            _accumulate_dh(dh_q_ptr, g_q, q_weight_ptr, rows, cols, row_ok, col_ok, H_Q, UPCAST, BLOCK_H)
+
+
+@triton.jit
+def _linear_kl_dw_kernel(
+    # pointers
+    p_hidden_ptr, p_weight_ptr, p_bias_ptr,  # as in the forward
+    q_hidden_ptr, q_weight_ptr, q_bias_ptr,
+    kl_ptr, lse_p_ptr, lse_q_ptr,  # [N] float32 from the forward
+    grad_ptr,  # [N] float32 incoming gradient of the KL
+    dw_p_ptr,  # [V, H_P] float32 in/out, zero-initialized; unused unless NEED_P_WEIGHT
+    dw_q_ptr,  # [V, H_Q] float32 in/out, zero-initialized; unused unless NEED_Q_WEIGHT
+    db_p_ptr,  # [V] out, p_bias dtype; unused unless NEED_P_BIAS
+    db_q_ptr,  # [V] out, q_bias dtype; unused unless NEED_Q_BIAS
+    # sizes
+    N, H_P, H_Q, V,
+    # runtime scalars
+    inv_temperature,
+    # constexpr: feature switches and block sizes
+    HAS_P_BIAS: tl.constexpr, HAS_Q_BIAS: tl.constexpr,
+    NEED_P_WEIGHT: tl.constexpr, NEED_Q_WEIGHT: tl.constexpr, NEED_P_BIAS: tl.constexpr, NEED_Q_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    db_p = tl.zeros([BLOCK_V], tl.float32)
+    db_q = tl.zeros([BLOCK_V], tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        row_ok, lse_p, lse_q, kl, g = _row_inputs(lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr, rows, N, inv_temperature)
+        x_p, x_q = _both_tiles(
+            p_hidden_ptr, p_weight_ptr, p_bias_ptr, q_hidden_ptr, q_weight_ptr, q_bias_ptr,
+            rows, cols, row_ok, col_ok, H_P, H_Q, inv_temperature,
+            HAS_P_BIAS, HAS_Q_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
+        g_p, g_q = _kl_grad_tiles(x_p, x_q, row_ok, lse_p, lse_q, kl, g)
+        if NEED_P_BIAS:
+            db_p += tl.sum(g_p, axis=0)
+        if NEED_Q_BIAS:
+            db_q += tl.sum(g_q, axis=0)
+        if NEED_P_WEIGHT:
+            _accumulate_dw(dw_p_ptr, g_p, p_hidden_ptr, rows, cols, row_ok, col_ok, H_P, UPCAST, BLOCK_H)
+        if NEED_Q_WEIGHT:
+            _accumulate_dw(dw_q_ptr, g_q, q_hidden_ptr, rows, cols, row_ok, col_ok, H_Q, UPCAST, BLOCK_H)
+    if NEED_P_BIAS:
+        tl.store(db_p_ptr + cols, db_p.to(db_p_ptr.dtype.element_ty), mask=col_ok)
+    if NEED_Q_BIAS:
+        tl.store(db_q_ptr + cols, db_q.to(db_q_ptr.dtype.element_ty), mask=col_ok)
+
+
+def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{name}_hidden [N, H] and {name}_weight [V, H] expected, got {tuple(hidden.shape)}, {tuple(weight.shape)}"
+        )
+    if not (hidden.is_contiguous() and weight.is_contiguous() and (bias is None or bias.is_contiguous())):
+        raise ValueError(f"{name}_hidden, {name}_weight and {name}_bias must be contiguous")
+
+
+def _check(p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias) -> tuple[int, int]:
+    _check_head("p", p_hidden, p_weight, p_bias)
+    _check_head("q", q_hidden, q_weight, q_bias)
+    if q_hidden.shape[0] != p_hidden.shape[0] or q_weight.shape[0] != p_weight.shape[0]:
+        raise ValueError("both heads must have the same tokens N and vocabulary V")
+    dtypes = {t.dtype for t in (p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias) if t is not None}
+    if len(dtypes) != 1:
+        raise TypeError(f"every input must have one dtype, got {sorted(map(str, dtypes))}")
+    return p_hidden.shape[0], p_weight.shape[0]
+
+
+def linear_kl_fwd(
+    p_hidden: torch.Tensor,
+    p_weight: torch.Tensor,
+    p_bias: torch.Tensor | None,
+    q_hidden: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    temperature: float,
+    *,
+    config: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token ``(KL(P || Q), lse_p, lse_q)``, float32 ``[N]``.
+
+    Args:
+        p_hidden: ``[N, H_P]``; p_weight: ``[V, H_P]``; p_bias: ``[V]`` or None; likewise ``q_*``
+            with its own ``H_Q``. All contiguous, one dtype (float32/bfloat16/float16).
+        temperature: both heads' logits are divided by it.
+        config: force the tile sizes (tests use small ones so that several tiles occur).
+    """
+    n_rows, vocab = _check(p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias)
+    kl, lse_p, lse_q = (torch.empty(n_rows, dtype=torch.float32, device=p_hidden.device) for _ in range(3))
+    if n_rows == 0:
+        return kl, lse_p, lse_q
+    config = config or CONFIGS[p_hidden.dtype][0]
+    # switched-off pointers are never touched; kl stands in for them
+    _linear_kl_fwd_kernel[(triton.cdiv(n_rows, config.block_n),)](
+        p_hidden, p_weight, kl if p_bias is None else p_bias, q_hidden, q_weight, kl if q_bias is None else q_bias,
+        kl, lse_p, lse_q,
+        n_rows, p_hidden.shape[1], q_hidden.shape[1], vocab,
+        1.0 / temperature,
+        HAS_P_BIAS=p_bias is not None, HAS_Q_BIAS=q_bias is not None, UPCAST=upcast_dot(p_hidden),
+        **config.constexprs(), num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return kl, lse_p, lse_q
+
+
+def linear_kl_bwd(
+    p_hidden: torch.Tensor,
+    p_weight: torch.Tensor,
+    p_bias: torch.Tensor | None,
+    q_hidden: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    kl: torch.Tensor,
+    lse_p: torch.Tensor,
+    lse_q: torch.Tensor,
+    grad_kl: torch.Tensor,
+    temperature: float,
+    need: tuple[bool, bool, bool, bool, bool, bool],
+    *,
+    config: TileConfig | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of ``sum_n grad_kl[n] KL[n]`` w.r.t. ``(p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias)``.
+
+    Args:
+        the heads and ``temperature``: as in :func:`linear_kl_fwd`; kl, lse_p, lse_q: its outputs.
+        grad_kl: ``[N]`` float32 incoming gradient.
+        need: which of the six gradients to compute (a bias's needs that bias).
+
+    Returns:
+        six tensors in the inputs' dtype, each an empty float32 ``[0]`` when not asked for.
+    """
+    n_rows, vocab = _check(p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias)
+    if (need[2] and p_bias is None) or (need[5] and q_bias is None):
+        raise ValueError("a bias gradient needs that bias")
+    device, dtype = p_hidden.device, p_hidden.dtype
+    h_p, h_q = p_hidden.shape[1], q_hidden.shape[1]
+    shapes = ((n_rows, h_p), (vocab, h_p), (vocab,), (n_rows, h_q), (vocab, h_q), (vocab,))
+    # float32 accumulators (the biases' are written once, in their dtype)
+    grads = [
+        torch.zeros(shape, dtype=dtype if i in (2, 5) else torch.float32, device=device) if n else empty_f32(device)
+        for i, (shape, n) in enumerate(zip(shapes, need, strict=True))
+    ]
+    if n_rows > 0 and any(need):
+        config = config or CONFIGS[dtype][1]
+        heads = (
+            p_hidden, p_weight, kl if p_bias is None else p_bias, q_hidden, q_weight, kl if q_bias is None else q_bias,
+            kl, lse_p, lse_q, grad_kl,
+        )  # fmt: skip
+        scalars = (n_rows, h_p, h_q, vocab, 1.0 / temperature)
+        launch = {"HAS_P_BIAS": p_bias is not None, "HAS_Q_BIAS": q_bias is not None, "UPCAST": upcast_dot(p_hidden)}
+        launch.update(config.constexprs(), num_warps=config.num_warps, num_stages=config.num_stages)
+        out = [g if n else kl for g, n in zip(grads, need, strict=True)]
+        if need[0] or need[3]:
+            _linear_kl_dh_kernel[(triton.cdiv(n_rows, config.block_n),)](
+                *heads, out[0], out[3], *scalars, NEED_P=need[0], NEED_Q=need[3], **launch
+            )
+        if need[1] or need[2] or need[4] or need[5]:
+            _linear_kl_dw_kernel[(triton.cdiv(vocab, config.block_v),)](
+                *heads, out[1], out[4], out[2], out[5], *scalars,
+                NEED_P_WEIGHT=need[1], NEED_Q_WEIGHT=need[4], NEED_P_BIAS=need[2], NEED_Q_BIAS=need[5], **launch,
+            )  # fmt: skip
+    return tuple(g.to(dtype) if n and g.dtype != dtype else g for g, n in zip(grads, need, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (kernels/aot.py).
+
+# (HAS_P_BIAS, HAS_Q_BIAS) for the forward; [+ (NEED_P, NEED_Q)] for dH; [+ (NEED_P_WEIGHT, NEED_Q_WEIGHT,
+# NEED_P_BIAS, NEED_Q_BIAS)] for dW: the common cases (no biases, a trained student against a frozen
+# teacher; everything on) and enough others that every value of every switch is compiled per dtype.
+_FWD_SWITCHES = [(0, 0), (1, 1)]
+_DH_SWITCHES = [(0, 0, 1, 0), (1, 1, 1, 1), (0, 0, 0, 1)]
+_DW_SWITCHES = [(0, 0, 1, 0, 0, 0), (1, 1, 1, 1, 1, 1), (0, 1, 0, 1, 0, 1)]
+
+
+def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
+    """The three kernels for ``dtype`` inputs in the switch combinations above (``UPCAST`` off). ``H_P`` and
+    ``H_Q`` are marked divisible by 16, as the runtime does for hidden sizes such as 1024 or 4096."""
+    dt = TRITON_DTYPE[dtype]
+    types = {f"{s}_{t}_ptr": f"*{dt}" for s in "pq" for t in ("hidden", "weight")}
+    types["inv_temperature"] = "fp32"
+    cases = [
+        (_linear_kl_fwd_kernel, CONFIGS[dtype][0], ("HAS_P_BIAS", "HAS_Q_BIAS"), _FWD_SWITCHES),
+        (_linear_kl_dh_kernel, CONFIGS[dtype][1], ("HAS_P_BIAS", "HAS_Q_BIAS", "NEED_P", "NEED_Q"), _DH_SWITCHES),
+        (_linear_kl_dw_kernel, CONFIGS[dtype][1], ("HAS_P_BIAS", "HAS_Q_BIAS", "NEED_P_WEIGHT", "NEED_Q_WEIGHT",
+                                                   "NEED_P_BIAS", "NEED_Q_BIAS"), _DW_SWITCHES),
+    ]  # fmt: skip
+    specs = []
+    for kernel, config, names, combos in cases:
+        for combo in combos:
+            switches = {**dict(zip(names, map(bool, combo), strict=True)), "UPCAST": False}
+            spec = aot_spec(
+                kernel, config, dt, switches=switches,
+                types={
+                    **types,
+                    "p_bias_ptr": f"*{dt}" if switches["HAS_P_BIAS"] else "*fp32",
+                    "q_bias_ptr": f"*{dt}" if switches["HAS_Q_BIAS"] else "*fp32",
+                    "db_p_ptr": f"*{dt}" if switches.get("NEED_P_BIAS") else "*fp32",
+                    "db_q_ptr": f"*{dt}" if switches.get("NEED_Q_BIAS") else "*fp32",
+                },
+                rows_read=0, rows_written=0,  # no logits rows; the hidden and weight tiles instead
+            )  # fmt: skip
+            specs.append(dataclasses.replace(spec, aligned=(*spec.aligned, "H_P", "H_Q"), tiles_read=4))
+    return specs
