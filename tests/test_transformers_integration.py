@@ -78,3 +78,28 @@ def test_default_labels_ignore_padding():
         logp = lm_head_logprobs(model, input_ids, attention_mask, backend="torch")
     assert logp.shape == (2, 6)
     assert (logp[1, 3:] == 0).all() and (logp[0] < 0).all()
+
+
+def test_peft_lora_model_goes_through_its_adapters():
+    # a LoRA-wrapped model: the hidden states must come from the adapted decoder (not the wrapper, whose
+    # forward returns logits), and gradients must reach the adapter weights only
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        _llama().float().eval(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at 0 (adapter = identity); make it matter
+            torch.nn.init.normal_(p, std=0.1)
+    input_ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    logp = lm_head_logprobs(model, input_ids, backend="torch")
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(logp.sum(), adapters)
+    ref = reference.token_logprobs(model(input_ids=input_ids).logits[:, :-1], input_ids[:, 1:])
+    ref_grads = torch.autograd.grad(ref.sum(), adapters)
+    torch.testing.assert_close(logp, ref, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    with model.disable_adapter():
+        base = lm_head_logprobs(model, input_ids, backend="torch")
+    assert (base - logp).abs().max() > 1e-3  # the adapters changed the model, and disabling them shows it

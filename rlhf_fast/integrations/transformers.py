@@ -26,7 +26,12 @@ def lm_head(model):
 
 
 def final_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None = None, **model_kwargs) -> Tensor:
-    """``[B, T, H]`` hidden states after the model's final norm: what its LM head would read."""
+    """``[B, T, H]`` hidden states after the model's final norm: what its LM head would read.
+
+    A ``peft`` model is unwrapped with ``get_base_model()`` first (its ``base_model`` is the adapter
+    wrapper, whose forward would return logits); the adapters stay injected and active."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
