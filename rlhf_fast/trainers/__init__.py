@@ -2,7 +2,12 @@
 LM-head path). One file per trainer; :mod:`rlhf_fast.trainers.loop` is the loop they share."""
 
 from rlhf_fast.trainers.config import TrainConfig
+from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
 from rlhf_fast.trainers.loop import TrainLoop, latest_checkpoint
+from rlhf_fast.trainers.reward import RewardConfig, RewardTrainer, ValueHeadModel
 from rlhf_fast.trainers.sft import SFTConfig, SFTTrainer
 
-__all__ = ["SFTConfig", "SFTTrainer", "TrainConfig", "TrainLoop", "latest_checkpoint"]
+__all__ = [
+    "DPOConfig", "DPOTrainer", "RewardConfig", "RewardTrainer", "SFTConfig", "SFTTrainer", "TrainConfig", "TrainLoop",
+    "ValueHeadModel", "latest_checkpoint",
+]  # fmt: skip

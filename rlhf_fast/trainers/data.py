@@ -2,7 +2,8 @@
 
 Rows come from a JSONL file, a list of dicts or a ``datasets.Dataset``. An SFT row is one of
 ``{"messages": [...]}`` (chat template; loss on the assistant turns), ``{"prompt", "completion"}``
-(loss on the completion) or ``{"text"}`` (loss on every token). Examples are lists of token ids
+(loss on the completion) or ``{"text"}`` (loss on every token); a preference row is
+``{"prompt", "chosen", "rejected"}`` (:func:`preference_examples`). Examples are lists of token ids
 with labels that carry ``IGNORE_INDEX`` where no loss is taken; labels are aligned with the inputs
 (the causal shift happens in the loss). Packing concatenates examples into rows of ``max_length``
 with ``position_ids`` restarting at each example, from which ``transformers`` builds a
@@ -204,3 +205,58 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
     batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
     batch["position_ids" if packed else "attention_mask"] = torch.tensor(extra)
     return batch
+
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+# {"chosen": Example, "rejected": Example}; the DPO trainer attaches its cached reference log-probs as floats
+PairExample = dict[str, Example | float]
+
+
+def _keep_prompt_end(prompt: list[int], keep: int, bos: int | None) -> list[int]:
+    """The last ``keep`` tokens of ``prompt``, and its leading BOS (counted in ``keep``) if it has one."""
+    if len(prompt) <= keep:
+        return prompt
+    if bos is not None and prompt[0] == bos:
+        return [bos, *prompt[len(prompt) - keep + 1 :]] if keep > 1 else [bos]
+    return prompt[len(prompt) - keep :]
+
+
+def preference_examples(
+    rows: Sequence[Mapping], tokenizer, *, max_length: int, max_prompt_length: int | None = None, name: str
+) -> list[PairExample]:
+    """Tokenized ``{"prompt", "chosen", "rejected"}`` rows: ``{"chosen": Example, "rejected": Example}``,
+    each the prompt followed by the response and EOS, labelled on the response tokens only.
+
+    Truncation, when the prompt and the longer response exceed ``max_length``: the prompt keeps its
+    end (the tokens next to the response) and its BOS, at least ``max_prompt_length`` tokens of it
+    (default ``max_length // 2``) or as many as the longer response leaves room for, and then each
+    response is cut at the end. Both responses follow the same truncated prompt, and each keeps at
+    least one token. A missing column, a value that is not a string, or a response with no token to
+    score is an error naming the row.
+    """
+    for i, row in enumerate(rows):
+        for col in PREFERENCE_COLUMNS:
+            if col not in row:
+                raise ValueError(f"{name}[{i}] is missing column {col!r} (preference data needs {PREFERENCE_COLUMNS})")
+            if not isinstance(row[col], str):
+                raise TypeError(f"{name}[{i}][{col!r}] must be a string, got {type(row[col]).__name__}")
+    prompt_budget = max_prompt_length if max_prompt_length is not None else max_length // 2
+    if not 1 <= prompt_budget < max_length:
+        raise ValueError(f"max_prompt_length must be in [1, max_length = {max_length}), got {prompt_budget}")
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    prompts = _ids(tokenizer, [row["prompt"] for row in rows], special=True)
+    responses = {col: _ids(tokenizer, [row[col] for row in rows], special=False) for col in ("chosen", "rejected")}
+    examples = []
+    for i, prompt in enumerate(prompts):
+        pair = {col: _with_eos(responses[col][i], eos) for col in responses}
+        longest = max(len(ids) for ids in pair.values())
+        prompt = _keep_prompt_end(prompt, max(prompt_budget, max_length - longest), bos)
+        example: PairExample = {}
+        for col, response in pair.items():
+            labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
+            # position 0 is predicted by nothing (an empty prompt without BOS)
+            if all(label == IGNORE_INDEX for label in labels[1:]):
+                raise ValueError(f"{name}[{i}][{col!r}] has no token to score after the prompt")
+            example[col] = {"input_ids": (prompt + response)[:max_length], "labels": labels}
+        examples.append(example)
+    return examples
