@@ -274,8 +274,14 @@ class _AttachLinearGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        scaled = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors]
-        return None, None, None, None, *scaled
+        grads = ctx.saved_tensors
+        # Scale in place, as fused._AttachGradient does: the buffers are ours, and a scaled copy would
+        # hold a second dW ([V, H]) and dH at the peak. Skipping grad_output == 1 needs its value: only on CPU.
+        if torch.compiler.is_compiling() or grad_output.device.type != "cpu" or grad_output.item() != 1.0:
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad_output)
+        return None, None, None, None, *grads
 
 
 def _attach(loss, grads, hidden, weight, bias):
