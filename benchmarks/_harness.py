@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: machine facts, timing, copy bandwidth, peak memory, process isolation.
+"""Shared benchmark helpers: machine facts, timing, copy bandwidth, matmul rate, peak memory, process isolation.
 
 Nothing here knows about a particular op; ``benchmarks/run.py`` (and later suites) build on it.
 
@@ -167,6 +167,22 @@ def copy_bandwidth(nbytes: int = 512 * MiB, repeats: int = 10) -> tuple[float, T
     dst = torch.zeros_like(src)
     timing = time_fn(lambda: dst.copy_(src), repeats=repeats, warmup=2)
     return 2 * nbytes / timing.median_s, timing
+
+
+def matmul_rate(m: int, k: int, n: int, dtype, repeats: int = 5, max_seconds: float = 10.0) -> tuple[float, Timing]:
+    """Matmul rate in FLOP/s from ``torch.mm(a, b.T, out=c)``: ``a`` [m, k], ``b`` [n, k], ``c`` [m, n].
+
+    The layout of an LM head's forward (``hidden @ weight.T``); ``2 m n k`` FLOPs per call. The
+    output buffer is allocated and touched before timing, so neither allocation nor page faults
+    are timed; the inputs are random (the rate of a BLAS does not depend on the values).
+    """
+    import torch
+
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(n, k).to(dtype)
+    c = torch.zeros(m, n, dtype=dtype)
+    timing = time_fn(lambda: torch.mm(a, b.T, out=c), repeats=repeats, warmup=1, max_seconds=max_seconds)
+    return 2 * m * n * k / timing.median_s, timing
 
 
 # ---------------------------------------------------------------------------------------------

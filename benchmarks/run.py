@@ -1,21 +1,27 @@
-"""Benchmark rlhf_fast's ops forward+backward on CPU against eager PyTorch and torch.compile.
+"""Benchmark rlhf_fast's ops forward+backward on CPU against eager PyTorch, torch.compile and other fused forms.
 
     python -m benchmarks.run                      # every op, 4096 tokens x 32000 vocab, float32 and bfloat16
     python -m benchmarks.run --quick              # small shape, few repeats: a smoke test
     python -m benchmarks.run --ops cross_entropy,ppo_loss --dtype bf16 --providers rf-cpp,eager --out bench_out
+    python -m benchmarks.run --ops linear_cross_entropy --hidden 1024   # the fused-linear form
 
 Ops (``benchmarks/ops.py``): ``token_logprobs``; the gradient-in-forward losses ``cross_entropy``
 (mean) and ``ppo_loss`` (clipped, k3 KL, entropy bonus, token mean), each also with
 ``inplace_backward=True`` (provider ``rf-cpp-inplace``); ``dpo_loss`` on the chosen/rejected halves
-of one ``[2B, T, V]`` output. Providers: ``rf-cpp`` (and ``rf-torch`` for ``token_logprobs``),
-``eager`` (the usual ``log_softmax(logits.float())`` code) and ``compile`` (``torch.compile`` of
-that same function). Each (op, provider, dtype) case runs in a fresh process: it checks the output
-and the logits' gradient against a float64 reference (``rlhf_fast.reference``, ``F.cross_entropy``)
-on a sample of rows (a wrong answer is a FAIL, never a time), measures the peak extra resident
-memory of one forward+backward, then times ``--repeats`` of them. The floor is the time to move the
-bytes the op must move, at this machine's copy bandwidth measured in the same run: 3 x logits bytes
-(read forward, read backward, write the gradient), 2 x for the gradient-in-forward losses. Method
-and soundness of the memory figure: ``benchmarks/_harness.py``.
+of one ``[2B, T, V]`` output; ``linear_cross_entropy`` (mean) from hidden states ``[tokens, hidden]``
+and an LM-head weight ``[vocab, hidden]``. Providers: ``rf-cpp`` (and ``rf-torch``), ``eager`` (the
+usual ``log_softmax(logits.float())`` code) and ``compile`` (``torch.compile`` of that same
+function); for ``linear_cross_entropy`` also ``torch-lce`` (``torch.nn.functional.linear_cross_entropy``
+on its chunked path) and ``cce`` (Cut Cross-Entropy's ``torch_compile`` implementation, when the
+package is installed). Each (op, provider, dtype) case runs in a fresh process: it checks the output
+and the gradients of its inputs against a float64 reference (``rlhf_fast.reference``,
+``F.cross_entropy``) on a sample of rows (a wrong answer is a FAIL, never a time), measures the peak
+extra resident memory of one forward+backward, then times ``--repeats`` of them. The floor of the
+ops on logits is the time to move the bytes the op must move, at this machine's copy bandwidth
+measured in the same run: 3 x logits bytes (read forward, read backward, write the gradient), 2 x
+for the gradient-in-forward losses. The floor of the fused-linear form is compute: 6 x tokens x
+vocab x hidden FLOPs at this machine's matmul rate in the case dtype, measured in the same run.
+Method and soundness of the memory figure: ``benchmarks/_harness.py``.
 """
 
 from __future__ import annotations
@@ -32,38 +38,42 @@ DTYPES = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
 }  # fmt: skip
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # max |error| / max |reference| against float64 (DESIGN.md numerics rule)
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
 PROVIDERS = tuple(dict.fromkeys(p for op in ops.OPS.values() for p in op.providers))
 
 
-def _check_types(case, out, grad) -> list[str]:
+def _check_types(case, provider: str, out, grads: dict) -> list[str]:
+    """Shapes, dtypes and finiteness. rlhf_fast must return a float32 output; a peer's output dtype
+    is its own business (PyTorch's linear_cross_entropy returns a bfloat16 loss for bfloat16 inputs)
+    and is recorded in the row instead."""
     import torch
 
     problems = []
     want = tuple(case.labels.shape) if case.grad_out is not None else ()
-    if out.dtype != torch.float32 or tuple(out.shape) != want:
+    if tuple(out.shape) != want or (provider.startswith("rf-") and out.dtype != torch.float32):
         problems.append(f"output is {out.dtype} {tuple(out.shape)}, expected float32 {want}")
-    if grad.dtype != case.logits.dtype or grad.shape != case.logits.shape:
-        problems.append(
-            f"grad is {grad.dtype} {tuple(grad.shape)}, expected {case.logits.dtype} {tuple(case.logits.shape)}"
-        )
+    for name, leaf in case.leaves.items():
+        grad = grads[name]
+        if grad.dtype != leaf.dtype or grad.shape != leaf.shape:
+            problems.append(
+                f"{name} grad is {grad.dtype} {tuple(grad.shape)}, expected {leaf.dtype} {tuple(leaf.shape)}"
+            )
     if problems:
         return problems
     if not torch.isfinite(out).all():
         problems.append("non-finite output")
-    if not torch.isfinite(grad).all():
-        problems.append("non-finite gradient")
+    problems += [f"non-finite {name} gradient" for name, grad in grads.items() if not torch.isfinite(grad).all()]
     return problems
 
 
 def measure_case(spec: dict) -> dict:
     """One (op, provider, dtype) case; runs in its own process (see ``_harness.run_isolated``).
 
-    ``*-inplace`` providers write the gradient over the logits: every call (the checked one, the
-    measured one, each timed repeat) first restores the logits from a pristine copy, untimed, and
-    the check reads the gradient from the logits buffer itself.
+    A step is the op's forward and ``torch.autograd.grad`` of its output with respect to every leaf
+    of the case. ``*-inplace`` providers write the gradient over the leaf: every call (the checked
+    one, the measured one, each timed repeat) first restores the leaves from pristine copies,
+    untimed, and the check reads the gradient from the leaf's buffer itself.
     """
     import torch
 
@@ -76,35 +86,41 @@ def measure_case(spec: dict) -> dict:
         return {**result, "status": "SKIP", "detail": fn}
 
     case = op.setup(spec)
+    names, leaves = list(case.leaves), list(case.leaves.values())
     inplace = spec["provider"].endswith("-inplace")
-    pristine = case.logits.detach().clone() if inplace else case.logits.detach()
+    pristine = {name: leaf.detach().clone() if inplace else leaf.detach() for name, leaf in case.leaves.items()}
 
     def restore():
         if inplace:
             with torch.no_grad():
-                case.logits.copy_(pristine)
+                for name, leaf in case.leaves.items():
+                    leaf.copy_(pristine[name])
 
     def step():
         out = fn(case)
-        (grad,) = torch.autograd.grad(out, case.logits, case.grad_out)
-        return out, grad
+        return out, torch.autograd.grad(out, leaves, case.grad_out)
 
     # First call: the warm-up (compiles, allocates lazily) whose answer is checked.
     restore()
     t0 = time.perf_counter()
-    out, grad = step()
+    out, grads = step()
     result["first_call_s"] = time.perf_counter() - t0
-    problems = _check_types(case, out, grad)
-    if inplace and not problems and grad.data_ptr() != case.logits.data_ptr():
-        problems.append("inplace_backward=True returned a gradient that is not the logits buffer")
+    grads = dict(zip(names, grads, strict=True))
+    result["out_dtype"] = str(out.dtype).removeprefix("torch.")
+    problems = _check_types(case, spec["provider"], out, grads)
     if inplace:
-        grad = case.logits.detach()  # what the caller gets: the gradient written into the buffer
+        aliased = [name for name in names if grads[name].data_ptr() == case[name].data_ptr()]
+        if not problems and aliased != names:
+            problems.append("inplace_backward=True returned a gradient that is not the input's buffer")
+        grads = {name: case[name].detach() for name in names}  # what the caller gets: the gradient in the buffer
+    # The op returns these gradients (an in-place one is its input's buffer): they are not "extra".
+    result["grad_bytes"] = 0 if inplace else sum(g.numel() * g.element_size() for g in grads.values())
     if not problems:
-        errors = op.check(case, pristine, out, grad)
+        errors = op.check(case, pristine, out, grads)
         result.update(errors)
         tol = op.tolerance.get(spec["dtype"], TOLERANCE[spec["dtype"]])
         problems += [f"{key} {err:.2e} > {tol:.0e}" for key, err in errors.items() if not err <= tol]
-    del out, grad
+    del out, grads
     if problems:
         return {**result, "status": "FAIL", "detail": "; ".join(problems)}
 
@@ -148,30 +164,53 @@ def measure_copy(spec: dict) -> dict:
     }
 
 
-def _derive(rows: list[dict], bandwidth: float) -> None:
-    """Add floor, GB/s, ratios and memory shares to each row, in place."""
+def measure_matmul(spec: dict) -> dict:
+    """The matmul rate of this machine in the case dtype (see ``_harness.matmul_rate``); own process."""
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    rate, timing = h.matmul_rate(
+        spec["tokens"], spec["hidden"], spec["vocab"], getattr(torch, spec["dtype"]), repeats=spec["repeats"]
+    )
+    return {"status": "ok", "flops_per_s": rate, "matmul_median_ms": timing.median_s * 1e3}
+
+
+def _derive(rows: list[dict], rates: dict[tuple[str, str], float]) -> None:
+    """Add floor, rate, ratios and memory shares to each row, in place.
+
+    ``rates[(kind, dtype)]`` is the machine's rate for a floor of that kind: bytes/s of copy
+    bandwidth for ``"bytes"`` (the same for every dtype), FLOP/s of matmul for ``"flops"``.
+    """
     for row in rows:
-        logits_bytes = row["tokens"] * row["vocab"] * DTYPE_BYTES[row["dtype"]]
-        moved = ops.OPS[row["op"]].floor_passes * logits_bytes
-        row["logits_bytes"] = logits_bytes
-        row["floor_ms"] = moved / bandwidth * 1e3
+        floor = ops.OPS[row["op"]].floor
+        work = floor.amount(row)
+        row["logits_bytes"] = ops.logits_bytes(row)
+        row["floor_ms"] = work / rates[floor.kind, row["dtype"]] * 1e3
         if row.get("status") != "ok":
             continue
-        row["GBps"] = moved / (row["median_ms"] * 1e-3) / 1e9
+        rate = work / (row["median_ms"] * 1e-3)
+        row["GBps" if floor.kind == "bytes" else "GFLOPps"] = rate / 1e9
         row["x_floor"] = row["median_ms"] / row["floor_ms"]
         if "peak_delta_bytes" in row:
-            # The op returns the logits' gradient, one [N, V] tensor in the logits' dtype; with
-            # inplace_backward=True that gradient is the logits buffer, so all of the delta is extra.
-            gradient = 0 if row["provider"].endswith("-inplace") else logits_bytes
-            row["extra_bytes"] = row["peak_delta_bytes"] - gradient
+            row["extra_bytes"] = row["peak_delta_bytes"] - row["grad_bytes"]
             row["peak_delta_MiB"] = row["peak_delta_bytes"] / h.MiB
             row["extra_MiB"] = row["extra_bytes"] / h.MiB
-            row["extra_pct"] = 100 * row["extra_bytes"] / logits_bytes
+            row["extra_pct"] = 100 * row["extra_bytes"] / row["logits_bytes"]
     for key in {(r["op"], r["dtype"]) for r in rows}:
         group = [r for r in rows if (r["op"], r["dtype"]) == key and "median_ms" in r]
-        peers = [r["median_ms"] for r in group if r["provider"] in ops.PEERS]
-        for row in group if peers else []:
-            row["speedup_vs_best_peer"] = min(peers) / row["median_ms"]
+        peers = [r for r in group if r["provider"] in ops.PEERS]
+        eager = [r["median_ms"] for r in peers if r["provider"] == "eager"]
+        # memory against the smallest peer's extra, floored at 1 MiB so a near-zero peer gives no
+        # meaningless ratio (compile's extra is ~1 MiB on the logits ops)
+        peer_extra = [r["extra_bytes"] for r in peers if "extra_bytes" in r]
+        for row in group:
+            if peers:
+                row["speedup_vs_best_peer"] = min(r["median_ms"] for r in peers) / row["median_ms"]
+            if eager:
+                row["speedup_vs_eager"] = eager[0] / row["median_ms"]
+            if peer_extra and "extra_bytes" in row:
+                row["extra_vs_least_peer"] = row["extra_bytes"] / max(min(peer_extra), h.MiB)
 
 
 COLUMNS = [
@@ -183,11 +222,14 @@ COLUMNS = [
     ("median ms", "median_ms", ".1f"),
     ("min ms", "min_ms", ".1f"),
     ("GB/s", "GBps", ".1f"),
+    ("GFLOP/s", "GFLOPps", ".0f"),
     ("x floor", "x_floor", ".2f"),
     ("speed-up vs best peer", "speedup_vs_best_peer", ".2f"),
+    ("vs eager", "speedup_vs_eager", ".2f"),
     ("peak delta MiB", "peak_delta_MiB", ".1f"),
     ("extra MiB", "extra_MiB", ".1f"),
     ("extra % logits", "extra_pct", ".2f"),
+    ("extra / least peer's", "extra_vs_least_peer", ".3f"),
 ]
 
 
@@ -201,6 +243,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--tokens", type=int, help="rows of the logits (default 4096; --quick: 512)")
     p.add_argument("--vocab", type=int, help="vocabulary size (default 32000; --quick: 8192)")
+    p.add_argument("--hidden", type=int, help="hidden size H of the linear_* ops (default 1024; --quick: 256)")
     p.add_argument(
         "--dtype",
         action="append",
@@ -223,6 +266,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     args.tokens = args.tokens or (512 if args.quick else 4096)
     args.vocab = args.vocab or (8192 if args.quick else 32000)
+    args.hidden = args.hidden or (256 if args.quick else 1024)
     args.repeats = args.repeats or (3 if args.quick else 10)
     args.copy_repeats = 5 if args.quick else 10
     dtypes = _csv_list(args.dtype, ("float32", "bfloat16"))
@@ -238,28 +282,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [x for x in args.ops if x not in ops.OPS]
     if unknown:
         p.error(f"unknown --ops {unknown}; choose from {list(ops.OPS)}")
-    if min(args.tokens, args.vocab, args.repeats) < 1:
-        p.error("--tokens, --vocab and --repeats must be positive")
+    if min(args.tokens, args.vocab, args.hidden, args.repeats) < 1:
+        p.error("--tokens, --vocab, --hidden and --repeats must be positive")
     if args.tokens % ops.SEQS and {"ppo_loss", "dpo_loss"} & set(args.ops):
         p.error(f"--tokens must be a multiple of {ops.SEQS} (ppo_loss and dpo_loss use {ops.SEQS} sequences)")
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    info = {**h.machine_info(), "load_avg_1min": h.load_average()}
-    print(f"{', '.join(args.ops)} forward+backward, {args.tokens} tokens x {args.vocab} vocab, CPU")
-    print(f"machine: {info['device']}, Python {info['python']}, git {info['git_rev']}")
-    if info["load_avg_1min"] > 0.5:
-        print(f"warning: load average {info['load_avg_1min']:.2f}; timings share the CPU with other jobs")
-
+def _measure_rates(args, info: dict, flop_ops: list[str]) -> dict[tuple[str, str], float] | None:
+    """Copy bandwidth (always) and, for ops with a FLOP floor, the matmul rate per dtype, each in a
+    fresh process; printed as they come, torch facts added to ``info``. None if one failed."""
     copy_nbytes = 512 * h.MiB  # far larger than any last-level cache
     copy = h.run_isolated("benchmarks.run:measure_copy", {
         "nbytes": copy_nbytes, "repeats": args.copy_repeats, "threads": args.threads,
     })  # fmt: skip
     if copy.get("status") != "ok":
         print(f"copy-bandwidth measurement failed: {copy.get('detail')}", file=sys.stderr)
-        return 1
+        return None
     bandwidth = copy["bandwidth_Bps"]
     info.update(torch_version=copy["torch_version"], cpu_capability=copy["cpu_capability"])
     print(
@@ -271,35 +310,72 @@ def main(argv=None) -> int:
         "peak-memory probe: "
         + (f"{probe:.3f} x the bytes allocated (must be ~1)" if probe is not None else copy["rss_detail"])
     )
+    rates = {("bytes", dtype): bandwidth for dtype in args.dtypes}
+    for dtype in args.dtypes if flop_ops else []:
+        mm = h.run_isolated("benchmarks.run:measure_matmul", {
+            "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab, "dtype": dtype,
+            "repeats": args.copy_repeats, "threads": args.threads,
+        })  # fmt: skip
+        if mm.get("status") != "ok":
+            print(f"matmul-rate measurement failed: {mm.get('detail')}", file=sys.stderr)
+            return None
+        rates["flops", dtype] = mm["flops_per_s"]
+        print(
+            f"matmul rate {dtype}: {mm['flops_per_s'] / 1e9:.0f} GFLOP/s (torch.mm [{args.tokens}, {args.hidden}] x "
+            f"[{args.hidden}, {args.vocab}], {mm['matmul_median_ms']:.0f} ms)"
+        )
+    return rates
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    info = {**h.machine_info(), "load_avg_1min": h.load_average()}
+    flop_ops = [op for op in args.ops if ops.OPS[op].floor.kind == "flops"]
+    shape = f"{args.tokens} tokens x {args.vocab} vocab" + (f" (x {args.hidden} hidden)" if flop_ops else "")
+    print(f"{', '.join(args.ops)} forward+backward, {shape}, CPU")
+    print(f"machine: {info['device']}, Python {info['python']}, git {info['git_rev']}")
+    if info["load_avg_1min"] > 0.5:
+        print(f"warning: load average {info['load_avg_1min']:.2f}; timings share the CPU with other jobs")
+    rates = _measure_rates(args, info, flop_ops)
+    if rates is None:
+        return 1
 
     cases = [(op, d, p) for op in args.ops for d in args.dtypes for p in ops.OPS[op].providers if p in args.providers]
     rows = []
     for i, (op, dtype, provider) in enumerate(cases, 1):
         spec = {
             "op": op, "provider": provider, "dtype": dtype, "tokens": args.tokens, "vocab": args.vocab,
-            "repeats": args.repeats, "max_seconds": args.max_seconds or None, "seed": args.seed,
-            "threads": args.threads,
+            "hidden": args.hidden, "repeats": args.repeats, "max_seconds": args.max_seconds or None,
+            "seed": args.seed, "threads": args.threads,
         }  # fmt: skip
-        row = {"mode": "fwd+bwd", **spec, **info, "copy_bw_GBps": bandwidth / 1e9}
+        row = {"mode": "fwd+bwd", **spec, **info, "copy_bw_GBps": rates["bytes", dtype] / 1e9}
+        if ops.OPS[op].floor.kind == "flops":
+            row["matmul_GFLOPps"] = rates["flops", dtype] / 1e9
         result = h.run_isolated("benchmarks.run:measure_case", spec)
         row.update(result)
         rows.append(row)
         summary = f"{row['median_ms']:.1f} ms" if row["status"] == "ok" else row["status"]
         first = f" (first call {row['first_call_s']:.1f} s)" if "first_call_s" in row else ""
-        print(f"  [{i}/{len(cases)}] {op:<14} {provider:<14} {dtype:<8} {summary}{first}", flush=True)
-    _derive(rows, bandwidth)
+        print(f"  [{i}/{len(cases)}] {op:<20} {provider:<14} {dtype:<8} {summary}{first}", flush=True)
+    _derive(rows, rates)
 
     print()
     print(h.format_table(rows, COLUMNS))
     for op in dict.fromkeys(r["op"] for r in rows):
-        spec = ops.OPS[op]
+        floor = ops.OPS[op].floor
         by_dtype = {r["dtype"]: r["floor_ms"] for r in rows if r["op"] == op}
         floors = ", ".join(f"{dtype} {ms:.1f} ms" for dtype, ms in by_dtype.items())
-        print(f"floor of {op} ({spec.floor_passes} x logits bytes at copy bandwidth: {spec.floor_note}): {floors}")
-    print("extra = peak delta - the gradient the op returns (-inplace: none, it is the logits); % of the logits")
+        rate = "copy bandwidth" if floor.kind == "bytes" else "matmul rate"
+        print(f"floor of {op} ({floor.note}; at the {rate}): {floors}")
+    print(
+        "extra = peak delta - the gradients the op returns (-inplace: none, they are the inputs); "
+        "% of the logits' bytes; / the least extra among the peers (at least 1 MiB)"
+    )
     for row in rows:
         if row["status"] != "ok" or "memory_detail" in row:
             print(f"{row['op']} {row['provider']} {row['dtype']}: {row.get('detail') or row['memory_detail']}")
+        elif row["out_dtype"] != "float32":
+            print(f"{row['op']} {row['provider']} {row['dtype']}: returns a {row['out_dtype']} output")
 
     if args.out:
         stamp = time.strftime("%Y%m%d-%H%M%S")
