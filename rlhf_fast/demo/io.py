@@ -1,4 +1,5 @@
-"""JSON Lines files: one JSON object per line, UTF-8."""
+"""JSON Lines files: one JSON object per line, UTF-8. Reading is :func:`rlhf_fast.jsonl.read_jsonl`,
+the trainers' reader."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+
+from rlhf_fast.jsonl import read_jsonl
+
+__all__ = ["read_jsonl", "write_jsonl"]
 
 
 def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> Path:
@@ -18,20 +23,3 @@ def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> Path:
                 raise TypeError(f"rows[{i}] must be a dict, got {type(row).__name__}")
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The dicts stored one per line in ``path`` (blank lines skipped); a bad line is an error naming it."""
-    rows = []
-    with Path(path).open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows

@@ -85,10 +85,11 @@ def _coerce(name: str, hint, value):
 @dataclass
 class TrainConfig:
     """Fields every trainer shares. Steps are optimizer steps; a step sees
-    ``micro_batch_size * grad_accum_steps`` examples (rows, when packing)."""
+    ``micro_batch_size * grad_accum_steps * world_size`` examples (rows, when packing), ``world_size``
+    being the number of processes (1 unless launched by ``accelerate launch`` or ``torchrun``)."""
 
     output_dir: str = option("runs/run", doc="run directory: config, metrics.jsonl, checkpoints")
-    seed: int = option(0, ge=0, doc="seeds torch, random and numpy, and the data order")
+    seed: int = option(0, ge=0, doc="seeds the data order, and torch, random and numpy (process r: seed + r)")
     device: str = option("auto", doc='"auto" (CUDA when available, else CPU) or a torch device string')
     # optimizer and schedule
     lr: float = option(1e-4, gt=0.0, doc="peak learning rate of AdamW")
@@ -100,7 +101,7 @@ class TrainConfig:
     min_lr_ratio: float = option(0.0, ge=0.0, le=1.0, doc="cosine decays to lr * min_lr_ratio")
     max_steps: int = option(-1, ge=-1, doc="optimizer steps; -1: as many as `epochs` take")
     epochs: float = option(1.0, gt=0.0, doc="passes over the training data when max_steps is -1")
-    micro_batch_size: int = option(8, ge=1)
+    micro_batch_size: int = option(8, ge=1, doc="examples per micro-batch of each process")
     grad_accum_steps: int = option(1, ge=1)
     eval_batch_size: int | None = option(None, ge=1, doc="default: micro_batch_size")
     max_grad_norm: float | None = option(1.0, gt=0.0, doc="clip the global gradient norm; None: no clipping")
@@ -175,3 +176,14 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (tuples as lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def as_config(config, cls: type[TrainConfig]):
+    """``config`` as a ``cls``: None gives the defaults, a mapping goes through :meth:`TrainConfig.from_dict`."""
+    if config is None:
+        return cls()
+    if isinstance(config, cls):
+        return config
+    if isinstance(config, Mapping):
+        return cls.from_dict(config)
+    raise TypeError(f"config must be a {cls.__name__} or a dict of its fields, got {type(config).__name__}")

@@ -12,34 +12,18 @@ block-diagonal causal mask: a packed row gives the loss of its examples run one 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from rlhf_fast.jsonl import read_jsonl
+
 IGNORE_INDEX = -100
 SFT_FORMATS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
 
 Example = dict[str, list[int]]
-
-
-def read_jsonl(path: str | os.PathLike, name: str = "data") -> list[dict]:
-    """The JSON objects of a JSONL file, one per non-empty line; errors give the line number."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{name}: {path}:{lineno} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{name}: {path}:{lineno} holds a {type(row).__name__}, not a JSON object")
-            rows.append(row)
-    return rows
 
 
 def load_rows(data, name: str) -> list[dict]:
@@ -88,12 +72,32 @@ def sft_format(rows: Sequence[Mapping], name: str) -> str:
     return fmt
 
 
+def check_vocab(model, sequences: Iterable[Sequence[int]], name: str) -> None:
+    """A ``ValueError`` naming ``name`` when a token id of ``sequences`` is beyond the vocabulary of
+    ``model``'s input embeddings (a tokenizer that does not belong to the model)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    top = max((max(ids, default=0) for ids in sequences), default=0)
+    if top >= vocab:
+        raise ValueError(f"{name}: the tokenizer produced token id {top}, beyond the model's vocabulary of {vocab}")
+
+
 def _ids(tokenizer, texts: list[str], *, special: bool) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=special)["input_ids"]
 
 
 def _with_eos(ids: list[int], eos: int | None) -> list[int]:
     return [*ids, eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
+def tokenize_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt, with the tokenizer's special tokens (a BOS, for most)."""
+    return _ids(tokenizer, prompts, special=True)
+
+
+def tokenize_responses(tokenizer, responses: list[str]) -> list[list[int]]:
+    """Token ids of each response (completion), without special tokens, ended by EOS (when the tokenizer
+    has one and the response does not end with it already): the model learns to stop."""
+    return [_with_eos(ids, tokenizer.eos_token_id) for ids in _ids(tokenizer, responses, special=False)]
 
 
 def _chat_ids(tokenizer, messages, **kw) -> list[int]:
@@ -145,11 +149,10 @@ def sft_examples(rows: Sequence[Mapping], tokenizer, *, max_length: int, name: s
     if fmt == "messages":
         examples = [_messages_example(tokenizer, row["messages"], f"{name}[{i}]") for i, row in enumerate(rows)]
     elif fmt == "prompt_completion":
-        prompts = _ids(tokenizer, [row["prompt"] for row in rows], special=True)
-        completions = _ids(tokenizer, [row["completion"] for row in rows], special=False)
+        prompts = tokenize_prompts(tokenizer, [row["prompt"] for row in rows])
+        completions = tokenize_responses(tokenizer, [row["completion"] for row in rows])
         examples = []
         for p, c in zip(prompts, completions, strict=True):
-            c = _with_eos(c, eos)
             examples.append({"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c})
     else:
         texts = _ids(tokenizer, [row["text"] for row in rows], special=True)
@@ -243,12 +246,12 @@ def preference_examples(
     prompt_budget = max_prompt_length if max_prompt_length is not None else max_length // 2
     if not 1 <= prompt_budget < max_length:
         raise ValueError(f"max_prompt_length must be in [1, max_length = {max_length}), got {prompt_budget}")
-    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
-    prompts = _ids(tokenizer, [row["prompt"] for row in rows], special=True)
-    responses = {col: _ids(tokenizer, [row[col] for row in rows], special=False) for col in ("chosen", "rejected")}
+    bos = tokenizer.bos_token_id
+    prompts = tokenize_prompts(tokenizer, [row["prompt"] for row in rows])
+    responses = {col: tokenize_responses(tokenizer, [row[col] for row in rows]) for col in ("chosen", "rejected")}
     examples = []
     for i, prompt in enumerate(prompts):
-        pair = {col: _with_eos(responses[col][i], eos) for col in responses}
+        pair = {col: responses[col][i] for col in responses}
         longest = max(len(ids) for ids in pair.values())
         prompt = _keep_prompt_end(prompt, max(prompt_budget, max_length - longest), bos)
         example: PairExample = {}

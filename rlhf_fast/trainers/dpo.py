@@ -41,9 +41,9 @@ import rlhf_fast as rf
 from rlhf_fast.integrations.transformers import final_hidden_states, lm_head
 from rlhf_fast.ops.policy_losses import DPO_LOSS_TYPES
 from rlhf_fast.trainers import data
-from rlhf_fast.trainers.config import TrainConfig, option
+from rlhf_fast.trainers.config import TrainConfig, as_config, option
+from rlhf_fast.trainers.distributed import ProcessGroup
 from rlhf_fast.trainers.loop import Batch, TrainLoop, latest_checkpoint
-from rlhf_fast.trainers.sft import _as_config, _check_vocab
 
 REFERENCE_FILE = "reference_logps.safetensors"
 METRICS = {"chosen_rewards": "rewards/chosen", "rejected_rewards": "rewards/rejected",
@@ -172,15 +172,17 @@ class DPOLoss:
 @torch.no_grad()
 def reference_logps(
     model: torch.nn.Module, pairs: Sequence[data.PairExample], *, pad_id: int, batch_size: int, config: TrainConfig,
-    device: torch.device, bf16: bool, desc: str = "reference",
+    device: torch.device, bf16: bool, desc: str = "reference", group: ProcessGroup | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Summed response log-probs ``(chosen [N], rejected [N])`` float32 (on CPU) of ``model`` on ``pairs``,
-    ``batch_size`` pairs per forward, through the fused LM head (no ``[tokens, vocab]`` logits)."""
+    ``batch_size`` pairs per forward, through the fused LM head (no ``[tokens, vocab]`` logits). With a
+    distributed ``group`` the batches are dealt to the processes in turn and every process gets all sums."""
     from tqdm.auto import tqdm
 
-    sums = []
-    steps = range(0, len(pairs), batch_size)
-    for i in tqdm(steps, desc=desc, disable=not config.progress_bar, leave=False):
+    group = group or ProcessGroup()
+    sums = torch.zeros(2, len(pairs), dtype=torch.float32)  # [chosen; rejected], 0 where another process works
+    starts = range(0, len(pairs), batch_size)[group.rank :: group.world_size]
+    for i in tqdm(starts, desc=desc, disable=not (config.progress_bar and group.is_main), leave=False):
         batch = {k: v.to(device) for k, v in collate_pairs(pairs[i : i + batch_size], pad_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             hidden, weight, bias, softcap = _head(model, batch)
@@ -188,10 +190,12 @@ def reference_logps(
             hidden, weight, _targets(batch), bias=bias, chunk_bytes=config.chunk_bytes, softcap=softcap,
             backend=config.backend,
         )  # fmt: skip
-        sums.append(logp.sum(-1).cpu())  # logp: [2b, T]; sums: b chosen, then b rejected
-    chosen = torch.cat([s[: len(s) // 2] for s in sums])
-    rejected = torch.cat([s[len(s) // 2 :] for s in sums])
-    return chosen, rejected
+        s = logp.sum(-1).float().cpu()  # logp: [2b, T]; s: b chosen, then b rejected
+        b = len(s) // 2
+        sums[:, i : i + b] = s.view(2, b)
+    if group.distributed:  # each sum is a single process's, the others add zeros: exact
+        sums = group.sum(sums.to(device)).cpu()
+    return sums[0], sums[1]
 
 
 def _fingerprint(pairs: Sequence[data.PairExample]) -> str:
@@ -225,7 +229,7 @@ class DPOTrainer:
     def __init__(
         self, model, tokenizer, train_data, eval_data=None, config: DPOConfig | Mapping | None = None, ref_model=None
     ):
-        self.config = cfg = _as_config(config, DPOConfig)
+        self.config = cfg = as_config(config, DPOConfig)
         if ref_model is not None and ref_model is model:
             raise ValueError("ref_model is the model being trained: pass a separate copy, or None for one made here")
         if ref_model is not None and cfg.reference_free:
@@ -255,7 +259,7 @@ class DPOTrainer:
             data.load_rows(rows, name), self.tokenizer, max_length=self.config.max_length,
             max_prompt_length=self.config.max_prompt_length, name=name,
         )  # fmt: skip
-        _check_vocab(model, [p[side] for p in pairs for side in ("chosen", "rejected")], name)
+        data.check_vocab(model, (p[side]["input_ids"] for p in pairs for side in ("chosen", "rejected")), name)
         return pairs
 
     @property
@@ -296,7 +300,7 @@ class DPOTrainer:
                 for name, pairs in missing.items():
                     chosen, rejected = reference_logps(
                         ref, pairs, pad_id=self.pad_id, batch_size=size, config=cfg, device=self.loop.device,
-                        bf16=self.loop.bf16, desc=f"reference log-probs ({name})",
+                        bf16=self.loop.bf16, desc=f"reference log-probs ({name})", group=self.loop.dist,
                     )  # fmt: skip
                     _store(pairs, chosen, rejected)
         self.ref_model = None

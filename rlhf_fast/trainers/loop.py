@@ -11,7 +11,16 @@ A trainer hands :class:`TrainLoop` its model, config, examples, a collate functi
 * ``metrics.jsonl``, a tqdm bar with the live loss;
 * checkpoints that resume bit for bit: weights in safetensors, optimizer/scheduler/RNG states as
   plain tensors and dicts (read back with ``weights_only=True``), step and data position in JSON.
-  Ctrl-C finishes the current step, saves a checkpoint and then raises ``KeyboardInterrupt``.
+  Ctrl-C finishes the current step, saves a checkpoint and then raises ``KeyboardInterrupt``;
+* data parallelism under ``accelerate launch`` or ``torchrun`` (:mod:`rlhf_fast.trainers.distributed`):
+  ``micro_batch_size`` is per process, so a step sees ``micro_batch_size * grad_accum_steps *
+  world_size`` examples. Every process draws the same global micro-batch of ``micro_batch_size *
+  world_size`` examples and takes its own contiguous share; the loss units are summed over the
+  processes, so a step makes the update of one process with ``micro_batch_size * world_size`` (to
+  rounding). The model trains in DDP, synchronizing gradients on each step's last micro-batch only;
+  rank 0 alone writes metrics, checkpoints and the progress bar; each process keeps its own RNG
+  (seeded ``seed + rank``, saved in the checkpoint), and a checkpoint resumes with as many processes
+  as wrote it.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import torch
 from torch import Tensor
 
 from rlhf_fast.trainers.config import TrainConfig
+from rlhf_fast.trainers.distributed import ProcessGroup, local_device
 
 Batch = dict[str, Tensor]
 CHECKPOINT_DIR = "checkpoints"
@@ -85,12 +95,20 @@ def use_bf16(config: TrainConfig, device: torch.device) -> bool:
 class MicroBatches:
     """An endless, resumable stream of micro-batches: epoch ``e`` visits the examples in a permutation
     drawn from ``(seed, e)``; the position is ``(epoch, micro-batch index)``, so a stream rebuilt
-    from a checkpoint yields the very batches the interrupted one would have."""
+    from a checkpoint yields the very batches the interrupted one would have.
 
-    def __init__(self, examples: Sequence, collate: Callable[[list], Batch], size: int, *, shuffle: bool, seed: int):
+    With ``world_size`` processes, every process walks the same permutation in global micro-batches
+    of ``size * world_size`` examples and yields its contiguous share (``rank``) of each. The last
+    global micro-batch of an epoch may be short; one shorter than ``world_size`` is topped up from
+    the start of the epoch's permutation, so that no process goes without an example.
+    """
+
+    def __init__(self, examples: Sequence, collate: Callable[[list], Batch], size: int, *, shuffle: bool, seed: int,
+                 rank: int = 0, world_size: int = 1):  # fmt: skip
         self.examples, self.collate, self.size = examples, collate, size
         self.shuffle, self.seed = shuffle, seed
-        self.per_epoch = math.ceil(len(examples) / size)
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = math.ceil(len(examples) / (size * world_size))
         self.epoch, self.index = 0, 0
         self._order = self._permutation(0)
 
@@ -104,8 +122,13 @@ class MicroBatches:
         if self.index == self.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
-        picks = self._order[self.index * self.size : (self.index + 1) * self.size]
+        width = self.size * self.world_size
+        picks = self._order[self.index * width : (self.index + 1) * width]
         self.index += 1
+        if self.world_size > 1:
+            picks += [self._order[i % len(self._order)] for i in range(self.world_size - len(picks))]
+            n = len(picks)
+            picks = picks[self.rank * n // self.world_size : (self.rank + 1) * n // self.world_size]
         return self.collate([self.examples[i] for i in picks])
 
     @property
@@ -171,6 +194,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rng_file(rank: int) -> str:
+    """The checkpoint file of process ``rank``'s generators (``rng.pt`` for a single process)."""
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The checkpoint of the highest step under ``output_dir/checkpoints``, or None."""
     root = Path(output_dir) / CHECKPOINT_DIR
@@ -210,6 +238,19 @@ class _Window:
         return out
 
 
+class _ObjectiveModule(torch.nn.Module):
+    """The objective's loss as the forward of a module that holds the model, for DDP: DDP synchronizes
+    gradients only in a backward that follows its own forward, and objectives call into the model's
+    parts (final hidden states, LM head), not its forward. Returns ``objective.loss(model, batch)``."""
+
+    def __init__(self, model: torch.nn.Module, objective: Objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.objective.loss(self.model, batch)
+
+
 class TrainLoop:
     """Optimizer, schedule, accumulation, evaluation, metrics and checkpoints for one model.
 
@@ -222,6 +263,9 @@ class TrainLoop:
         collate: list of examples -> batch of tensors (on CPU; the loop moves them).
         eval_extras: derived eval metrics from the averaged ones (e.g. perplexity from the loss).
         save_extras: writes trainer-specific files (e.g. the tokenizer) into a checkpoint directory.
+        batch_size: examples per batch of the training stream (default ``config.micro_batch_size``).
+        batches_per_step: batches of the stream per step (default ``config.grad_accum_steps``); the
+            step count of an epoch follows from both. PPO draws one batch of prompts per iteration.
     """
 
     def __init__(
@@ -235,14 +279,19 @@ class TrainLoop:
         eval_examples: Sequence | None = None,
         eval_extras: Callable[[dict[str, float]], dict[str, float]] | None = None,
         save_extras: Callable[[Path], None] | None = None,
+        batch_size: int | None = None,
+        batches_per_step: int | None = None,
     ):
         self.config, self.objective = config, objective
-        self.device = resolve_device(config)
+        self.device = local_device(resolve_device(config))
+        self.dist = ProcessGroup.join(self.device)
         self.bf16 = use_bf16(config, self.device)
         self.model = model.to(self.device)
+        self.batches_per_step = batches_per_step or config.grad_accum_steps
         self.train_batches = MicroBatches(
-            train_examples, collate, config.micro_batch_size, shuffle=config.shuffle, seed=config.seed
-        )
+            train_examples, collate, batch_size or config.micro_batch_size, shuffle=config.shuffle, seed=config.seed,
+            rank=self.dist.rank, world_size=self.dist.world_size,
+        )  # fmt: skip
         if config.eval_every and eval_examples is None:
             raise ValueError(f"config field 'eval_every' is {config.eval_every} but there is no eval data")
         self.eval_examples, self.collate = eval_examples, collate
@@ -251,7 +300,7 @@ class TrainLoop:
         if config.max_steps > 0:
             self.total_steps = config.max_steps
         else:
-            self.total_steps = max(1, math.ceil(config.epochs * self.train_batches.per_epoch / config.grad_accum_steps))
+            self.total_steps = max(1, math.ceil(config.epochs * self.train_batches.per_epoch / self.batches_per_step))
         warmup = config.warmup_steps or int(config.warmup_ratio * self.total_steps)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -266,6 +315,10 @@ class TrainLoop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, warmup=warmup, total=total, min_ratio=min_ratio)
         )
+        # the model in DDP (its parameters are the model's own), None in a single process
+        self._ddp = None
+        if self.dist.distributed:
+            self._ddp = self.dist.wrap(_ObjectiveModule(self.model, objective), self.device)
         self.step = 0
         self.tokens_seen = 0
         self.output_dir = Path(config.output_dir)
@@ -282,32 +335,52 @@ class TrainLoop:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _train_step(self) -> tuple[float, int, int, float, dict[str, float]]:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the summed loss, loss
-        units, input tokens, gradient norm and summed extra metrics."""
-        batches = [next(self.train_batches) for _ in range(self.config.grad_accum_steps)]
+        """One step over ``batches_per_step`` micro-batches of the stream: :meth:`optimizer_step`, then
+        the schedule and the step count move on."""
+        out = self.optimizer_step([next(self.train_batches) for _ in range(self.batches_per_step)])
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += out[2]
+        return out
+
+    def optimizer_step(self, batches: Sequence[Batch]) -> tuple[float, int, int, float, dict[str, float]]:
+        """Accumulate the objective's gradient over ``batches`` (each micro-batch's summed loss divided
+        by the units of all of them), clip, and take one optimizer step; the LR schedule and the step
+        count are left alone. Returns the summed loss, loss units, input tokens, gradient norm and
+        summed extra metrics.
+
+        Under DDP, ``batches`` are this process's share of the step and every process passes as many;
+        the units, and the returned sums, are over all processes."""
         units = sum(self.objective.count(b) for b in batches)
-        # every micro-batch's summed loss over the step's units: the step's mean, whatever the split
-        scale = 1.0 / max(units, 1)
+        units = int(self.dist.sum(torch.tensor([units], device=self.device)).item())
+        # every micro-batch's summed loss over the step's units: the step's mean, whatever the split;
+        # DDP averages the processes' gradients, and the world size turns that mean back into their sum
+        scale = self.dist.world_size / max(units, 1)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         extras: dict[str, Tensor] = {}
         tokens = 0
-        for batch in batches:
+        for i, batch in enumerate(batches):
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             batch = self._to_device(batch)
-            with self._autocast():
-                loss, more = self.objective.loss(self.model, batch)
-            (loss * scale).backward()
+            # DDP all-reduces the gradients in the backward of the step's last micro-batch only
+            sync = self._ddp is None or i == len(batches) - 1
+            with nullcontext() if sync else self._ddp.no_sync():
+                with self._autocast():
+                    loss, more = self._ddp(batch) if self._ddp is not None else self.objective.loss(self.model, batch)
+                (loss * scale).backward()
             loss_sum += loss.detach()
             for k, val in more.items():
                 extras[k] = extras.get(k, 0.0) + val.detach().float()
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.tokens_seen += tokens
-        return float(loss_sum), units, tokens, float(grad_norm), {k: float(val) for k, val in extras.items()}
+        if not self.dist.distributed:
+            return float(loss_sum), units, tokens, float(grad_norm), {k: float(val) for k, val in extras.items()}
+        names = sorted(extras)  # every process's objective reports the same metrics
+        sums = torch.stack([loss_sum, torch.tensor(float(tokens), device=self.device), *(extras[k] for k in names)])
+        sums = self.dist.sum(sums.double()).tolist()
+        return sums[0], units, int(sums[1]), float(grad_norm), dict(zip(names, sums[2:], strict=True))
 
     # -- public API --------------------------------------------------------------------------
 
@@ -320,17 +393,21 @@ class TrainLoop:
         """
         from tqdm.auto import tqdm
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "trainer_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        main = self.dist.is_main
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "trainer_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         if resume_from is True:
             resume_from = latest_checkpoint(self.output_dir)
         if resume_from:
             self.load(resume_from)
         else:
-            seed_everything(self.config.seed)
-            self.metrics_path.unlink(missing_ok=True)
+            seed_everything(self.config.seed + self.dist.rank)
+            if main:
+                self.metrics_path.unlink(missing_ok=True)
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.config.progress_bar, desc="train")
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.config.progress_bar and main),
+                   desc="train")  # fmt: skip
         last: dict[str, float] = {}
         window = _Window(self.objective.unit)
         try:
@@ -353,9 +430,11 @@ class TrainLoop:
                         record = self.evaluate()
                         last.update(record)
                         self._log(record)
-                    if (self.config.save_every and self.step % self.config.save_every == 0) or final or stop.requested:
+                    # a Ctrl-C reaches the processes at different moments: all stop after the same step
+                    stopping = self.dist.any(stop.requested, self.device)
+                    if (self.config.save_every and self.step % self.config.save_every == 0) or final or stopping:
                         self.save()
-                    if stop.requested and not final:
+                    if stopping and not final:
                         raise KeyboardInterrupt
         finally:
             bar.close()
@@ -363,13 +442,15 @@ class TrainLoop:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss (and extras) averaged over every loss unit of the eval set, keys prefixed ``eval_``."""
+        """Loss (and extras) averaged over every loss unit of the eval set, keys prefixed ``eval_``.
+        Under DDP the eval batches are dealt to the processes in turn and the sums gathered."""
         if self.eval_examples is None:
             raise ValueError("no eval data: pass eval_data to the trainer")
         was_training = self.model.training
         self.model.eval()
         loss_sum, units, sums = 0.0, 0, {}
-        for i in range(0, len(self.eval_examples), self.eval_size):
+        starts = range(0, len(self.eval_examples), self.eval_size)
+        for i in starts[self.dist.rank :: self.dist.world_size]:
             batch = self.collate(list(self.eval_examples[i : i + self.eval_size]))
             units += self.objective.count(batch)
             with self._autocast():
@@ -378,6 +459,11 @@ class TrainLoop:
             for k, val in more.items():
                 sums[k] = sums.get(k, 0.0) + float(val)
         self.model.train(was_training)
+        if self.dist.distributed:
+            names = self.dist.broadcast(sorted(sums))  # rank 0 has the first batch, so every metric
+            totals = torch.tensor([loss_sum, units, *(sums[k] for k in names)], dtype=torch.float64, device=self.device)
+            loss_sum, units, *rest = self.dist.sum(totals).tolist()
+            sums = dict(zip(names, rest, strict=True))
         out = {"eval_loss": loss_sum / max(units, 1)}
         out.update({f"eval_{k}": val / max(units, 1) for k, val in sums.items()})
         if self.eval_extras is not None:
@@ -385,6 +471,8 @@ class TrainLoop:
         return out
 
     def _log(self, values: dict[str, float]) -> None:
+        if not self.dist.is_main:
+            return
         record = {"step": self.step, "epoch": round(self.train_batches.epochs_done, 6), **values}
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -394,28 +482,39 @@ class TrainLoop:
 
         Files: ``model.safetensors`` (and the model's ``config.json``, so ``from_pretrained`` reads
         the directory), ``optimizer.pt``, ``scheduler.pt``, ``rng.pt`` (tensors and plain containers
-        only) and ``trainer_state.json`` (step, data position). Written to a temporary directory and
-        renamed, so a crash never leaves half a checkpoint.
+        only) and ``trainer_state.json`` (step, data position, world size). Written to a temporary
+        directory and renamed, so a crash never leaves half a checkpoint.
+
+        Under DDP every process calls it: the states are the same on all of them and rank 0 writes
+        them, but each process writes its own generators' state (``rng-rank<r>.pt`` for ``r > 0``),
+        so the directory must be on a file system that all processes see.
         """
         from safetensors.torch import save_model
 
+        main = self.dist.is_main
         final = Path(path) if path is not None else self.output_dir / CHECKPOINT_DIR / f"step-{self.step:08d}"
         tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_model(self.model, str(tmp / "model.safetensors"))
-        if hasattr(self.model, "config") and hasattr(self.model.config, "save_pretrained"):
-            self.model.config.save_pretrained(tmp)
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.train_batches.state_dict(),
-                 "config": self.config.to_dict()}  # fmt: skip
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        if self.save_extras is not None:
-            self.save_extras(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.dist.barrier()  # the directory exists for every process
+        torch.save(_rng_state(), tmp / _rng_file(self.dist.rank))
+        if main:
+            save_model(self.model, str(tmp / "model.safetensors"))
+            if hasattr(self.model, "config") and hasattr(self.model.config, "save_pretrained"):
+                self.model.config.save_pretrained(tmp)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.train_batches.state_dict(),
+                     "world_size": self.dist.world_size, "config": self.config.to_dict()}  # fmt: skip
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            if self.save_extras is not None:
+                self.save_extras(tmp)
+        self.dist.barrier()  # every process's file is in before the rename
+        if main:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        self.dist.barrier()  # no process goes on before the checkpoint exists
         return final
 
     def load(self, path: str | os.PathLike) -> None:
@@ -426,18 +525,24 @@ class TrainLoop:
         path = Path(path)
         if not (path / "trainer_state.json").is_file():
             raise FileNotFoundError(f"resume_from: {str(path)!r} is not a checkpoint (no trainer_state.json)")
+        state = json.loads((path / "trainer_state.json").read_text())
+        written_by = int(state.get("world_size", 1))
+        if written_by != self.dist.world_size:
+            raise ValueError(
+                f"resume_from: {str(path)!r} was written by {written_by} process(es) and this run has "
+                f"{self.dist.world_size}: resume with {written_by} (the data shards and RNG states are per process)"
+            )
         load_model(self.model, str(path / "model.safetensors"), strict=True, device=str(self.device))
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-        _set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
-        state = json.loads((path / "trainer_state.json").read_text())
+        _set_rng_state(torch.load(path / _rng_file(self.dist.rank), map_location="cpu", weights_only=True))
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.train_batches.load_state_dict(state["data"])
         self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
         """Drop records past the resumed step (logged after the checkpoint by the interrupted run)."""
-        if not self.metrics_path.is_file():
+        if not self.dist.is_main or not self.metrics_path.is_file():
             return
         lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
         kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]

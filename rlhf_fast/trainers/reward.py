@@ -35,9 +35,8 @@ from torch import Tensor, nn
 import rlhf_fast as rf
 from rlhf_fast.integrations.transformers import final_hidden_states
 from rlhf_fast.trainers import data
-from rlhf_fast.trainers.config import TrainConfig, option
+from rlhf_fast.trainers.config import TrainConfig, as_config, option
 from rlhf_fast.trainers.loop import Batch, TrainLoop
-from rlhf_fast.trainers.sft import _as_config
 
 PREFERENCE_FORMATS = {"pairwise": ("prompt", "chosen", "rejected"), "ranking": ("prompt", "responses")}
 BACKBONE_DIR = "backbone"  # where a ValueHeadModel checkpoint keeps its backbone's config
@@ -215,19 +214,18 @@ def preference_format(rows: Sequence[Mapping], name: str) -> str:
 
 def preference_examples(rows: Sequence[Mapping], tokenizer, *, max_length: int, name: str) -> list[dict]:
     """Tokenized examples ``{"responses": [ids, ...]}`` (best first) of ``rows``; pairs also carry
-    ``"margin"`` (0.0 without the column). Each sequence is prompt + response + EOS, its first
-    ``max_length`` tokens."""
+    ``"margin"`` (0.0 without the column). Each sequence is prompt + response + EOS, tokenized as the
+    DPO pairs are (:func:`rlhf_fast.trainers.data.tokenize_prompts`, ``tokenize_responses``), its first
+    ``max_length`` tokens: unlike a DPO pair, a reward model's sequence carries no labels, the data may
+    be rankings, and truncation cuts the end (a score of the prompt and the response's start)."""
     fmt = preference_format(rows, name)
     texts = [[row["chosen"], row["rejected"]] if fmt == "pairwise" else list(row["responses"]) for row in rows]
-    prompts = tokenizer([row["prompt"] for row in rows])["input_ids"]
-    flat = tokenizer([t for ts in texts for t in ts], add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
+    prompts = data.tokenize_prompts(tokenizer, [row["prompt"] for row in rows])
+    flat = data.tokenize_responses(tokenizer, [t for ts in texts for t in ts])
     examples, at = [], 0
     for i, (row, prompt, ts) in enumerate(zip(rows, prompts, texts, strict=True)):
         sequences = []
         for ids in flat[at : at + len(ts)]:
-            if eos is not None and (not ids or ids[-1] != eos):
-                ids = [*ids, eos]
             sequence = (prompt + ids)[:max_length]
             if not sequence:
                 raise ValueError(f"{name}[{i}] tokenizes to an empty sequence (and the tokenizer has no EOS)")
@@ -252,13 +250,6 @@ def collate_preferences(examples: Sequence[dict], pad_id: int) -> Batch:
     if "margin" in examples[0]:
         batch["margin"] = torch.tensor([ex["margin"] for ex in examples], dtype=torch.float32)
     return batch
-
-
-def _check_vocab(model: nn.Module, examples: list[dict], name: str) -> None:
-    vocab = model.get_input_embeddings().num_embeddings
-    top = max(max(s) for ex in examples for s in ex["responses"])
-    if top >= vocab:
-        raise ValueError(f"{name}: the tokenizer produced token id {top}, beyond the model's vocabulary of {vocab}")
 
 
 # -- the objective -----------------------------------------------------------------------------------
@@ -327,19 +318,19 @@ class RewardTrainer:
     """
 
     def __init__(self, model, tokenizer, train_data, eval_data=None, config: RewardConfig | Mapping | None = None):
-        self.config = cfg = _as_config(config, RewardConfig)
+        self.config = cfg = as_config(config, RewardConfig)
         self.tokenizer = tokenizer
         model = as_reward_model(model, seed=cfg.seed)
         examples = preference_examples(
             data.load_rows(train_data, "train_data"), tokenizer, max_length=cfg.max_length, name="train_data"
         )
-        _check_vocab(model, examples, "train_data")
+        data.check_vocab(model, (s for ex in examples for s in ex["responses"]), "train_data")
         eval_examples = None
         if eval_data is not None:
             eval_examples = preference_examples(
                 data.load_rows(eval_data, "eval_data"), tokenizer, max_length=cfg.max_length, name="eval_data"
             )
-            _check_vocab(model, eval_examples, "eval_data")
+            data.check_vocab(model, (s for ex in eval_examples for s in ex["responses"]), "eval_data")
         self.loop = TrainLoop(
             model, cfg, RewardLoss(cfg), examples, partial(collate_preferences, pad_id=data.pad_id_of(tokenizer)),
             eval_examples=eval_examples, save_extras=self._save_extras,

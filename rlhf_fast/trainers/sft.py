@@ -27,7 +27,7 @@ from torch import Tensor
 import rlhf_fast as rf
 from rlhf_fast.integrations.transformers import final_hidden_states, lm_head
 from rlhf_fast.trainers import data
-from rlhf_fast.trainers.config import TrainConfig, option
+from rlhf_fast.trainers.config import TrainConfig, as_config, option
 from rlhf_fast.trainers.loop import Batch, TrainLoop
 
 
@@ -87,23 +87,6 @@ def _perplexity(metrics: dict[str, float]) -> dict[str, float]:
     return {"eval_ppl": math.exp(min(metrics["eval_loss"], 700.0))}
 
 
-def _as_config(config, cls):
-    if config is None:
-        return cls()
-    if isinstance(config, cls):
-        return config
-    if isinstance(config, Mapping):
-        return cls.from_dict(config)
-    raise TypeError(f"config must be a {cls.__name__} or a dict of its fields, got {type(config).__name__}")
-
-
-def _check_vocab(model, examples: list[data.Example], name: str) -> None:
-    vocab = model.get_input_embeddings().num_embeddings
-    top = max(max(ex["input_ids"], default=0) for ex in examples)
-    if top >= vocab:
-        raise ValueError(f"{name}: the tokenizer produced token id {top}, beyond the model's vocabulary of {vocab}")
-
-
 class SFTTrainer:
     """Supervised fine-tuning: ``SFTTrainer(model, tokenizer, train_data, eval_data, config).train()``.
 
@@ -118,7 +101,7 @@ class SFTTrainer:
     """
 
     def __init__(self, model, tokenizer, train_data, eval_data=None, config: SFTConfig | Mapping | None = None):
-        self.config = _as_config(config, SFTConfig)
+        self.config = as_config(config, SFTConfig)
         self.tokenizer = tokenizer
         cfg = self.config
         examples = data.sft_examples(
@@ -126,13 +109,13 @@ class SFTTrainer:
         )
         if not any(label != data.IGNORE_INDEX for ex in examples for label in ex["labels"][1:]):
             raise ValueError(f"train_data has no token to train on within max_length = {cfg.max_length}")
-        _check_vocab(model, examples, "train_data")
+        data.check_vocab(model, (ex["input_ids"] for ex in examples), "train_data")
         eval_examples = None
         if eval_data is not None:
             eval_examples = data.sft_examples(
                 data.load_rows(eval_data, "eval_data"), tokenizer, max_length=cfg.max_length, name="eval_data"
             )
-            _check_vocab(model, eval_examples, "eval_data")
+            data.check_vocab(model, (ex["input_ids"] for ex in eval_examples), "eval_data")
         if cfg.packing:
             examples = data.pack(examples, cfg.max_length)
         self.loop = TrainLoop(
