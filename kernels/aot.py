@@ -45,6 +45,7 @@ from ._common import AotSpec
 
 TARGETS = (80, 90)
 AOT_DTYPES = (torch.float32, torch.bfloat16)
+_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per element of an AotSpec.dtype
 
 
 def all_specs(dtypes: tuple[torch.dtype, ...] = AOT_DTYPES) -> list[AotSpec]:
@@ -79,8 +80,7 @@ class AotResult:
     @property
     def stream_bytes(self) -> int:
         """Bytes of one row block per thread: what one stream's loads must cover per loop step."""
-        itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[self.spec.dtype]
-        return self.spec.config.block_v * itemsize // (32 * self.spec.config.num_warps)
+        return self.spec.config.block_v * _ITEMSIZE[self.spec.dtype] // (32 * self.spec.config.num_warps)
 
     def row(self) -> dict[str, object]:
         return {
@@ -89,6 +89,47 @@ class AotResult:
             "spill_st": self.spill_stores, "spill_ld": self.spill_loads, "shared": self.shared,
             "local": self.local, "vec_ld": self.widest_load, "vec_st": self.widest_store,
         }  # fmt: skip
+
+
+def problems(result: AotResult) -> list[str]:
+    """Why a compiled specialization is not ready for a GPU; empty when it is. The one statement of the
+    criteria, shared by ``tests/test_triton_aot.py`` and ``rlhf-fast bench --ptx``:
+
+    * the logits rows are read with vector loads (>= 8 bytes per thread) covering the whole block of each
+      row stream the kernel reads per step, and gradient rows are written the same way;
+    * a ``tl.dot`` kernel (no logits) reads its hidden and weight tiles with vector loads (16-byte
+      ``cp.async`` to shared memory on the tensor-core path) covering one H step of both tiles;
+    * ptxas reports no spill stores or loads, and the cubin uses no local memory.
+    """
+    spec, found = result.spec, []
+    block = result.stream_bytes  # bytes per thread of one row block
+    if spec.tiles_read:
+        config = spec.config
+        step = (config.block_n + config.block_v) * config.block_h * _ITEMSIZE[spec.dtype] // (32 * config.num_warps)
+        if result.widest_load < 8:
+            found.append("hidden/weight tiles are read with scalar loads")
+        elif result.vector_load_bytes < step:
+            found.append(f"vector loads cover {result.vector_load_bytes} B/thread, an H step of the tiles needs {step}")
+    elif result.widest_load < 8:
+        found.append("logits rows are read with scalar loads")
+    elif result.vector_load_bytes < spec.rows_read * block:
+        found.append(
+            f"vector loads cover {result.vector_load_bytes} B/thread, {spec.rows_read} row(s) need "
+            f"{spec.rows_read * block}: part of the row is read with scalar loads"
+        )
+    if spec.rows_written:
+        if result.widest_store < 8:
+            found.append("gradient rows are written with scalar stores")
+        elif result.vector_store_bytes < spec.rows_written * block:
+            found.append(
+                f"vector stores cover {result.vector_store_bytes} B/thread, {spec.rows_written} row(s) need "
+                f"{spec.rows_written * block}"
+            )
+    if result.spill_stores or result.spill_loads:
+        found.append(f"registers spill ({result.spill_stores} B stored, {result.spill_loads} B loaded)")
+    if result.local:
+        found.append(f"the kernel uses {result.local} B of local memory")
+    return found
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 """The benchmark runner's cases on tiny shapes, so the benchmark cannot rot.
 
-Each case goes through ``benchmarks.run.measure_case``, the function the runner calls in its worker
+Each case goes through ``rlhf_fast.bench.run.measure_case``, the function the runner calls in its worker
 processes: the provider's forward+backward, its check against the float64 reference, the memory
 measurement and the timing. A case passes only if the check passed (status ``ok``); a provider
 that cannot run here (an optional package that is not installed) is skipped with its reason.
@@ -8,25 +8,28 @@ that cannot run here (an optional package that is not installed) is skipped with
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
-from benchmarks import ops, run
+from rlhf_fast.bench import ops, run
 
 TINY = {"tokens": 48, "vocab": 301, "hidden": 24}  # odd sizes; tokens a multiple of ops.SEQS
-COMPILING = ("compile", "cce")  # torch.compile on the first call: tens of seconds each
+COMPILING = run.COMPILING  # torch.compile on the first call: tens of seconds each
 LINEAR = "linear_cross_entropy"
+LINEAR_OPS = [op for op, spec in ops.OPS.items() if spec.floor.kind == "flops"]  # hidden and weight in
 
 
-def _spec(op: str, provider: str, dtype: str) -> dict:
+def _spec(op: str, provider: str, dtype: str, mode: str = "full") -> dict:
     return {
-        "op": op, "provider": provider, "dtype": dtype, **TINY, "repeats": 1, "max_seconds": None,
+        "op": op, "provider": provider, "dtype": dtype, "mode": mode, **TINY, "repeats": 1, "max_seconds": None,
         "seed": 0, "threads": None,
     }  # fmt: skip
 
 
-def _measure(op: str, provider: str, dtype: str) -> dict:
-    result = run.measure_case(_spec(op, provider, dtype))
+def _measure(op: str, provider: str, dtype: str, mode: str = "full") -> dict:
+    result = run.measure_case(_spec(op, provider, dtype, mode))
     if result["status"] == "SKIP":
         pytest.skip(f"{provider} cannot run here: {result['detail']}")
     return result
@@ -38,12 +41,15 @@ def _params(op: str, dtypes: tuple[str, ...]):
             marks = [pytest.mark.slow] if provider in COMPILING else []
             if provider in COMPILING and dtype != "float32":
                 continue  # one compiled dtype is enough to keep the provider honest
-            yield pytest.param(provider, dtype, marks=marks, id=f"{provider}-{dtype}")
+            yield pytest.param(op, provider, dtype, marks=marks, id=f"{op}-{provider}-{dtype}")
 
 
-@pytest.mark.parametrize(("provider", "dtype"), list(_params(LINEAR, ("float32", "bfloat16"))))
-def test_linear_cross_entropy_case(provider, dtype):
-    result = _measure(LINEAR, provider, dtype)
+@pytest.mark.parametrize(
+    ("op", "provider", "dtype"),
+    [param for op in LINEAR_OPS for param in _params(op, ("float32", "bfloat16"))],
+)
+def test_linear_op_case(op, provider, dtype):
+    result = _measure(op, provider, dtype)
     assert result["status"] == "ok", result.get("detail")
     assert {"fwd_err", "hidden_grad_err", "weight_grad_err"} <= result.keys()
     # hidden [N, H] and weight [V, H] gradients in the inputs' dtype
@@ -55,13 +61,23 @@ def test_linear_cross_entropy_case(provider, dtype):
 
 @pytest.mark.parametrize(
     ("op", "provider"),
-    [(op, p) for op, spec in ops.OPS.items() if op != LINEAR for p in spec.providers if p not in COMPILING],
+    [(op, p) for op, spec in ops.OPS.items() if op not in LINEAR_OPS for p in spec.providers if p not in COMPILING],
 )
 def test_logits_op_case(op, provider):
     result = _measure(op, provider, "float32")
     assert result["status"] == "ok", result.get("detail")
     inplace = provider.endswith("-inplace")
     assert result["grad_bytes"] == (0 if inplace else ops.logits_bytes(_spec(op, provider, "float32")))
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd"])
+@pytest.mark.parametrize(("op", "provider"), [("token_logprobs", "rf-cpp"), ("cross_entropy", "rf-cpp-inplace")])
+def test_forward_and_backward_modes(op, provider, mode):
+    """fwd and bwd time one half of the step; -inplace restores the logits before every forward, so each
+    backward after an untimed forward still sees the op's own gradient (checked on the first step)."""
+    result = _measure(op, provider, "float32", mode)
+    assert result["status"] == "ok", result.get("detail")
+    assert result["timed_calls"] == 1 and result["median_ms"] > 0
 
 
 @pytest.mark.parametrize("op", [LINEAR, "cross_entropy"])
@@ -76,21 +92,74 @@ def test_wrong_answer_fails(op, monkeypatch):
 
 
 def test_runner_end_to_end(tmp_path, capsys):
-    """The runner with a FLOP floor: matmul rate, floor, ratios and memory columns in the rows."""
+    """The runner with a FLOP floor over a vocabulary sweep: matmul rate, floor, ratios, memory columns, plots."""
+    vocabs = (TINY["vocab"], 2 * TINY["vocab"])
     argv = [
         "--ops", LINEAR, "--providers", "rf-cpp,eager", "--dtype", "float32", "--repeats", "2",
-        "--tokens", str(TINY["tokens"]), "--vocab", str(TINY["vocab"]), "--hidden", str(TINY["hidden"]),
+        "--tokens", str(TINY["tokens"]), "--vocab", ",".join(map(str, vocabs)), "--hidden", str(TINY["hidden"]),
         "--out", str(tmp_path),
     ]  # fmt: skip
     assert run.main(argv) == 0
     assert "matmul rate float32" in capsys.readouterr().out
     (json_path,) = tmp_path.glob("*.json")
-    rows = {r["provider"]: r for r in json.loads(json_path.read_text())}
-    assert set(rows) == {"rf-cpp", "eager"}
-    flops = 6 * TINY["tokens"] * TINY["vocab"] * TINY["hidden"]
-    for row in rows.values():
+    rows = {(r["provider"], r["vocab"]): r for r in json.loads(json_path.read_text())}
+    assert set(rows) == {(p, v) for p in ("rf-cpp", "eager") for v in vocabs}
+    for (_, vocab), row in rows.items():
         assert row["status"] == "ok"
+        assert row["mode"] == "full" and row["git_rev"] and row["torch_version"]
+        flops = 6 * TINY["tokens"] * vocab * TINY["hidden"]
         assert row["floor_ms"] == pytest.approx(flops / (row["matmul_GFLOPps"] * 1e9) * 1e3)
         assert row["x_floor"] == pytest.approx(row["median_ms"] / row["floor_ms"])
         assert row["extra_bytes"] == row["peak_delta_bytes"] - row["grad_bytes"]
-    assert rows["eager"]["speedup_vs_eager"] == 1.0
+        # each vocabulary size is its own competition
+        eager = rows["eager", vocab]["median_ms"]
+        assert row["speedup_vs_eager"] == pytest.approx(eager / row["median_ms"])
+    assert [p.name for p in tmp_path.glob("*.png")] == [f"{LINEAR}-float32-full.png"]
+
+
+def test_runner_modes_and_token_sweep(tmp_path):
+    """A case per (mode, tokens); floors per mode; extra memory only for the full step."""
+    argv = [
+        "--ops", "token_logprobs", "--providers", "rf-cpp", "--dtype", "float32", "--repeats", "1",
+        "--tokens", f"{TINY['tokens']},{2 * TINY['tokens']}", "--vocab", str(TINY["vocab"]),
+        "--mode", "fwd,bwd", "--mode", "full", "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert run.main(argv) == 0
+    (json_path,) = tmp_path.glob("*.json")
+    rows = {(r["mode"], r["tokens"]): r for r in json.loads(json_path.read_text())}
+    assert set(rows) == {(m, t) for m in ("fwd", "bwd", "full") for t in (TINY["tokens"], 2 * TINY["tokens"])}
+    for (mode, _), row in rows.items():
+        assert row["status"] == "ok"
+        passes = {"fwd": 1, "bwd": 2, "full": 3}[mode]
+        assert row["floor_ms"] == pytest.approx(passes * ops.logits_bytes(row) / (row["copy_bw_GBps"] * 1e9) * 1e3)
+        assert ("extra_bytes" in row) == (mode == "full")
+    plots = {p.name for p in tmp_path.glob("*.png")}
+    assert plots == {f"token_logprobs-float32-{mode}.png" for mode in ("fwd", "bwd", "full")}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--vocab", "32000,lots"], "--vocab takes integers"),
+        (["--tokens", "0"], "must be positive"),
+        (["--mode", "fwd,sideways"], "unknown --mode"),
+        (["--ops", "ppo_loss", "--tokens", "100"], "multiples of 8"),
+    ],
+)
+def test_bad_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_entry_points():
+    """``python -m rlhf_fast.bench`` is the command; the old ``benchmarks.*`` names are the same modules."""
+    from benchmarks import _harness
+    from benchmarks import ops as old_ops
+    from benchmarks import run as old_run
+    from rlhf_fast.bench import harness
+
+    assert (_harness, old_ops, old_run) == (harness, ops, run)
+    for module in ("rlhf_fast.bench", "benchmarks.run"):
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=False)
+        assert proc.returncode == 0 and "--ptx" in proc.stdout, proc.stderr

@@ -14,10 +14,11 @@ target, and checks that
   tensor-core path) covering at least one H step of both tiles;
 * ptxas reports no spill stores or loads.
 
-Registers, spills, shared/local memory and access widths go to ``record_property`` (``--junitxml``)
-and into every assertion message; ``python -m rlhf_fast.kernels.aot`` prints them as a table.
-Everything is compiled once per session (in a subprocess when this process runs the interpreter,
-see ``kernels/aot.py``): the row kernels take ~75 s of CPU time with a cold Triton cache, the 102
+The criteria are ``aot.problems``, which ``rlhf-fast bench --ptx`` applies too. Registers, spills,
+shared/local memory and access widths go to ``record_property`` (``--junitxml``) and into every
+assertion message; ``python -m rlhf_fast.kernels.aot`` prints them as a table.
+Everything is compiled once per session (``tests/_aot.py``; in a subprocess when this process runs
+the interpreter, see ``kernels/aot.py``): the row kernels take ~75 s of CPU time with a cold Triton cache, the 102
 fused-linear cases (token stats and the two-head KL) ~2 min more (2.5-5 min of wall time
 with the two cores shared by other jobs), ~20 s with a warm cache.
 The token-stats kernels are compiled in a chosen subset of their switch combinations (every value of
@@ -40,8 +41,8 @@ from rlhf_fast.kernels import aot  # noqa: E402
 if not os.path.exists(triton.knobs.nvidia.cuobjdump.path):
     pytest.skip("this triton has no NVIDIA backend tools (ptxas, cuobjdump)", allow_module_level=True)
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SPECS = aot.all_specs(DTYPES)
+from _aot import CASES, DTYPES, SPECS  # noqa: E402
+from _aot import compiled as compile_once  # noqa: E402
 
 
 def _case_id(spec, cc) -> str:
@@ -51,14 +52,10 @@ def _case_id(spec, cc) -> str:
     return f"{name}-{spec.variant}-{spec.dtype}-{blocks}x{config.num_warps}-sm{cc}"
 
 
-# (index into SPECS, cc), in the order compile_all returns its results
-CASES = [(i, cc) for i in range(len(SPECS)) for cc in aot.TARGETS]
-
-
 @pytest.fixture(scope="module")
 def compiled():
     """AotResult per case; a compile error errors every case, with Triton's or ptxas' message."""
-    return dict(zip(CASES, aot.compile_all(DTYPES, aot.TARGETS, jobs=2), strict=True))
+    return compile_once()
 
 
 @pytest.mark.parametrize(("index", "cc"), CASES, ids=[_case_id(SPECS[i], cc) for i, cc in CASES])
@@ -68,30 +65,8 @@ def test_compiles_with_vector_access_and_no_spills(index, cc, compiled, record_p
     for key, value in result.row().items():
         record_property(key, value)
     numbers = ", ".join(f"{k}={v}" for k, v in result.row().items())
-    block = result.stream_bytes  # bytes per thread of one row block
-
-    if spec.tiles_read:
-        # tl.dot kernels load no logits: their hidden and weight tiles (cp.async to shared memory for
-        # the tensor cores) must be vector loads covering one H step of both tiles
-        config, itemsize = spec.config, {"fp32": 4, "bf16": 2, "fp16": 2}[spec.dtype]
-        step = (config.block_n + config.block_v) * config.block_h * itemsize // (32 * config.num_warps)
-        assert result.widest_load >= 8, f"hidden/weight tiles are read with scalar loads: {numbers}"
-        assert result.vector_load_bytes >= step, (
-            f"vector loads cover {result.vector_load_bytes} B/thread, one H step of the tiles needs {step}; {numbers}"
-        )
-    assert result.widest_load >= 8, f"logits rows are read with scalar loads: {numbers}"
-    assert result.vector_load_bytes >= spec.rows_read * block, (
-        f"vector loads cover {result.vector_load_bytes} B/thread, {spec.rows_read} row(s) need "
-        f"{spec.rows_read * block}: part of the row is read with scalar loads; {numbers}"
-    )
-    if spec.rows_written:
-        assert result.widest_store >= 8, f"gradient rows are written with scalar stores: {numbers}"
-        assert result.vector_store_bytes >= spec.rows_written * block, (
-            f"vector stores cover {result.vector_store_bytes} B/thread, {spec.rows_written} row(s) need "
-            f"{spec.rows_written * block}; {numbers}"
-        )
-    assert result.spill_stores == 0 and result.spill_loads == 0, f"registers spill: {numbers}"
-    assert result.local == 0, f"the kernel uses local memory: {numbers}"
+    found = aot.problems(result)
+    assert not found, f"{'; '.join(found)}; {numbers}"
 
 
 KERNELS = {

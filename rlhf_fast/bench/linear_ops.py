@@ -1,0 +1,195 @@
+"""The fused-linear ops: ``linear_cross_entropy`` and ``linear_token_logprobs`` from hidden states
+``[N, H]`` and an LM-head weight ``[V, H]`` (the logits never held whole by rlhf_fast), against eager
+PyTorch, ``torch.compile``, PyTorch's own ``linear_cross_entropy`` and Cut Cross-Entropy; the floor is
+compute, FLOPs at the matmul rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rlhf_fast.bench.cases import (
+    CHUNK_ROWS,
+    LOGIT_SCALE,
+    Case,
+    Floor,
+    Op,
+    peer,
+    rel_err,
+    rf_provider,
+    sample_rows,
+)
+
+TORCH_LCE_CHUNK_ROWS = 1024  # rows per chunk of torch.nn.functional.linear_cross_entropy (see its provider)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_cross_entropy: mean cross entropy of hidden @ weight.T, the logits never held whole
+
+
+def eager_linear_cross_entropy(hidden, weight, labels):
+    """The usual way: the [tokens, vocab] logits, a float32 copy, ``F.cross_entropy``."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(F.linear(hidden, weight).float(), labels)
+
+
+def _setup_linear_cross_entropy(spec: dict) -> Case:
+    import torch
+
+    n, h, v = spec["tokens"], spec["hidden"], spec["vocab"]
+    torch.manual_seed(spec["seed"])
+    dtype = getattr(torch, spec["dtype"])
+    hidden = torch.randn(n, h).to(dtype).requires_grad_()  # [N, H]
+    # entries of std LOGIT_SCALE / sqrt(H), so the logits have std ~LOGIT_SCALE like the other ops'
+    weight = torch.randn(v, h).mul_(LOGIT_SCALE / h**0.5).to(dtype).requires_grad_()  # [V, H]
+    return Case({"hidden": hidden, "weight": weight}, torch.randint(0, v, (n,)))
+
+
+def _torch_linear_cross_entropy() -> Callable | str:
+    """PyTorch's own fused form on its chunked path (``options`` given; ``None`` would be eager).
+
+    ``LinearCrossEntropyOptions()`` alone picks per-(device, dtype) defaults that on this CPU cut
+    4096 x 1024 x 32000 into chunks of 64 (float32) or 128 (bfloat16) rows, and a fixed cost per
+    chunk makes that slow: measured here (on a loaded machine), float32 25.7 s with auto chunks
+    against 6.8 s with 1024 rows, for the same extra memory (~145 MiB: mostly [V, H] float32
+    buffers, not the chunk's logits); bfloat16 18 s / 525 MiB against 14 s / 649 MiB. A user tuning
+    it sets ``batch_chunk_size`` (the fastest of auto, 256, 512 and 1024 rows) and keeps the
+    accumulation policy's default (``"accurate"`` for bfloat16 on CPU, the only one whose
+    weight-gradient matmul runs in float32 there; ``"compact"`` for float32).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if not hasattr(F, "linear_cross_entropy"):
+        return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy (new in 2.13)"
+    options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=TORCH_LCE_CHUNK_ROWS, chunking_method=None)
+    return lambda c: F.linear_cross_entropy(c["hidden"], c["weight"], c.labels, options=options)
+
+
+def _cce_linear_cross_entropy() -> Callable | str:
+    """Cut Cross-Entropy's ``torch_compile`` implementation (its Triton one needs a GPU)."""
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as exc:  # optional: pip install --no-deps cut-cross-entropy (and it imports triton)
+        return f"cut_cross_entropy cannot be imported ({exc})"
+    return lambda c: linear_cross_entropy(c["hidden"], c["weight"], c.labels, impl="torch_compile")
+
+
+def _fn_linear_cross_entropy(provider: str):
+    if provider in ("eager", "compile"):
+        f = peer(provider, eager_linear_cross_entropy)
+        return lambda c: f(c["hidden"], c["weight"], c.labels)
+    if provider == "torch-lce":
+        return _torch_linear_cross_entropy()
+    if provider == "cce":
+        return _cce_linear_cross_entropy()
+    import rlhf_fast as rf
+
+    backend = provider.removeprefix("rf-")
+    return rf_provider(backend, lambda c: rf.linear_cross_entropy(c["hidden"], c["weight"], c.labels, backend=backend))
+
+
+def _check_linear_cross_entropy(case: Case, pristine, out, grads) -> dict:
+    """Loss and ``dW`` over chunks of rows, ``dH`` on a sample of rows, all in float64.
+
+    The default tolerances hold: at 4096 x 1024 x 32000 the float32 errors were <= 2.6e-6 (eager's
+    dW, a float32 sum over 4096 rows; 1e-6 for the others), the bfloat16 ones <= 6.9e-3 (dW rounded
+    to bfloat16, and every provider but torch-lce rounds the logits to bfloat16 too).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    h, labels = pristine["hidden"], case.labels
+    n = labels.numel()
+    w = pristine["weight"].double().requires_grad_()  # [V, H]
+    total, ref_dw = 0.0, torch.zeros_like(w)
+    for i in range(0, n, CHUNK_ROWS):
+        # this chunk's share of the mean: its summed loss over the full token count
+        loss = F.cross_entropy(h[i : i + CHUNK_ROWS].double() @ w.T, labels[i : i + CHUNK_ROWS], reduction="sum") / n
+        (dw,) = torch.autograd.grad(loss, w)
+        total, ref_dw = total + loss.detach(), ref_dw.add_(dw)
+    rows = sample_rows(n)
+    hs = h[rows].double().requires_grad_()  # [rows, H]
+    (ref_dh,) = torch.autograd.grad(F.cross_entropy(hs @ w.detach().T, labels[rows], reduction="sum") / n, hs)
+    return {
+        "fwd_err": rel_err(out.detach(), total),
+        "hidden_grad_err": rel_err(grads["hidden"][rows], ref_dh),
+        "weight_grad_err": rel_err(grads["weight"], ref_dw),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_token_logprobs: [N] log-probs of hidden @ weight.T, upstream gradient != 1
+
+
+def eager_linear_token_logprobs(hidden, weight, labels):
+    """The usual way: the [tokens, vocab] logits, a float32 log_softmax, a gather."""
+    import torch
+    import torch.nn.functional as F
+
+    return torch.log_softmax(F.linear(hidden, weight).float(), -1).gather(-1, labels[..., None]).squeeze(-1)
+
+
+def _setup_linear_token_logprobs(spec: dict) -> Case:
+    import torch
+
+    case = _setup_linear_cross_entropy(spec)
+    case.grad_out = torch.randn(spec["tokens"])  # [N] float32
+    return case
+
+
+def _fn_linear_token_logprobs(provider: str):
+    if provider in ("eager", "compile"):
+        f = peer(provider, eager_linear_token_logprobs)
+        return lambda c: f(c["hidden"], c["weight"], c.labels)
+    import rlhf_fast as rf
+
+    backend = provider.removeprefix("rf-")
+    return rf_provider(backend, lambda c: rf.linear_token_logprobs(c["hidden"], c["weight"], c.labels, backend=backend))
+
+
+def _check_linear_token_logprobs(case: Case, pristine, out, grads) -> dict:
+    """Output and ``dW`` over chunks of rows, ``dH`` on a sample of rows, in float64 with the case's
+    upstream gradient."""
+    import torch
+
+    h, labels, g = pristine["hidden"], case.labels, case.grad_out
+    n = labels.numel()
+    w = pristine["weight"].double().requires_grad_()  # [V, H]
+    ref_out, ref_dw = torch.empty(n, dtype=torch.float64), torch.zeros_like(w)
+
+    def logp(x, rows):
+        return torch.log_softmax(x @ w.T, -1).gather(-1, labels[rows, None]).squeeze(-1)
+
+    for i in range(0, n, CHUNK_ROWS):
+        rows = torch.arange(i, min(i + CHUNK_ROWS, n))
+        chunk = logp(h[rows].double(), rows)
+        (dw,) = torch.autograd.grad(chunk, w, g[rows].double())
+        ref_out[rows], ref_dw = chunk.detach(), ref_dw.add_(dw)
+    rows = sample_rows(n)
+    hs = h[rows].double().requires_grad_()  # [rows, H]
+    (ref_dh,) = torch.autograd.grad(logp(hs, rows), hs, g[rows].double())
+    return {
+        "fwd_err": rel_err(out.detach(), ref_out),
+        "hidden_grad_err": rel_err(grads["hidden"][rows], ref_dh),
+        "weight_grad_err": rel_err(grads["weight"], ref_dw),
+    }
+
+
+def linear_flops(spec: dict) -> float:
+    return spec["tokens"] * spec["vocab"] * spec["hidden"]
+
+
+LINEAR_OPS = (
+    Op("linear_cross_entropy", ("rf-cpp", "rf-torch", "eager", "compile", "torch-lce", "cce"),
+       Floor("flops", linear_flops, {"fwd": 2, "bwd": 6, "full": 6},
+             "N*V*H FLOPs x fwd 2 (the logits), bwd 6 (logits again, dH = G W, dW = G^T H), full 6 "
+             "(gradient in forward; recomputing the logits in the backward makes it 8)"),
+       _setup_linear_cross_entropy, _fn_linear_cross_entropy, _check_linear_cross_entropy),
+    Op("linear_token_logprobs", ("rf-cpp", "rf-torch", "eager", "compile"),
+       Floor("flops", linear_flops, {"fwd": 2, "bwd": 6, "full": 8},
+             "N*V*H FLOPs x fwd 2 (the logits), bwd 6 (logits again, dH = G W, dW = G^T H), full 8 "
+             "(the upstream gradient of each token is only known in the backward)"),
+       _setup_linear_token_logprobs, _fn_linear_token_logprobs, _check_linear_token_logprobs),
+)  # fmt: skip
