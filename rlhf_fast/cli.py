@@ -5,12 +5,13 @@
     rlhf-fast sft --config run.yaml [key=value ...] [--resume [DIR]]
     rlhf-fast rm  --config run.yaml [key=value ...] [--resume [DIR]]
     rlhf-fast dpo --config run.yaml [key=value ...] [--resume [DIR]]
+    rlhf-fast ppo --config run.yaml [key=value ...] [--resume [DIR]]
     rlhf-fast plot RUN_DIR
     rlhf-fast demo [--out DIR] [--seed N] [--quick]
 
 The YAML file (a mapping)::
 
-    # trainer fields (SFTConfig / RewardConfig / DPOConfig) at the top level, or under `trainer:`
+    # trainer fields (SFTConfig / RewardConfig / DPOConfig / PPOConfig) at the top level, or under `trainer:`
     output_dir: runs/sft        # the run directory
     lr: 3.0e-4
     max_steps: 200
@@ -20,15 +21,22 @@ The YAML file (a mapping)::
     # ... or a tiny model built from a config with random weights (rlhf_fast.demo.tiny_model's arguments):
     # model: {kind: llama, hidden_size: 64, layers: 2, heads: 4, max_positions: 64}
     tokenizer: demo             # rlhf_fast.demo's offline tokenizer, or {path: DIR[, trust_remote_code: true]}
-    train_data: data/train.jsonl
-    eval_data: data/eval.jsonl  # optional
-    ref_model: {path: DIR}      # dpo only, optional (same forms as model:); default: a frozen copy of model
+    train_data: data/train.jsonl  # ppo: prompts, {prompt} or {messages} rows
+    eval_data: data/eval.jsonl  # optional (ppo: held-out prompts)
+    ref_model: {path: DIR}      # dpo and ppo, optional (same forms as model:); default: a frozen copy of model
+    # ppo only:
+    reward_model: {path: DIR}   # a reward model: a RewardTrainer checkpoint or a sequence classifier ...
+    # reward: demo_true_reward  # ... or a named reward function on the decoded texts (exactly one of the two)
+    true_reward: demo_true_reward  # optional: a reward function reported beside the score (true_reward metric)
+    value_model: {path: DIR}    # optional: the critic's initialisation (gae); default: a copy of reward_model
+    ptx_data: data/sft.jsonl    # optional: SFT rows for PPO-ptx (with ptx_coef > 0)
 
 ``key=value`` arguments override the file; dotted keys reach into sections (``model.kind=gpt2``,
 ``trainer.lr=1e-4`` or just ``lr=1e-4``) and values are read as YAML (``bf16=true``,
-``betas=[0.9,0.95]``). A tiny model takes ``vocab_size`` and the token ids from the tokenizer and
-``seed`` from the trainer's seed unless they are given. Relative paths are relative to the current
-directory.
+``betas=[0.9,0.95]``). ``reward_model`` and ``value_model`` are models with a scalar head (a tiny
+one is built by :func:`rlhf_fast.demo.tiny_reward_model`). A tiny model takes ``vocab_size`` and the
+token ids from the tokenizer and ``seed`` from the trainer's seed unless they are given. Relative
+paths are relative to the current directory.
 
 Everything is checked before training starts: unknown keys (in any section), bad values, missing
 files, missing dataset columns (the trainer tokenizes its data when it is built). A bad run prints
@@ -56,7 +64,12 @@ from pathlib import Path
 from typing import Any
 
 PROG = "rlhf-fast"
-SECTIONS = ("model", "tokenizer", "train_data", "eval_data", "ref_model")
+SECTIONS = ("model", "tokenizer", "train_data", "eval_data")  # read by every command
+MODEL_SECTIONS = ("ref_model", "reward_model", "value_model")
+SCALAR_SECTIONS = ("reward_model", "value_model")  # models with a scalar head
+REWARD_SECTIONS = ("reward", "true_reward")
+# reward functions a run can name: texts -> one float each
+REWARD_FUNCTIONS = {"demo_true_reward": ("rlhf_fast.demo.sentiment", "true_rewards")}
 CONFIG_FILE = "config.yaml"
 
 
@@ -72,7 +85,8 @@ class Command:
     config_class: str
     trainer_class: str
     reward_model: bool = False  # the model is a backbone with a scalar head
-    ref_model: bool = False  # the run may name a reference model
+    sections: tuple[str, ...] = ()  # optional sections beyond SECTIONS
+    eval_argument: str | None = None  # the trainer's keyword for eval_data; None: its fourth argument
 
     def classes(self) -> tuple[type, type]:
         module = importlib.import_module(self.module)
@@ -82,8 +96,10 @@ class Command:
 TRAINERS: dict[str, Command] = {
     "sft": Command("rlhf_fast.trainers.sft", "SFTConfig", "SFTTrainer"),
     "rm": Command("rlhf_fast.trainers.reward", "RewardConfig", "RewardTrainer", reward_model=True),
-    "dpo": Command("rlhf_fast.trainers.dpo", "DPOConfig", "DPOTrainer", ref_model=True),
-}
+    "dpo": Command("rlhf_fast.trainers.dpo", "DPOConfig", "DPOTrainer", sections=("ref_model",)),
+    "ppo": Command("rlhf_fast.trainers.ppo", "PPOConfig", "PPOTrainer", eval_argument="eval_prompts",
+                   sections=("ref_model", "reward_model", "reward", "true_reward", "value_model", "ptx_data")),
+}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,25 +188,24 @@ class RunSpec:
     tokenizer: str | dict[str, Any]
     train_data: str
     eval_data: str | None
-    ref_model: dict[str, Any] | None
+    extras: dict[str, Any]  # the command's further sections that are set (Command.sections), checked
 
     def resolved(self) -> dict[str, Any]:
         """The whole configuration as written to ``config.yaml`` (every trainer field, absolute paths)."""
         out = self.config.to_dict()
         out["output_dir"] = str(Path(self.config.output_dir).resolve())
         out.update(model=self.model, tokenizer=self.tokenizer, train_data=self.train_data, eval_data=self.eval_data)
-        if self.ref_model is not None:
-            out["ref_model"] = self.ref_model
+        out.update(self.extras)
         return out
 
 
-def _model_builder(command: Command):
+def _model_builder(scalar: bool):
     from rlhf_fast.demo import tiny_model, tiny_reward_model
 
-    return tiny_reward_model if command.reward_model else tiny_model
+    return tiny_reward_model if scalar else tiny_model
 
 
-def _check_model_section(value: Any, name: str, command: Command) -> dict[str, Any]:
+def _check_model_section(value: Any, name: str, scalar: bool) -> dict[str, Any]:
     """``value`` as ``{path, trust_remote_code}`` or ``{kind, **builder kwargs}``; paths made absolute."""
     if not isinstance(value, Mapping):
         raise ConfigError(
@@ -212,7 +227,7 @@ def _check_model_section(value: Any, name: str, command: Command) -> dict[str, A
         return spec
     from rlhf_fast.demo.models import KINDS
 
-    known = list(inspect.signature(_model_builder(command)).parameters)
+    known = list(inspect.signature(_model_builder(scalar)).parameters)
     for key in spec:
         if key not in known:
             raise _unknown(key, name, known)
@@ -237,6 +252,18 @@ def _check_tokenizer_section(value: Any) -> str | dict[str, Any]:
     return {"path": str(Path(value["path"]).resolve()), "trust_remote_code": trust}
 
 
+def _check_reward_name(value: Any, name: str) -> str:
+    if value not in REWARD_FUNCTIONS:
+        raise ConfigError(f"{name!r} must name a reward function ({', '.join(REWARD_FUNCTIONS)}), got {value!r}")
+    return value
+
+
+def reward_function(name: str):
+    """The reward function ``texts -> list[float]`` that a ``reward``/``true_reward`` section names."""
+    module, attr = REWARD_FUNCTIONS[name]
+    return getattr(importlib.import_module(module), attr)
+
+
 def _check_data_path(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{name!r} must be the path of a JSONL file, got {value!r}")
@@ -251,7 +278,7 @@ def build_spec(command_name: str, raw: Mapping[str, Any]) -> RunSpec:
     config class's ``ValueError``/``TypeError``) naming the key."""
     command = TRAINERS[command_name]
     config_class, _ = command.classes()
-    sections = [s for s in SECTIONS if s != "ref_model" or command.ref_model]
+    sections = [*SECTIONS, *command.sections]
     fields = {k: v for k, v in raw.items() if k not in sections}
     known_fields = list(config_class.__dataclass_fields__)
     for key in fields:
@@ -262,14 +289,29 @@ def build_spec(command_name: str, raw: Mapping[str, Any]) -> RunSpec:
         if raw.get(required) is None:
             raise ConfigError(f"the configuration has no {required!r} (see `{PROG} {command_name} --help`)")
     eval_data = raw.get("eval_data")
-    ref_model = raw.get("ref_model")
+    extras: dict[str, Any] = {}
+    for name in command.sections:
+        value = raw.get(name)
+        if value is None:
+            continue
+        if name in MODEL_SECTIONS:
+            extras[name] = _check_model_section(value, name, name in SCALAR_SECTIONS)
+        elif name in REWARD_SECTIONS:
+            extras[name] = _check_reward_name(value, name)
+        else:
+            extras[name] = _check_data_path(value, name)
+    if "reward" in command.sections and ("reward" in extras) == ("reward_model" in extras):
+        raise ConfigError(
+            f"the {command_name} configuration needs exactly one of 'reward_model' ({{path: DIR}}, a reward model "
+            f"checkpoint) and 'reward' ({', '.join(REWARD_FUNCTIONS)})"
+        )
     return RunSpec(
         config=config,
-        model=_check_model_section(raw["model"], "model", command),
+        model=_check_model_section(raw["model"], "model", command.reward_model),
         tokenizer=_check_tokenizer_section(raw["tokenizer"]),
         train_data=_check_data_path(raw["train_data"], "train_data"),
         eval_data=None if eval_data is None else _check_data_path(eval_data, "eval_data"),
-        ref_model=None if ref_model is None else _check_model_section(ref_model, "ref_model", command),
+        extras=extras,
     )
 
 
@@ -291,19 +333,21 @@ def build_tokenizer_from(spec: str | Mapping[str, Any]):
     )
 
 
-def build_model_from(spec: Mapping[str, Any], tokenizer, command: Command, seed: int):
-    """The model of a checked ``model``/``ref_model`` section: a local checkpoint (local files only,
-    ``trust_remote_code`` as given) or a tiny model sized to the tokenizer, seeded by ``seed`` unless
-    the section has its own."""
+def build_model_from(spec: Mapping[str, Any], tokenizer, scalar: bool, seed: int):
+    """The model of a checked model section: a local checkpoint (local files only, ``trust_remote_code``
+    as given) or a tiny model sized to the tokenizer, seeded by ``seed`` unless the section has its own.
+    ``scalar``: a model with a scalar head (a sequence classifier with ``num_labels=1``, or the
+    :class:`~rlhf_fast.trainers.reward.ValueHeadModel` of a ``RewardTrainer`` checkpoint that has one),
+    else a causal LM."""
     if "path" in spec:
         import transformers
 
-        auto = (
-            transformers.AutoModelForSequenceClassification
-            if command.reward_model
-            else transformers.AutoModelForCausalLM
-        )
-        extra = {"num_labels": 1} if command.reward_model else {}
+        from rlhf_fast.trainers.reward import BACKBONE_DIR, ValueHeadModel
+
+        if scalar and (Path(spec["path"]) / BACKBONE_DIR).is_dir():
+            return ValueHeadModel.from_checkpoint(spec["path"])
+        auto = transformers.AutoModelForSequenceClassification if scalar else transformers.AutoModelForCausalLM
+        extra = {"num_labels": 1} if scalar else {}
         return auto.from_pretrained(spec["path"], local_files_only=True, trust_remote_code=spec["trust_remote_code"],
                                     **extra)  # fmt: skip
     kwargs = {k: v for k, v in spec.items() if k != "kind"}
@@ -315,7 +359,7 @@ def build_model_from(spec: Mapping[str, Any], tokenizer, command: Command, seed:
         if kwargs.get(name) is None:
             kwargs.pop(name, None)
     try:
-        return _model_builder(command)(spec["kind"], **kwargs)
+        return _model_builder(scalar)(spec["kind"], **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}") from None
 
@@ -343,6 +387,21 @@ def _resume_target(resume: str | bool | None) -> tuple[Path | bool | None, Path 
     raise ConfigError(f"--resume: no such checkpoint or run directory: {str(path)!r}")
 
 
+def _trainer_arguments(spec: RunSpec, tokenizer) -> dict[str, Any]:
+    """The trainer's keyword arguments from the run's further sections (models built, rewards looked up)."""
+    kwargs: dict[str, Any] = {}
+    for name, value in spec.extras.items():
+        if name in MODEL_SECTIONS:
+            kwargs[name] = build_model_from(value, tokenizer, name in SCALAR_SECTIONS, spec.config.seed)
+        elif name == "reward":
+            kwargs["reward_fn"] = reward_function(value)
+        elif name == "true_reward":
+            kwargs["true_reward_fn"] = reward_function(value)
+        else:
+            kwargs[name] = value
+    return kwargs
+
+
 def _fail(command: str, message: str) -> int:
     print(f"{PROG} {command}: error: {message}", file=sys.stderr)
     return 2
@@ -363,12 +422,14 @@ def run_train(command_name: str, config_path: str | None, overrides: Sequence[st
         raw = apply_overrides(flatten_trainer_section(load_yaml(config_path)), overrides)
         spec = build_spec(command_name, raw)
         tokenizer = build_tokenizer_from(spec.tokenizer)
-        model = build_model_from(spec.model, tokenizer, command, spec.config.seed)
-        kwargs: dict[str, Any] = {}
-        if spec.ref_model is not None:
-            kwargs["ref_model"] = build_model_from(spec.ref_model, tokenizer, command, spec.config.seed)
+        model = build_model_from(spec.model, tokenizer, command.reward_model, spec.config.seed)
+        kwargs = _trainer_arguments(spec, tokenizer)
         _, trainer_class = command.classes()
-        trainer = trainer_class(model, tokenizer, spec.train_data, spec.eval_data, config=spec.config, **kwargs)
+        if command.eval_argument is None:
+            trainer = trainer_class(model, tokenizer, spec.train_data, spec.eval_data, config=spec.config, **kwargs)
+        else:
+            kwargs[command.eval_argument] = spec.eval_data
+            trainer = trainer_class(model, tokenizer, spec.train_data, config=spec.config, **kwargs)
     except (ValueError, TypeError, OSError) as e:  # OSError: a local checkpoint that from_pretrained cannot read
         return _fail(command_name, str(e))
     import yaml
@@ -417,9 +478,10 @@ def run_demo(out: str, seed: int, quick: bool, threads: int) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Train with rlhf_fast's fused losses; redraw curves; run the "
                                 "offline demo.")  # fmt: skip
-    sub = p.add_subparsers(dest="command", required=True, metavar="{sft,rm,dpo,plot,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sft,rm,dpo,ppo,plot,demo}")
     helps = {"sft": "supervised fine-tuning", "rm": "train a reward model on preference pairs or rankings",
-             "dpo": "direct preference optimization"}  # fmt: skip
+             "dpo": "direct preference optimization",
+             "ppo": "RL against a reward model: PPO with a critic, or the critic-free GRPO/RLOO/REINFORCE"}  # fmt: skip
     for name, help_text in helps.items():
         s = sub.add_parser(name, help=help_text, description=f"{help_text}. The YAML schema:\n{__doc__.split('::')[2]}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -435,7 +497,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", metavar="key=value", help="override the YAML (dotted keys)")
     plot = sub.add_parser("plot", help="redraw a run's curves to RUN_DIR/plots/*.png")
     plot.add_argument("run_dir", metavar="RUN_DIR")
-    demo = sub.add_parser("demo", help="controlled sentiment generation in miniature: SFT, reward model, DPO")
+    demo = sub.add_parser("demo", help="controlled sentiment generation in miniature: SFT, RM, PPO, GRPO, DPO")
     demo.add_argument("--out", default="runs/demo", help="directory of the demo's runs, data and table")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a much smaller run (for tests)")

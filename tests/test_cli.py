@@ -13,7 +13,14 @@ pytest.importorskip("safetensors")
 pytest.importorskip("matplotlib")
 
 from rlhf_fast.cli import apply_overrides, flatten_trainer_section, main
-from rlhf_fast.demo import build_tokenizer, make_preference_pairs, make_sft_dataset, tiny_model, write_jsonl
+from rlhf_fast.demo import (
+    build_tokenizer,
+    make_preference_pairs,
+    make_prompts,
+    make_sft_dataset,
+    tiny_model,
+    write_jsonl,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = {"kind": "llama", "hidden_size": 32, "layers": 2, "heads": 4, "max_positions": 64}
@@ -224,3 +231,108 @@ def test_bad_preference_configs_fail_before_training(pair_files, capsys, command
     err = capsys.readouterr().err
     assert f"rlhf-fast {command}: error: " in err and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def ppo_files(tmp_path_factory):
+    """Prompt files, SFT rows for PPO-ptx, a tiny policy and tokenizer saved as a local checkpoint, and a
+    reward model checkpoint written by `rlhf-fast rm` (shared by the module's PPO tests: none writes here)."""
+    tmp_path = tmp_path_factory.mktemp("ppo_files")
+    write_jsonl([{"prompt": p} for p in make_prompts(16, 0)], tmp_path / "prompts.jsonl")
+    write_jsonl([{"prompt": p} for p in make_prompts(4, 1)], tmp_path / "eval_prompts.jsonl")
+    write_jsonl(make_sft_dataset(8, 2), tmp_path / "ptx.jsonl")
+    write_jsonl([{"text": "the movie was good."}], tmp_path / "texts.jsonl")  # not prompts
+    write_jsonl(make_preference_pairs(16, 0, beta_bt=4.0), tmp_path / "pairs.jsonl")
+    tokenizer = build_tokenizer()
+    tiny_model(vocab_size=len(tokenizer), **TINY).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    rm = {
+        "output_dir": str(tmp_path / "rm"),
+        "max_steps": 2,
+        "micro_batch_size": 4,
+        "max_length": 48,
+        "progress_bar": False,
+        "model": dict(TINY),
+        "tokenizer": "demo",
+        "train_data": str(tmp_path / "pairs.jsonl"),
+    }
+    assert main(["rm", "--config", str(write_config(tmp_path / "rm.yaml", rm))]) == 0  # fmt: skip
+    return tmp_path
+
+
+def _ppo_config(files, run_dir, **extra):
+    base = str(files / "base")
+    config = {
+        "trainer": {"max_steps": 4, "save_every": 2, "eval_every": 2, "prompts_per_iteration": 4, "num_generations": 2,
+                    "micro_batch_size": 4, "ppo_epochs": 2, "max_new_tokens": 8, "max_length": 32, "lr": 1e-3,
+                    "progress_bar": False},
+        "output_dir": str(run_dir),
+        "model": {"path": base}, "tokenizer": {"path": base},
+        "train_data": str(files / "prompts.jsonl"), "eval_data": str(files / "eval_prompts.jsonl"),
+        **extra,
+    }  # fmt: skip
+    return write_config(run_dir.parent / "ppo.yaml", config)
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_ppo_run_writes_its_directory_and_resumes(ppo_files, tmp_path, estimator, capsys):
+    rm_checkpoint = str(ppo_files / "rm" / "checkpoints" / "step-00000002")
+    if estimator == "gae":  # the trained reward model scores; the lexicon reward is reported beside it
+        extra = {"reward_model": {"path": rm_checkpoint}, "true_reward": "demo_true_reward"}
+    else:  # the lexicon reward itself, with PPO-ptx on SFT rows
+        extra = {
+            "reward": "demo_true_reward",
+            "true_reward": "demo_true_reward",
+            "ptx_data": str(ppo_files / "ptx.jsonl"),
+        }
+    path = _ppo_config(ppo_files, tmp_path / "ppo", **extra)
+    overrides = [f"advantage_estimator={estimator}"] + (["ptx_coef=0.1"] if estimator == "grpo" else [])
+    assert main(["ppo", "--config", str(path), *overrides]) == 0
+    assert "rlhf-fast ppo: done in" in capsys.readouterr().out
+    run_dir = tmp_path / "ppo"
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["advantage_estimator"] == estimator
+    assert resolved["eval_data"] == str(ppo_files / "eval_prompts.jsonl")
+    for key, value in extra.items():
+        assert resolved[key] == ({**value, "trust_remote_code": False} if isinstance(value, dict) else value)
+    rows = records(run_dir)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "eval_score" in r] == [2, 4]
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    for r in (r for r in rows if "loss" in r):  # a critic with gae, ptx with grpo; the true reward either way
+        assert "true_reward" in r and ("value_loss" in r) == (estimator == "gae") != ("ptx_loss" in r)
+    if estimator == "grpo":  # the reward function is the true reward
+        assert all(r["score"] == pytest.approx(r["true_reward"]) for r in rows if "loss" in r)
+    for name in ("score", "kl", "true_reward"):
+        assert (run_dir / "plots" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+    full = train_losses(run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000004")
+    assert main(["ppo", "--resume", str(run_dir)]) == 0
+    assert train_losses(run_dir) == full
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("reward=demo_true_reward", "needs exactly one of 'reward_model'"),
+        ("reward_model=null", "needs exactly one of 'reward_model'"),
+        ("reward=sentiment", "'reward' must name a reward function (demo_true_reward)"),
+        ("true_reward=3", "'true_reward' must name a reward function"),
+        ("reward_model.path={tmp}/nowhere", "reward_model.path must be a local model directory"),
+        ("value_model={kind: llama, hiden_size: 8}", "unknown key 'hiden_size' in value_model"),
+        ("ptx_data={tmp}/nowhere.jsonl", "ptx_data: no such JSONL file"),
+        ("ptx_coef=0.5", "ptx_coef' is 0.5 but no ptx_data"),
+        ("advantage_estimator=ppo2", "'advantage_estimator' must be one of"),
+        ("num_generations=1", "'num_generations' must be >= 2 for advantage_estimator='grpo'"),
+        ("value_model.kind=llama", "value_model is given but advantage_estimator='grpo' has no critic"),
+        ("train_data={tmp}/texts.jsonl", "prompts[0] has columns ['text']; a prompt row needs 'prompt' or 'messages'"),
+        ("max_new_tokens=64", "'max_length' (32) must hold the prompt"),
+    ],
+)
+def test_bad_ppo_configs_fail_before_training(ppo_files, tmp_path, capsys, override, message):
+    path = _ppo_config(ppo_files, tmp_path / "ppo", reward_model={"path": str(ppo_files / "rm" / "checkpoints" /
+                       "step-00000002")}, advantage_estimator="grpo")  # fmt: skip
+    assert main(["ppo", "--config", str(path), override.replace("{tmp}", str(ppo_files))]) == 2
+    err = capsys.readouterr().err
+    assert "rlhf-fast ppo: error: " in err and message in err, err
+    assert not (tmp_path / "ppo").exists()

@@ -14,21 +14,31 @@ first calls out of the others):
 3. **rm** — a reward model (the same backbone with a scalar head) on those pairs; its held-out
    pairwise accuracy is reported, against the coin's labels and against the true reward's order.
 4. **dpo** — DPO from the SFT model, with the SFT model as the frozen reference.
-5. **eval** — on held-out prompts, completions sampled (``generate``, plain temperature-1 sampling
-   over the whole vocabulary) from the SFT and DPO policies are scored by the true reward; the
+5. **ppo** — RL from the SFT model against the reward model, as InstructGPT did it: PPO with a critic
+   (initialised from the reward model) and GAE, the per-token reward ``-beta * log(pi / pi_sft)`` plus
+   the reward model's score at the last token, the SFT model as the frozen reference. The true reward
+   is logged beside the score but never trained on.
+6. **grpo** — the same RL without a critic: ``num_generations`` samples per prompt, each one's
+   advantage its score minus the group's mean (divided by the group's std), the same KL penalty.
+7. **eval** — on held-out prompts, completions sampled (``generate``, plain temperature-1 sampling
+   over the whole vocabulary) from the SFT, PPO, GRPO and DPO policies are scored by the true reward; the
    KL to the SFT model is the mean over samples ``y ~ pi`` of ``sum_t log pi(y_t) - log pi_sft(y_t)``
    (completion tokens and EOS), the log-probs computed by :func:`rlhf_fast.integrations.transformers.
    lm_head_logprobs` (the fused LM-head path). For the SFT policy it is 0 by definition.
+8. **frontier** — every checkpoint of the DPO, PPO and GRPO runs is evaluated the same way on fewer
+   held-out prompts (one sample each), and ``frontier.png`` plots each method's (KL, true reward)
+   over its training (see :mod:`rlhf_fast.demo.frontier`).
 
 Memory is the growth of the process's peak resident set during a stage: ``VmHWM`` is reset to the
 current ``VmRSS`` through ``/proc/self/clear_refs`` when the stage starts and read when it ends
 (Linux; "n/a" elsewhere). It counts everything the stage allocates (tensors, the C++ kernels'
 buffers, Python objects), which ``tracemalloc`` would not see.
 
-Files under ``out``: ``data/*.jsonl``; ``sft/``, ``rm/``, ``dpo/`` run directories (``config.yaml``,
-``metrics.jsonl``, checkpoints, ``plots/*.png``, as the CLI writes them); ``samples.jsonl`` (the
-evaluation's completions and rewards); ``reward_hist.png``; ``results.json`` and ``results.md``
-(the table printed at the end).
+Files under ``out``: ``data/*.jsonl``; ``sft/``, ``rm/``, ``dpo/``, ``ppo/``, ``grpo/`` run directories
+(``config.yaml``, ``metrics.jsonl``, checkpoints, ``plots/*.png``, as the CLI writes them, so
+``rlhf-fast <cmd> --resume out/<run>`` continues one); ``samples.jsonl`` (the evaluation's completions
+and rewards); ``reward_hist.png``; ``frontier.png``; ``results.json`` and ``results.md`` (the tables
+printed at the end).
 """
 
 from __future__ import annotations
@@ -50,9 +60,10 @@ from typing import Any
 
 import torch
 
+from rlhf_fast.demo.frontier import draw_frontier, load_policy, run_checkpoints
 from rlhf_fast.demo.io import write_jsonl
 from rlhf_fast.demo.models import tiny_model, tiny_reward_model
-from rlhf_fast.demo.sentiment import make_preference_pairs, make_prompts, make_sft_dataset, true_reward
+from rlhf_fast.demo.sentiment import make_preference_pairs, make_prompts, make_sft_dataset, true_reward, true_rewards
 from rlhf_fast.demo.tokenizer import EOS_ID, PAD_ID, build_tokenizer
 
 
@@ -70,33 +81,49 @@ class DemoSettings:
     n_eval_prompts: int  # held-out prompts for the final table
     samples_per_prompt: int
     beta_bt: float  # inverse temperature of the Bradley-Terry labeller
-    max_new_tokens: int
+    max_new_tokens: int  # of every sampling: pairs, RL rollouts, evaluation
+    n_rl_prompts: int  # training prompts of PPO and GRPO
+    n_frontier_prompts: int  # held-out prompts (one sample each) for each point of the frontier plot
     model: dict[str, Any] = field(default_factory=dict)  # tiny_model kwargs
     sft: dict[str, Any] = field(default_factory=dict)
     rm: dict[str, Any] = field(default_factory=dict)
-    dpo: dict[str, Any] = field(default_factory=dict)
+    dpo: dict[str, Any] = field(default_factory=dict)  # save_every sets the frontier's points
+    ppo: dict[str, Any] = field(default_factory=dict)  # PPOConfig fields, advantage_estimator gae
+    grpo: dict[str, Any] = field(default_factory=dict)  # PPOConfig fields, advantage_estimator grpo
 
 
 # FULL was tuned (beta_bt, beta, lr, steps) until DPO raised the held-out true reward clearly above SFT
-# for seeds 0, 1 and 2 (README "Demo": from about 0 to about +0.8, at a KL of 5-8 nats per sample);
-# the whole run takes one to two minutes on 2 CPU cores.
+# for seeds 0, 1 and 2 (README "Demo": from about 0 to about +0.8, at a KL of 5-8 nats per sample),
+# then the RL stages (lr, kl_coef, iterations, num_generations) until PPO and GRPO did too at a KL of
+# 3-5 nats (README "Demo": about +0.8, at about half of DPO's KL); the whole run takes about two
+# minutes on 2 CPU cores.
 _MODEL = {"kind": "llama", "hidden_size": 64, "layers": 2, "heads": 4, "max_positions": 64}
+_RL = {"ppo_epochs": 2, "micro_batch_size": 16, "grad_accum_steps": 2, "max_length": 48, "lr": 5e-4,
+       "kl_coef": 0.05}  # fmt: skip
 FULL = DemoSettings(
     n_sft=4000, n_pairs=2000, n_eval_pairs=256, n_eval_prompts=256, samples_per_prompt=4, beta_bt=4.0,
-    max_new_tokens=32, model=_MODEL,
+    max_new_tokens=32, n_rl_prompts=2000, n_frontier_prompts=128, model=_MODEL,
     sft={"lr": 3e-3, "epochs": 2, "micro_batch_size": 32, "warmup_ratio": 0.05, "min_lr_ratio": 0.1,
          "max_length": 48, "eval_every": 50},
     rm={"lr": 1e-3, "epochs": 2, "micro_batch_size": 32, "warmup_ratio": 0.05, "max_length": 48, "eval_every": 25},
     dpo={"beta": 0.1, "lr": 1e-3, "epochs": 2, "micro_batch_size": 32, "warmup_ratio": 0.05, "max_length": 48,
-         "eval_every": 25},
+         "eval_every": 25, "save_every": 14},
+    ppo={**_RL, "advantage_estimator": "gae", "max_steps": 48, "prompts_per_iteration": 32, "num_generations": 2,
+         "save_every": 4},
+    grpo={**_RL, "advantage_estimator": "grpo", "max_steps": 48, "prompts_per_iteration": 8, "num_generations": 8,
+          "save_every": 4},
 )  # fmt: skip
 # A smoke test of every stage (for tests and a first look): too small for DPO to gain reliably.
+_RL_QUICK = {**_RL, "max_steps": 4, "ppo_epochs": 1, "micro_batch_size": 8, "save_every": 2}
 QUICK = DemoSettings(
     n_sft=256, n_pairs=96, n_eval_pairs=32, n_eval_prompts=16, samples_per_prompt=2, beta_bt=4.0,
-    max_new_tokens=28, model={**_MODEL, "hidden_size": 32},
+    max_new_tokens=28, n_rl_prompts=32, n_frontier_prompts=8, model={**_MODEL, "hidden_size": 32},
     sft={"lr": 3e-3, "max_steps": 16, "micro_batch_size": 16, "max_length": 48, "eval_every": 8},
     rm={"lr": 1e-3, "max_steps": 6, "micro_batch_size": 16, "max_length": 48, "eval_every": 3},
-    dpo={"beta": 0.1, "lr": 1e-3, "max_steps": 6, "micro_batch_size": 16, "max_length": 48, "eval_every": 3},
+    dpo={"beta": 0.1, "lr": 1e-3, "max_steps": 6, "micro_batch_size": 16, "max_length": 48, "eval_every": 3,
+         "save_every": 3},
+    ppo={**_RL_QUICK, "advantage_estimator": "gae", "prompts_per_iteration": 8, "num_generations": 2},
+    grpo={**_RL_QUICK, "advantage_estimator": "grpo", "prompts_per_iteration": 4, "num_generations": 4},
 )  # fmt: skip
 
 
@@ -276,8 +303,9 @@ def _draw_histogram(path: Path, rewards: dict[str, list[float]]) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     bins = [i / 10 for i in range(-10, 11)]
-    for name, values in rewards.items():
-        ax.hist(values, bins=bins, alpha=0.6, label=f"{name} (mean {sum(values) / len(values):+.3f})")
+    # one bar per policy side by side in each bin: overlaid, four histograms hide each other
+    labels = [f"{name} (mean {sum(values) / len(values):+.3f})" for name, values in rewards.items()]
+    ax.hist(list(rewards.values()), bins=bins, label=labels)
     ax.set_xlabel("true reward of a sampled review (held-out prompts)")
     ax.set_ylabel("samples")
     ax.legend()
@@ -285,7 +313,7 @@ def _draw_histogram(path: Path, rewards: dict[str, list[float]]) -> None:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """The results as Markdown tables: policies, then stages."""
+    """The results as Markdown tables: policies, the frontier's checkpoints, then stages."""
     lines = [
         "| policy | true reward (held-out) | KL to SFT (nats/sample) | tokens/sample |",
         "| --- | --- | --- | --- |",
@@ -293,6 +321,13 @@ def format_table(results: dict[str, Any]) -> str:
     for name, p in results["policies"].items():
         lines.append(f"| {name} | {p['true_reward']:+.3f} ± {p['true_reward_se']:.3f} | "
                      f"{p['kl_to_sft']:.2f} ± {p['kl_to_sft_se']:.2f} | {p['completion_tokens']:.1f} |")  # fmt: skip
+    frontier = results["frontier"]
+    lines += ["", f"Over training (frontier.png; {frontier['prompts']} held-out prompts, one sample each): "
+              "step: KL to SFT / true reward of each checkpoint", "", "| run | checkpoints |", "| --- | --- |",
+              f"| SFT | 0: 0.00 / {frontier['sft']['true_reward']:+.3f} |"]  # fmt: skip
+    for name, points in frontier["runs"].items():
+        cells = " · ".join(f"{p['step']}: {p['kl_to_sft']:.2f} / {p['true_reward']:+.3f}" for p in points)
+        lines.append(f"| {name} | {cells} |")
     rm = results["reward_model"]
     lines += ["", f"Reward model, held-out pairs: accuracy {rm['accuracy']:.3f} against the Bradley-Terry labels, "
               f"{rm['true_order_accuracy']:.3f} against the true reward's order.", "",
@@ -331,27 +366,66 @@ def run_pipeline(out: str | os.PathLike = "runs/demo", *, seed: int = 0, quick: 
         torch.set_num_threads(previous)
 
 
+def _score_policy(model, sft_model, tokenizer, prompts: list[str], seed: int, max_new_tokens: int):
+    """One completion per prompt from ``model`` (torch seeded with ``seed`` first: every policy sees the
+    same random numbers, less noise in the differences); returns the texts, their true rewards, the
+    log-ratios ``log pi(y) - log pi_sft(y)`` and the completion lengths in tokens."""
+    torch.manual_seed(seed)
+    tokens = sample_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    rewards = [true_reward(p + " " + t) for p, t in zip(prompts, texts, strict=True)]
+    if model is sft_model:
+        log_ratios = [0.0] * len(prompts)
+    else:
+        policy_logp = completion_logprobs(model, tokenizer, prompts, tokens)  # [N]
+        log_ratios = (policy_logp - completion_logprobs(sft_model, tokenizer, prompts, tokens)).tolist()
+    return texts, rewards, log_ratios, [len(t) for t in tokens]
+
+
 def _evaluate(out: Path, seed: int, s: DemoSettings, tokenizer, policies: dict) -> tuple[dict, dict]:
-    """Sample each policy on held-out prompts; true reward and KL to the SFT policy (``policies["SFT"]``).
-    Every policy is sampled from the same seed (common random numbers: less noise in the differences)."""
+    """Sample each policy on held-out prompts; true reward and KL to the SFT policy (``policies["SFT"]``)."""
     prompts = [p for p in make_prompts(s.n_eval_prompts, seed + 2) for _ in range(s.samples_per_prompt)]
-    sft_model = policies["SFT"]
     summary, samples, rewards = {}, [], {}
     for name, model in policies.items():
-        torch.manual_seed(seed + 3)
-        tokens = sample_completions(model, tokenizer, prompts, max_new_tokens=s.max_new_tokens)
-        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        rewards[name] = [true_reward(p + " " + t) for p, t in zip(prompts, texts, strict=True)]
-        if model is sft_model:
-            log_ratios = [0.0] * len(prompts)
-        else:
-            policy_logp = completion_logprobs(model, tokenizer, prompts, tokens)  # [N]
-            log_ratios = (policy_logp - completion_logprobs(sft_model, tokenizer, prompts, tokens)).tolist()
-        summary[name] = _policy_summary(rewards[name], log_ratios, [len(t) for t in tokens])
+        texts, rewards[name], log_ratios, lengths = _score_policy(model, policies["SFT"], tokenizer, prompts, seed + 3,
+                                                                  s.max_new_tokens)  # fmt: skip
+        summary[name] = _policy_summary(rewards[name], log_ratios, lengths)
         samples += [{"policy": name, "prompt": p, "completion": " " + t, "true_reward": r, "log_ratio": k}
                     for p, t, r, k in zip(prompts, texts, rewards[name], log_ratios, strict=True)]  # fmt: skip
     write_jsonl(samples, out / "samples.jsonl")
     return summary, rewards
+
+
+def _frontier(out: Path, seed: int, s: DemoSettings, tokenizer, sft_model, runs: Sequence[str]) -> dict[str, Any]:
+    """Mean held-out true reward and KL to SFT of the SFT model (``sft``) and of every checkpoint of each
+    run in ``runs`` (policy names, run directories ``out / name.lower()``): ``{"prompts", "sft", "runs":
+    {name: [{"step", "true_reward", "kl_to_sft"}, ...]}}``. Draws ``frontier.png``."""
+    prompts = make_prompts(s.n_frontier_prompts, seed + 2)  # held out, one sample each
+
+    def point(model) -> dict[str, float]:
+        _, rewards, log_ratios, _ = _score_policy(model, sft_model, tokenizer, prompts, seed + 5, s.max_new_tokens)
+        return {"true_reward": sum(rewards) / len(rewards), "kl_to_sft": sum(log_ratios) / len(log_ratios)}
+
+    sft_point = point(sft_model)
+    curves = {name: [{"step": step, **point(load_policy(path, sft_model))}
+                     for step, path in run_checkpoints(out / name.lower())] for name in runs}  # fmt: skip
+    draw_frontier(out / "frontier.png", curves, sft_point["true_reward"])
+    return {"prompts": len(prompts), "sft": sft_point, "runs": curves}
+
+
+def _rl_stage(name: str, out: Path, seed: int, s: DemoSettings, tokenizer, sft_model, reward_model,
+              sections: dict[str, Any]):  # fmt: skip
+    """Train a copy of the SFT policy with ``PPOTrainer`` (settings ``s.ppo`` or ``s.grpo``) against the
+    reward model, the SFT model as the reference; returns the trained policy."""
+    from rlhf_fast.trainers import PPOTrainer
+
+    config = _trainer_config({**getattr(s, name), "max_new_tokens": s.max_new_tokens}, out / name, seed)
+    policy = copy.deepcopy(sft_model).requires_grad_(True)  # the SFT model is frozen, as DPO's reference
+    trainer = PPOTrainer(policy, tokenizer, sections["train_data"], reward_model=reward_model,
+                         ref_model=sft_model, true_reward_fn=true_rewards, config=config)  # fmt: skip
+    _write_run_config(out / name, trainer.config, **sections, true_reward="demo_true_reward")
+    trainer.train()
+    return trainer.model
 
 
 def _run(out: Path, seed: int, s: DemoSettings) -> dict[str, Any]:
@@ -404,6 +478,7 @@ def _run(out: Path, seed: int, s: DemoSettings) -> dict[str, Any]:
         _write_run_config(out / "rm", rm.config, model=model_section, tokenizer="demo", **pair_data)
         rm_metrics = rm.train()
         rm_true_accuracy = _rm_true_order_accuracy(rm.model, tokenizer, eval_pairs)
+        reward_model = rm.model
     del rm
 
     with Stage("dpo", stages):  # the policy starts from the SFT model, which is also the frozen reference
@@ -415,16 +490,29 @@ def _run(out: Path, seed: int, s: DemoSettings) -> dict[str, Any]:
         dpo_model = dpo.model
     del dpo
 
-    with Stage("eval", stages):
-        policies, rewards = _evaluate(out, seed, s, tokenizer, {"SFT": sft_model, "DPO": dpo_model})
+    rl_sections = {"model": sft_checkpoint, "tokenizer": dict(sft_checkpoint), "ref_model": dict(sft_checkpoint),
+                   "reward_model": {"path": str(latest_checkpoint(out / "rm").resolve())},
+                   "train_data": str((data / "rl_prompts.jsonl").resolve()), "eval_data": None}  # fmt: skip
+    write_jsonl([{"prompt": p} for p in make_prompts(s.n_rl_prompts, seed + 4)], rl_sections["train_data"])
+    rl_models = {}
+    for name in ("ppo", "grpo"):
+        with Stage(name, stages):
+            rl_models[name] = _rl_stage(name, out, seed, s, tokenizer, sft_model, reward_model, rl_sections)
 
-    for run in ("sft", "rm", "dpo"):
+    with Stage("eval", stages):
+        trained = {"SFT": sft_model, "PPO": rl_models["ppo"], "GRPO": rl_models["grpo"], "DPO": dpo_model}
+        policies, rewards = _evaluate(out, seed, s, tokenizer, trained)
+
+    with Stage("frontier", stages):
+        frontier = _frontier(out, seed, s, tokenizer, sft_model, ("PPO", "GRPO", "DPO"))
+
+    for run in ("sft", "rm", "dpo", "ppo", "grpo"):
         plot_run(out / run)
     _draw_histogram(out / "reward_hist.png", rewards)
     results = {
         "seed": seed, "threads": torch.get_num_threads(), "settings": dataclasses.asdict(s), "policies": policies,
         "reward_model": {"accuracy": rm_metrics["eval_accuracy"], "true_order_accuracy": rm_true_accuracy},
-        "stages": stages,
+        "frontier": frontier, "stages": stages,
         "memory": "growth of VmHWM (peak resident set) during each stage, reset through /proc/self/clear_refs",
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -297,6 +297,11 @@ class PPOTrainer:
         self.tokenizer, self.reward_fn, self.true_reward_fn = tokenizer, reward_fn, true_reward_fn
         self.pad_id = data.pad_id_of(tokenizer)
         max_prompt = cfg.max_prompt_length or cfg.max_length - cfg.max_new_tokens
+        # a path is a JSONL file of prompt rows
+        if isinstance(prompts, (str, os.PathLike)):
+            prompts = data.load_rows(prompts, "prompts")
+        if isinstance(eval_prompts, (str, os.PathLike)):
+            eval_prompts = data.load_rows(eval_prompts, "eval_prompts")
         examples = prompt_examples(prompts, tokenizer, max_prompt_length=max_prompt, name="prompts")
         data.check_vocab(policy, (ex["input_ids"] for ex in examples), "prompts")
         eval_examples = None
