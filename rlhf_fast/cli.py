@@ -478,7 +478,7 @@ def run_demo(out: str, seed: int, quick: bool, threads: int) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Train with rlhf_fast's fused losses; redraw curves; run the "
                                 "offline demo.")  # fmt: skip
-    sub = p.add_subparsers(dest="command", required=True, metavar="{sft,rm,dpo,ppo,plot,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sft,rm,dpo,ppo,plot,demo,bench}")
     helps = {"sft": "supervised fine-tuning", "rm": "train a reward model on preference pairs or rankings",
              "dpo": "direct preference optimization",
              "ppo": "RL against a reward model: PPO with a critic, or the critic-free GRPO/RLOO/REINFORCE"}  # fmt: skip
@@ -502,11 +502,18 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a much smaller run (for tests)")
     demo.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the models are tiny)")
+    # listed for --help only: main() hands `bench ...` to the benchmark runner's own parser
+    sub.add_parser("bench", help="benchmark every op against its peers (`rlhf-fast bench --help`); --ptx: GPU report")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from rlhf_fast.bench.run import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser().parse_args(argv)
     if args.command == "plot":
         return run_plot(args.run_dir)

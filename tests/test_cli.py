@@ -336,3 +336,16 @@ def test_bad_ppo_configs_fail_before_training(ppo_files, tmp_path, capsys, overr
     err = capsys.readouterr().err
     assert "rlhf-fast ppo: error: " in err and message in err, err
     assert not (tmp_path / "ppo").exists()
+
+
+def test_bench_is_handed_to_the_benchmark_runner(capsys):
+    from rlhf_fast.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: rlhf-fast bench") and "--ptx" in out and "--vocab" in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "bench" in capsys.readouterr().out
