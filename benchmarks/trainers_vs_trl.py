@@ -4,6 +4,9 @@
     python -m benchmarks.trainers_vs_trl --quick            # few steps, little data: a smoke test
     python -m benchmarks.trainers_vs_trl --trainers dpo --models lm32k --providers rlhf_fast,trl,rlhf_fast-unfused
 
+GRPO (``PPOTrainer`` against TRL's ``GRPOTrainer``) is in the sibling :mod:`benchmarks.grpo_vs_trl`, which
+reuses this module's :class:`Meter` and :func:`best_of`.
+
 Models (``MODELS``), both Llama built from a config with random weights (``rlhf_fast.demo.tiny_model`` /
 ``tiny_reward_model``, the same seed for every provider): ``demo``, the demo pipeline's model (hidden 64,
 the demo tokenizer's vocabulary) on the demo's preference pairs (sequences of at most 31 tokens), and
