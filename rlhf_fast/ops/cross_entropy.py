@@ -12,6 +12,12 @@ from rlhf_fast.ops import _custom, fused
 REDUCTIONS = ("none", "mean", "sum")
 
 
+def smoothed_nll(logp: Tensor, mean_logp: Tensor, eps: float) -> Tensor:
+    """Per-token cross entropy with label smoothing ``eps``: ``-(1 - eps) log p(label) - eps mean_v log p_v``
+    (``mean_logp`` is not read when ``eps == 0``)."""
+    return -(1.0 - eps) * logp - eps * mean_logp if eps > 0.0 else -logp
+
+
 def cross_entropy(
     logits: Tensor,
     labels: Tensor,
@@ -57,8 +63,7 @@ def cross_entropy(
         if inplace_backward:
             raise ValueError("inplace_backward=True needs reduction='mean' or 'sum'")
         logp, _, _, mean_logp = _custom.token_stats_fwd(rows, flat, 1.0, ignore_index, True, False, smooth, backend)
-        loss = -(1.0 - eps) * logp - eps * mean_logp if smooth else -logp
-        return loss.view(labels.shape)
+        return smoothed_nll(logp, mean_logp, eps).view(labels.shape)
 
     valid = (flat != ignore_index).float()
     weight = valid / valid.sum().clamp(min=1) if reduction == "mean" else valid
@@ -72,6 +77,5 @@ def cross_entropy(
             logits, rows, flat, 1.0, ignore_index, with_entropy=False, with_mean_logp=smooth, mode=0,
             coefs=coefs, params=[], inplace=inplace_backward, backend=backend,
         )  # fmt: skip
-    per_token = -(1.0 - eps) * logp - eps * mean_logp if smooth else -logp
-    loss = (per_token.detach() * weight).sum()
+    loss = (smoothed_nll(logp, mean_logp, eps).detach() * weight).sum()
     return fused.attach_gradient(logits, loss, grad) if needs_grad else loss

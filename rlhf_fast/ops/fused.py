@@ -27,11 +27,21 @@ class _AttachGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         (grad,) = ctx.saved_tensors
-        # Scale in place: the buffer is ours (or the caller gave up the logits for it). Skipping the
-        # pass when grad_output == 1 needs its value: free on CPU, a sync on GPU, so only on CPU.
-        if torch.compiler.is_compiling() or grad_output.device.type != "cpu" or grad_output.item() != 1.0:
-            grad.mul_(grad_output)  # in float32, rounded once to the gradient dtype
+        scale_in_place((grad,), grad_output)
         return grad, None, None
+
+
+def scale_in_place(grads: tuple[Tensor | None, ...], grad_output: Tensor) -> None:
+    """Multiply gradients computed in the forward pass by the 0-d ``grad_output``, in place.
+
+    In place because the buffers are ours (or the caller gave up the logits for them): a scaled copy
+    would hold a second gradient at the peak. Skipping the pass when ``grad_output == 1`` needs its
+    value: free on CPU, a sync on GPU, so only on CPU.
+    """
+    if torch.compiler.is_compiling() or grad_output.device.type != "cpu" or grad_output.item() != 1.0:
+        for grad in grads:
+            if grad is not None:
+                grad.mul_(grad_output)  # in float32, rounded once to the gradient dtype
 
 
 def stats_with_gradient(

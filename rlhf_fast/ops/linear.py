@@ -19,6 +19,8 @@ from torch import Tensor
 from rlhf_fast import _dispatch
 from rlhf_fast import _validate as v
 from rlhf_fast.ops import _custom
+from rlhf_fast.ops.cross_entropy import REDUCTIONS, smoothed_nll
+from rlhf_fast.ops.fused import scale_in_place
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 CHUNK_ENV_VAR = "RLHF_FAST_CHUNK_BYTES"
@@ -275,12 +277,7 @@ class _AttachLinearGradients(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grads = ctx.saved_tensors
-        # Scale in place, as fused._AttachGradient does: the buffers are ours, and a scaled copy would
-        # hold a second dW ([V, H]) and dH at the peak. Skipping grad_output == 1 needs its value: only on CPU.
-        if torch.compiler.is_compiling() or grad_output.device.type != "cpu" or grad_output.item() != 1.0:
-            for g in grads:
-                if g is not None:
-                    g.mul_(grad_output)
+        scale_in_place(grads, grad_output)  # a scaled copy would hold a second dW [V, H] and dH at the peak
         return None, None, None, None, *grads
 
 
@@ -383,8 +380,6 @@ def linear_cross_entropy(
     Returns:
         float32: a 0-d loss, or ``[...]`` for ``reduction="none"``.
     """
-    from rlhf_fast.ops.cross_entropy import REDUCTIONS
-
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     eps = v.check_float("label_smoothing", label_smoothing, 0.0, 1.0, high_inclusive=True)
@@ -392,33 +387,27 @@ def linear_cross_entropy(
     h2d, flat, _, ignore_index, backend, rows = _prepare_linear(
         hidden, weight, labels, bias, 1.0, ignore_index, chunk_bytes, backend
     )
-    if backend == "triton" and softcap is None:
-        # one forward pass of the tl.dot kernel; the loss's per-token gradients reach its backward kernels
-        smooth = eps > 0.0
-        logp, _, mean_logp = _triton_stats(h2d, weight, bias, flat, 1.0, ignore_index, (True, False, smooth))
-        per_token = -(1.0 - eps) * logp - eps * mean_logp if smooth else -logp
-        if reduction == "none":
-            return per_token.view(labels.shape)
-        valid = (flat != ignore_index).float()
-        total = (per_token * valid).sum()
-        return total / valid.sum().clamp(min=1) if reduction == "mean" else total
-    if reduction == "none":
-        smooth = eps > 0.0
-        logp, _, mean_logp = _LinearTokenStats.apply(
-            h2d, weight, bias, flat, 1.0, ignore_index, (True, False, smooth), rows, softcap, backend
-        )
-        loss = -(1.0 - eps) * logp - eps * mean_logp if smooth else -logp
-        return loss.view(labels.shape)
     valid = (flat != ignore_index).float()
     weight_r = valid / valid.sum().clamp(min=1) if reduction == "mean" else valid
+    if reduction == "none" or (backend == "triton" and softcap is None):
+        # Per-token statistics with autograd; the loss's per-token gradients reach their backward, which
+        # recomputes the logits: on triton a tl.dot kernel pass (no logits chunk at all), else by chunks.
+        wanted = (True, False, eps > 0.0)
+        if backend == "triton" and softcap is None:
+            logp, _, mean_logp = _triton_stats(h2d, weight, bias, flat, 1.0, ignore_index, wanted)
+        else:
+            logp, _, mean_logp = _LinearTokenStats.apply(
+                h2d, weight, bias, flat, 1.0, ignore_index, wanted, rows, softcap, backend
+            )
+        per_token = smoothed_nll(logp, mean_logp, eps)
+        return per_token.view(labels.shape) if reduction == "none" else (per_token * weight_r).sum()
     coefs = torch.stack([-(1.0 - eps) * weight_r, torch.zeros_like(weight_r), -eps * weight_r])
     need = _needs(hidden, weight, bias)
     (logp, _, _, mean_logp), grads = _fused_chunks(
         h2d, weight, bias, flat, 1.0, ignore_index, with_mean_logp=eps > 0.0, mode=0, coefs=coefs, params=[],
         rows=rows, backend=backend, need=need, softcap=softcap,
     )  # fmt: skip
-    per_token = -(1.0 - eps) * logp - eps * mean_logp if eps > 0.0 else -logp
-    loss = (per_token * weight_r).sum()
+    loss = (smoothed_nll(logp, mean_logp, eps) * weight_r).sum()
     return _attach(loss, grads, hidden, weight, bias) if any(need) else loss
 
 
