@@ -1,6 +1,5 @@
 """DPOTrainer on tiny models built from configs (random weights, offline tokenizer)."""
 
-import json
 import math
 from contextlib import contextmanager
 
@@ -9,6 +8,8 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
+
+from _trainers import ACCUMULATION_STEP, assert_accumulation_matches, metrics, params
 
 from rlhf_fast.demo import build_tokenizer, make_preference_pairs, tiny_model
 from rlhf_fast.trainers import DPOConfig, DPOTrainer, latest_checkpoint
@@ -40,24 +41,15 @@ def _config(tmp_path, name="run", **kw):
     return DPOConfig(**{**base, **kw})
 
 
-def _metrics(run_dir):
-    with open(run_dir / "metrics.jsonl") as fh:
-        return [json.loads(line) for line in fh]
-
-
 def _train_records(run_dir):
-    return {r["step"]: r for r in _metrics(run_dir) if "loss" in r}
-
-
-def _params(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {r["step"]: r for r in metrics(run_dir) if "loss" in r}
 
 
 def test_loss_goes_down_and_reward_accuracy_rises(tmp_path):
     cfg = _config(tmp_path, max_steps=12, micro_batch_size=8)
     trainer = DPOTrainer(_model(), TOKENIZER, _pairs(32, 0), _pairs(8, 1), cfg)
     last = trainer.train()
-    records = _metrics(tmp_path / "run")
+    records = metrics(tmp_path / "run")
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, 13))
     for r in records:
@@ -102,7 +94,7 @@ def test_loss_at_step_0_when_the_policy_is_its_reference(tmp_path, loss_type, la
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust"])
 def test_every_loss_type_trains(tmp_path, loss_type):
-    start = _params(_model())
+    start = params(_model())
     trainer = DPOTrainer(_model(), TOKENIZER, _pairs(8, 4), config=_config(tmp_path, loss_type=loss_type, max_steps=2))
     out = trainer.train()
     assert all(math.isfinite(out[k]) for k in ("loss", "grad_norm", *REWARD_KEYS))
@@ -142,7 +134,7 @@ def test_resume_gives_the_identical_next_loss(tmp_path):
 
     full = DPOTrainer(_model("gpt2", dropout=0.1), TOKENIZER, rows, eval_rows, config("full"))
     full.train()
-    expected = _metrics(tmp_path / "full")
+    expected = metrics(tmp_path / "full")
     ckpt = tmp_path / "full" / "checkpoints" / "step-00000004"
     assert (ckpt / REFERENCE_FILE).is_file()
 
@@ -150,11 +142,11 @@ def test_resume_gives_the_identical_next_loss(tmp_path):
     # show that the cached ones came from the checkpoint
     resumed = DPOTrainer(_model("gpt2", seed=5, dropout=0.1), TOKENIZER, rows, eval_rows, config("r"))
     resumed.train(resume_from=ckpt)
-    got = _metrics(tmp_path / "r")
+    got = metrics(tmp_path / "r")
     assert [r["step"] for r in got] == [5, 6, 6]  # train records and the final evaluation
     timeless = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in (*expected[-3:], *got)]
     assert timeless[3:] == timeless[:3]  # exact
-    for (k, a), b in zip(_params(full.model).items(), _params(resumed.model).values(), strict=True):
+    for (k, a), b in zip(params(full.model).items(), params(resumed.model).values(), strict=True):
         assert torch.equal(a, b), k
 
     other = DPOTrainer(_model("gpt2"), TOKENIZER, _pairs(12, 9), eval_rows, config("o"))
@@ -169,18 +161,17 @@ def test_grad_accumulation_1x8_and_4x2_make_the_same_update(tmp_path, nll_coef):
     # per-micro-batch token mean in the NLL term would make the two splits differ.
     rows = _pairs(8, 10)
     assert len({len(r["chosen"]) for r in rows}) > 1
-    start = _params(_model())
-    params = {}
-    for mbs, accum in ((8, 1), (2, 4)):
-        cfg = _config(tmp_path, f"{mbs}x{accum}", micro_batch_size=mbs, grad_accum_steps=accum, max_steps=1,
-                      lr=0.1, adam_eps=1.0, max_grad_norm=None, shuffle=False, nll_coef=nll_coef)  # fmt: skip
-        trainer = DPOTrainer(_model(), TOKENIZER, rows, config=cfg)
-        trainer.train()
-        params[mbs] = _params(trainer.model)
-    moved = max((params[8][k] - start[k]).abs().max().item() for k in start)
-    assert moved > 1e-3
-    for k in start:
-        torch.testing.assert_close(params[2][k], params[8][k], rtol=0, atol=1e-6, msg=k)
+    start = params(_model())
+    assert_accumulation_matches(
+        lambda mbs, accum: DPOTrainer(
+            _model(), TOKENIZER, rows,
+            config=_config(
+                tmp_path, f"{mbs}x{accum}", micro_batch_size=mbs, grad_accum_steps=accum, **ACCUMULATION_STEP,
+                nll_coef=nll_coef,
+            ),
+        ),
+        start,
+    )  # fmt: skip
 
 
 def test_nll_term_is_each_chosen_responses_mean_token_nll(tmp_path):
@@ -200,7 +191,7 @@ def test_nll_term_is_each_chosen_responses_mean_token_nll(tmp_path):
 
 def test_the_reference_never_changes(tmp_path):
     ref = _model(seed=0)
-    frozen = _params(ref)
+    frozen = params(ref)
     cfg = _config(tmp_path, max_steps=3, save_every=1)
     trainer = DPOTrainer(_model(seed=0), TOKENIZER, _pairs(8, 12), config=cfg, ref_model=ref)
     trainer.train()

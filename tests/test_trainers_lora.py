@@ -1,13 +1,13 @@
 """LoRA through peft: the trainers take a peft model as is, train only its adapters through the fused
 LM-head path, and DPO uses the base model (adapters disabled) as its reference."""
 
-import json
-
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+
+from _trainers import train_losses  # noqa: E402
 
 from rlhf_fast.demo import build_tokenizer, make_preference_pairs, make_sft_dataset, tiny_model  # noqa: E402
 from rlhf_fast.trainers import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
@@ -40,16 +40,11 @@ def test_sft_trains_only_the_adapters(tmp_path, fused):
     cfg = SFTConfig(output_dir=str(tmp_path / "sft"), lr=1e-2, micro_batch_size=8, max_length=48, max_steps=12,
                     progress_bar=False, fused=fused, seed=0)  # fmt: skip
     SFTTrainer(model, TOKENIZER, make_sft_dataset(48, 0), config=cfg).train()
-    losses = [r["loss"] for r in _metrics(tmp_path / "sft")]
+    losses = list(train_losses(tmp_path / "sft").values())
     assert sum(losses[-3:]) < sum(losses[:3])
     assert not _changed(model, frozen)  # the base weights never move
     assert _changed(model, adapters)  # lora_B starts at 0: both A and B must have moved for B to change
     assert any("lora_B" in n for n in _changed(model, adapters))
-
-
-def _metrics(run_dir):
-    with open(run_dir / "metrics.jsonl") as fh:
-        return [json.loads(line) for line in fh if '"loss"' in line]
 
 
 def test_dpo_uses_the_base_model_as_reference(tmp_path):
@@ -62,6 +57,6 @@ def test_dpo_uses_the_base_model_as_reference(tmp_path):
                     progress_bar=False, beta=0.1, seed=0)  # fmt: skip
     trainer = DPOTrainer(model, TOKENIZER, pairs, config=cfg)
     trainer.train()
-    losses = [r["loss"] for r in _metrics(tmp_path / "dpo")]
+    losses = list(train_losses(tmp_path / "dpo").values())
     assert losses[0] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-5)
     assert not _changed(model, frozen) and _changed(model, adapters)

@@ -1,6 +1,5 @@
 """RewardTrainer on tiny models built from configs (random weights, offline tokenizer)."""
 
-import json
 import math
 
 import pytest
@@ -8,6 +7,8 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
+
+from _trainers import ACCUMULATION_STEP, assert_accumulation_matches, metrics, params, train_losses
 
 import rlhf_fast as rf
 from rlhf_fast.demo import build_tokenizer, make_preference_pairs, make_rankings, tiny_model, tiny_reward_model
@@ -34,19 +35,6 @@ def _config(tmp_path, name="run", **kw):
     return RewardConfig(**{**base, **kw})
 
 
-def _metrics(run_dir):
-    with open(run_dir / "metrics.jsonl") as fh:
-        return [json.loads(line) for line in fh]
-
-
-def _train_losses(run_dir):
-    return {r["step"]: r["loss"] for r in _metrics(run_dir) if "loss" in r}
-
-
-def _params(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def _clear_pairs(n, seed, gap=0.8):
     """Pairs whose true rewards differ by more than ``gap``, labelled by an almost noiseless rater."""
     rows = make_preference_pairs(n, seed, beta_bt=50.0)
@@ -64,7 +52,7 @@ def test_loss_goes_down_and_heldout_accuracy_rises(tmp_path):
     trainer = RewardTrainer(_reward_model(), TOKENIZER, train, held_out, cfg)
     before = trainer.evaluate()
     last = trainer.train()
-    records = _metrics(tmp_path / "run")
+    records = metrics(tmp_path / "run")
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 49))
     for r in records:
@@ -151,7 +139,7 @@ def test_k_way_rankings_train_in_one_forward(tmp_path, monkeypatch):
     cfg = _config(tmp_path, max_steps=4, grad_accum_steps=2, micro_batch_size=3)
     last = RewardTrainer(_reward_model(), TOKENIZER, rows, held_out, cfg).train()
     assert [s[:2] for s in forwards[:8]] == [(3, 4)] * 8  # one call per micro-batch, all K responses in it
-    steps = [r for r in _metrics(tmp_path / "run") if "loss" in r]
+    steps = [r for r in metrics(tmp_path / "run") if "loss" in r]
     assert all(r["pairs"] == 2 * 3 * 6 for r in steps)
     assert all(math.isfinite(v) for v in last.values())
     assert 0.0 <= last["eval_accuracy"] <= 1.0 and last["pairs"] == 36
@@ -163,7 +151,7 @@ def test_two_way_rankings_train_as_pairs(tmp_path):
     results = {}
     for name, rows in (("pairs", pairs), ("rankings", rankings)):
         results[name] = RewardTrainer(_reward_model(), TOKENIZER, rows, rows[:8], _config(tmp_path, name)).train()
-    assert _train_losses(tmp_path / "pairs") == pytest.approx(_train_losses(tmp_path / "rankings"), rel=1e-6)
+    assert train_losses(tmp_path / "pairs") == pytest.approx(train_losses(tmp_path / "rankings"), rel=1e-6)
     for key in ("eval_loss", "eval_accuracy", "eval_reward_margin"):
         assert results["pairs"][key] == pytest.approx(results["rankings"][key], rel=1e-6, abs=1e-7)
 
@@ -174,7 +162,7 @@ def test_fused_and_unfused_heads_give_the_same_losses(tmp_path, kind, build):
     losses = {}
     for fused in (True, False):
         RewardTrainer(build(kind), TOKENIZER, rows, config=_config(tmp_path, f"fused{fused}", fused=fused)).train()
-        losses[fused] = _train_losses(tmp_path / f"fused{fused}")
+        losses[fused] = train_losses(tmp_path / f"fused{fused}")
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
@@ -203,14 +191,14 @@ def test_resume_continues_bit_for_bit(tmp_path):
     cfg = dict(max_steps=8, grad_accum_steps=2, save_every=4, warmup_steps=2)
     full = RewardTrainer(_reward_model(), TOKENIZER, rows, config=_config(tmp_path, "full", **cfg))
     full.train()
-    expected = _train_losses(tmp_path / "full")
+    expected = train_losses(tmp_path / "full")
     resumed = RewardTrainer(_reward_model(seed=3), TOKENIZER, rows, config=_config(tmp_path, "r", **cfg))
     resumed.train(resume_from=tmp_path / "full" / "checkpoints" / "step-00000004")
-    got = _train_losses(tmp_path / "r")
+    got = train_losses(tmp_path / "r")
     assert sorted(got) == [5, 6, 7, 8]
     for step, loss in got.items():
         assert loss == expected[step]  # exact
-    for (k, a), b in zip(_params(full.model).items(), _params(resumed.model).values(), strict=True):
+    for (k, a), b in zip(params(full.model).items(), params(resumed.model).values(), strict=True):
         assert torch.equal(a, b), k
 
 
@@ -220,17 +208,17 @@ def test_grad_accumulation_normalizes_by_all_pairs_of_the_step(tmp_path):
     rows = make_preference_pairs(8, 11)
     for i, r in enumerate(rows):
         r["margin"] = 0.1 * i
-    start = _params(_reward_model())
-    params = {}
-    for mbs, accum in ((8, 1), (2, 4)):
-        cfg = _config(tmp_path, f"{mbs}x{accum}", micro_batch_size=mbs, grad_accum_steps=accum, max_steps=1, lr=0.1,
-                      adam_eps=1.0, max_grad_norm=None, shuffle=False, center_rewards_coef=0.1)  # fmt: skip
-        trainer = RewardTrainer(_reward_model(), TOKENIZER, rows, config=cfg)
-        trainer.train()
-        params[mbs] = _params(trainer.model)
-    assert max((params[8][k] - start[k]).abs().max().item() for k in start) > 1e-3
-    for k in start:
-        torch.testing.assert_close(params[2][k], params[8][k], rtol=0, atol=1e-6, msg=k)
+    start = params(_reward_model())
+    assert_accumulation_matches(
+        lambda mbs, accum: RewardTrainer(
+            _reward_model(), TOKENIZER, rows,
+            config=_config(
+                tmp_path, f"{mbs}x{accum}", micro_batch_size=mbs, grad_accum_steps=accum, **ACCUMULATION_STEP,
+                center_rewards_coef=0.1,
+            ),
+        ),
+        start,
+    )  # fmt: skip
 
 
 # -- bad input fails before any training, with the name of what is wrong --------------------------

@@ -11,6 +11,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+from _trainers import ACCUMULATION_STEP, assert_accumulation_matches, metrics, params, train_losses
+
 from rlhf_fast.demo import build_tokenizer, make_sft_dataset, tiny_model
 from rlhf_fast.trainers import SFTConfig, SFTTrainer, latest_checkpoint
 from rlhf_fast.trainers import data as sft_data
@@ -34,21 +36,12 @@ def _config(tmp_path, name="run", **kw):
     return SFTConfig(**{**base, **kw})
 
 
-def _metrics(run_dir):
-    with open(run_dir / "metrics.jsonl") as fh:
-        return [json.loads(line) for line in fh]
-
-
-def _train_losses(run_dir):
-    return {r["step"]: r["loss"] for r in _metrics(run_dir) if "loss" in r}
-
-
 def test_loss_goes_down_and_metrics_are_finite(tmp_path):
     cfg = _config(tmp_path, max_steps=20, eval_every=10, warmup_steps=2, lr=1e-2)
     trainer = SFTTrainer(_model(), TOKENIZER, make_sft_dataset(32, 0), make_sft_dataset(8, 1), cfg)
     before = trainer.evaluate()
     last = trainer.train()
-    records = _metrics(tmp_path / "run")
+    records = metrics(tmp_path / "run")
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, 21))
     for r in records:
@@ -70,7 +63,7 @@ def test_fused_and_logits_paths_give_the_same_losses(tmp_path, kind):
     for fused in (True, False):
         cfg = _config(tmp_path, f"fused{fused}", fused=fused, max_steps=4, chunk_bytes=4096)
         SFTTrainer(_model(kind), TOKENIZER, rows, config=cfg).train()
-        losses[fused] = _train_losses(tmp_path / f"fused{fused}")
+        losses[fused] = train_losses(tmp_path / f"fused{fused}")
     assert losses[True].keys() == losses[False].keys()
     for step in losses[True]:
         assert losses[True][step] == pytest.approx(losses[False][step], rel=1e-5)
@@ -82,31 +75,27 @@ def _resume_config(tmp_path, name):
     return _config(tmp_path, name, max_steps=8, grad_accum_steps=2, save_every=4, warmup_steps=2)
 
 
-def _params(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def test_resume_continues_bit_for_bit(tmp_path):
     rows = make_sft_dataset(24, 3)
     full = SFTTrainer(_model("gpt2", dropout=0.1), TOKENIZER, rows, config=_resume_config(tmp_path, "full"))
     full.train()
-    expected = _train_losses(tmp_path / "full")
+    expected = train_losses(tmp_path / "full")
 
     ckpt = tmp_path / "full" / "checkpoints" / "step-00000004"
     resumed = SFTTrainer(_model("gpt2", seed=5, dropout=0.1), TOKENIZER, rows, config=_resume_config(tmp_path, "r"))
     resumed.train(resume_from=ckpt)
-    got = _train_losses(tmp_path / "r")
+    got = train_losses(tmp_path / "r")
     assert sorted(got) == [5, 6, 7, 8]
     for step, loss in got.items():
         assert loss == expected[step]  # exact
-    for (k, a), b in zip(_params(full.model).items(), _params(resumed.model).values(), strict=True):
+    for (k, a), b in zip(params(full.model).items(), params(resumed.model).values(), strict=True):
         assert torch.equal(a, b), k
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
     rows = make_sft_dataset(24, 3)
     SFTTrainer(_model(dropout=0.1), TOKENIZER, rows, config=_resume_config(tmp_path, "full")).train()
-    expected = _train_losses(tmp_path / "full")
+    expected = train_losses(tmp_path / "full")
 
     calls = {"n": 0}
     loss_fn = SFTLoss.loss
@@ -127,7 +116,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is handler  # restored
 
     SFTTrainer(_model(seed=9, dropout=0.1), TOKENIZER, rows, config=cfg).train(resume_from=True)
-    got = _train_losses(tmp_path / "cut")
+    got = train_losses(tmp_path / "cut")
     assert sorted(got) == list(range(1, 9))
     assert got == expected
 
@@ -138,18 +127,16 @@ def test_grad_accumulation_normalizes_by_all_tokens_of_the_step(tmp_path):
     # lr * sign(g) and flip on rounding noise), so equal parameters mean equal gradients.
     rows = make_sft_dataset(8, 4)
     assert len({len(r["completion"]) for r in rows}) > 1
-    start = _params(_model())
-    params = {}
-    for mbs, accum in ((8, 1), (2, 4)):
-        cfg = _config(tmp_path, f"{mbs}x{accum}", micro_batch_size=mbs, grad_accum_steps=accum, max_steps=1,
-                      lr=0.1, adam_eps=1.0, max_grad_norm=None, shuffle=False)  # fmt: skip
-        trainer = SFTTrainer(_model(), TOKENIZER, rows, config=cfg)
-        trainer.train()
-        params[mbs] = _params(trainer.model)
-    moved = max((params[8][k] - start[k]).abs().max().item() for k in start)
-    assert moved > 1e-3
-    for k in start:
-        torch.testing.assert_close(params[2][k], params[8][k], rtol=0, atol=1e-6, msg=k)
+    start = params(_model())
+    assert_accumulation_matches(
+        lambda mbs, accum: SFTTrainer(
+            _model(), TOKENIZER, rows,
+            config=_config(
+                tmp_path, f"{mbs}x{accum}", micro_batch_size=mbs, grad_accum_steps=accum, **ACCUMULATION_STEP
+            ),
+        ),
+        start,
+    )  # fmt: skip
 
 
 def test_packing_gives_the_loss_of_the_examples_one_by_one():
@@ -235,7 +222,7 @@ def test_bf16_autocast_on_cpu(tmp_path):
     first = {}
     for bf16 in (False, True):
         SFTTrainer(_model(), TOKENIZER, rows, config=_config(tmp_path, f"bf16{bf16}", bf16=bf16, max_steps=2)).train()
-        records = _metrics(tmp_path / f"bf16{bf16}")
+        records = metrics(tmp_path / f"bf16{bf16}")
         assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
         first[bf16] = records[0]["loss"]
     assert first[True] != first[False]  # autocast was on
