@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from rlhf_fast import _dispatch
@@ -44,17 +43,35 @@ def _check_softcap(softcap) -> float | None:
     return float(softcap)
 
 
-def _head_logits(h_chunk: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None):
-    """``[1, n, V]`` logits of a chunk, and the ``tanh`` the soft cap's derivative needs (or None).
+def _head_logits(h_chunk: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, out: Tensor):
+    """``[1, n, V]`` logits of a chunk, written into ``out`` (``[n, V]``, contiguous), and the ``tanh`` the
+    soft cap's derivative needs (or None).
 
     With ``softcap = c`` (Gemma 2's final logit soft-capping) the logits are ``c * tanh(raw / c)``,
     computed in float32 and stored in the chunk's dtype.
     """
-    raw = F.linear(h_chunk, weight, bias)
+    if bias is None:
+        raw = torch.mm(h_chunk, weight.T, out=out)
+    else:
+        raw = torch.addmm(bias, h_chunk, weight.T, out=out)
     if softcap is None:
         return raw[None], None
     t = torch.tanh(raw.float() / softcap)
-    return (t * softcap).to(raw.dtype)[None], t
+    return raw.copy_(t * softcap)[None], t
+
+
+class _ChunkLogits:
+    """The logits of successive token chunks of ``hidden @ weight.T + bias``, all written into one
+    ``[rows, V]`` buffer (a chunk's logits are dead once the next chunk's are asked for). A fresh
+    ``[n, V]`` tensor per chunk leaves the heap fragmented and the peak memory of the process a matter
+    of luck."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, softcap: float | None, rows: int, hidden: Tensor):
+        self.weight, self.bias, self.softcap = weight, bias, softcap
+        self.buffer = torch.empty(rows, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+
+    def __call__(self, h_chunk: Tensor):
+        return _head_logits(h_chunk, self.weight, self.bias, self.softcap, out=self.buffer[: h_chunk.shape[0]])
 
 
 def _raw_grad(g: Tensor, t: Tensor | None) -> Tensor:
@@ -74,18 +91,25 @@ class _HeadGrads:
         dev = hidden.device
         self.weight = weight
         self.bias = bias
-        self.d_hidden = torch.empty_like(hidden) if need_h else None
+        self.d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_h else None
         self.d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
         self.d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_b else None
 
     def add(self, sl: slice, h_chunk: Tensor, g: Tensor) -> None:
         # g: [n, V] gradient of the chunk's logits, h_chunk: [n, H]
         if self.d_hidden is not None:
-            self.d_hidden[sl] = g @ self.weight
+            torch.mm(g, self.weight, out=self.d_hidden[sl])
         if self.d_weight is not None:
             self.d_weight.addmm_(g.T.float(), h_chunk.float())
         if self.d_bias is not None:
             self.d_bias += g.float().sum(0)
+
+    def zero(self):
+        """The gradients when no upstream gradient reaches the head."""
+        for g in (self.d_hidden, self.d_weight, self.d_bias):
+            if g is not None:
+                g.zero_()
+        return self.result()
 
     def result(self):
         d_weight = None if self.d_weight is None else self.d_weight.to(self.weight.dtype)
@@ -149,42 +173,48 @@ class _LinearTokenStats(torch.autograd.Function):
         # hidden: [N, H], weight: [V, H], bias: [V] or None, labels: [N] or None
         N = hidden.shape[0]
         outs = [torch.empty(N if w else 0, dtype=torch.float32, device=hidden.device) for w in wanted]
-        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        chunk_logits = _ChunkLogits(weight, bias, softcap, min(rows, N), hidden)
         for r0 in range(0, N, rows):
             sl = slice(r0, min(r0 + rows, N))
-            logits, _ = _head_logits(hidden[sl], weight, bias, softcap)  # [1, n, V]
+            logits, _ = chunk_logits(hidden[sl])  # [1, n, V]
             lab = labels[sl] if labels is not None else None
-            logp, ent, lse[sl], mean_logp = _custom.token_stats_fwd(
+            logp, ent, _, mean_logp = _custom.token_stats_fwd(
                 logits, lab, temperature, ignore_index, *wanted, backend
             )
             for out, val, w in zip(outs, (logp, ent, mean_logp), wanted, strict=True):
                 if w:
                     out[sl] = val
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, outs[1] if wanted[1] else None)
+        ctx.save_for_backward(hidden, weight, bias, labels)  # the backward's fused kernel recomputes the rest
         ctx.args = (temperature, ignore_index, wanted, rows, softcap, backend)
         ctx.mark_non_differentiable(*(o for o, w in zip(outs, wanted, strict=True) if not w))
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, labels = ctx.saved_tensors
         temperature, ignore_index, wanted, rows, softcap, backend = ctx.args
-        grads = [g.contiguous() if w and g is not None else None for g, w in zip(grads, wanted, strict=True)]
+        g_lp, g_h, g_u = (g if w and g is not None else None for g, w in zip(grads, wanted, strict=True))
+        N, V = hidden.shape[0], weight.shape[0]
         head = _HeadGrads(hidden, weight, bias, ctx.needs_input_grad[:3])
-        for r0 in range(0, hidden.shape[0], rows):
-            sl = slice(r0, min(r0 + rows, hidden.shape[0]))
-            logits, t = _head_logits(hidden[sl], weight, bias, softcap)
-            g_logits = _custom.token_stats_bwd(
-                logits,
-                labels[sl] if labels is not None else None,
-                lse[sl],
-                entropy[sl] if entropy is not None else None,
-                *(None if g is None else g[sl] for g in grads),
-                temperature,
-                ignore_index,
-                backend,
-            )
-            head.add(sl, hidden[sl], _raw_grad(g_logits[0], t))
+        if (g_lp is None and g_h is None and g_u is None) or V == 1:  # V == 1: every output is constant 0
+            return *head.zero(), None, None, None, None, None, None, None
+        # The per-token upstream gradients become the coefficients of the fused kernel, which recomputes
+        # each chunk's statistics and overwrites its logits with d loss / d logits: no gradient buffer.
+        coefs = torch.zeros(3, N, dtype=torch.float32, device=hidden.device)
+        for row, g in zip(coefs, (g_lp, g_h, g_u), strict=True):
+            if g is not None:
+                row.copy_(g)
+        if labels is None:  # any valid label that is not ignore_index; its g_lp is 0
+            labels = torch.full((N,), 0 if ignore_index != 0 else 1, dtype=torch.long, device=hidden.device)
+        chunk_logits = _ChunkLogits(weight, bias, softcap, min(rows, N), hidden)
+        for r0 in range(0, N, rows):
+            sl = slice(r0, min(r0 + rows, N))
+            logits, t = chunk_logits(hidden[sl])
+            _custom.token_stats_fused_(
+                logits, labels[sl], temperature, ignore_index, g_h is not None, False, 0, coefs[:, sl].contiguous(),
+                [], backend,
+            )  # fmt: skip
+            head.add(sl, hidden[sl], _raw_grad(logits[0], t))
         return *head.result(), None, None, None, None, None, None, None
 
 
@@ -252,9 +282,10 @@ def _fused_chunks(h2d, weight, bias, labels, temperature, ignore_index, *, with_
     ]
     head = _HeadGrads(h2d, weight, bias, need)
     with torch.no_grad():
+        chunk_logits = _ChunkLogits(weight, bias, softcap, min(rows, N), h2d)
         for r0 in range(0, N, rows):
             sl = slice(r0, min(r0 + rows, N))
-            logits, t = _head_logits(h2d[sl], weight, bias, softcap)  # [1, n, V], becomes the gradient in place
+            logits, t = chunk_logits(h2d[sl])  # [1, n, V], becomes the gradient in place
             chunk = _custom.token_stats_fused_(
                 logits, labels[sl], temperature, ignore_index, True, with_mean_logp, mode, coefs[:, sl].contiguous(),
                 params, backend,
@@ -525,10 +556,11 @@ class _LinearKL(torch.autograd.Function):
     def forward(ctx, p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias, temperature, rows, backend):
         N = p_hidden.shape[0]
         kl, lse_p, lse_q = (torch.empty(N, dtype=torch.float32, device=p_hidden.device) for _ in range(3))
+        p_logits = _ChunkLogits(p_weight, p_bias, None, min(rows, N), p_hidden)
+        q_logits = _ChunkLogits(q_weight, q_bias, None, min(rows, N), q_hidden)
         for r0 in range(0, N, rows):
             sl = slice(r0, min(r0 + rows, N))
-            p = F.linear(p_hidden[sl], p_weight, p_bias)[None]
-            q = F.linear(q_hidden[sl], q_weight, q_bias)[None]
+            (p, _), (q, _) = p_logits(p_hidden[sl]), q_logits(q_hidden[sl])
             kl[sl], lse_p[sl], lse_q[sl] = _custom.kl_fwd(p, q, temperature, backend)
         ctx.save_for_backward(p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias, kl, lse_p, lse_q)
         ctx.args = (temperature, rows, backend)
@@ -543,10 +575,12 @@ class _LinearKL(torch.autograd.Function):
         head_q = _HeadGrads(q_hidden, q_weight, q_bias, needs[3:6])
         need_p, need_q = any(needs[0:3]), any(needs[3:6])
         grad_kl = grad_kl.contiguous()
-        for r0 in range(0, p_hidden.shape[0], rows):
-            sl = slice(r0, min(r0 + rows, p_hidden.shape[0]))
-            p = F.linear(p_hidden[sl], p_weight, p_bias)[None]
-            q = F.linear(q_hidden[sl], q_weight, q_bias)[None]
+        N = p_hidden.shape[0]
+        p_logits = _ChunkLogits(p_weight, p_bias, None, min(rows, N), p_hidden)
+        q_logits = _ChunkLogits(q_weight, q_bias, None, min(rows, N), q_hidden)
+        for r0 in range(0, N, rows):
+            sl = slice(r0, min(r0 + rows, N))
+            (p, _), (q, _) = p_logits(p_hidden[sl]), q_logits(q_hidden[sl])
             g_p, g_q = _custom.kl_bwd(
                 p, q, lse_p[sl], lse_q[sl], kl[sl], grad_kl[sl], temperature, need_p, need_q, backend
             )
