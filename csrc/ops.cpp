@@ -195,10 +195,44 @@ Tensor token_stats_bwd(const Tensor& logits, const OptTensor& labels, const Tens
                                   optional_f32(grad_logp, n, "grad_logp"),
                                   optional_f32(grad_entropy, n, "grad_entropy"),
                                   optional_f32(grad_mean_logp, n, "grad_mean_logp"),
-                                  grad.data_ptr()};
+                                  grad.data_ptr(),
+                                  0,
+                                  rows.V};
   const auto kernel = kernels().token_stats_bwd;
   at::parallel_for(0, n, grain(rows.V), [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
   return grad;
+}
+
+// token_stats_bwd over the vocabulary columns [col0, col0 + Vb) of `block` ([A, B, Vb], contiguous),
+// written over the block itself, with the upstream gradients as coefs [3, N] = (g_lp, g_H, g_u) and the
+// statistics of the whole rows (lse, and H when the entropy term is on) from an earlier pass.
+void token_stats_block_grad_(const Tensor& block, const Tensor& labels, const Tensor& lse, const OptTensor& entropy,
+                             const Tensor& coefs, int64_t col0, int64_t vocab, double temperature,
+                             int64_t ignore_index) {
+  const k::Rows rows = checked_rows(block, "block");
+  TORCH_CHECK(block.is_contiguous(), "block must be contiguous");
+  const int64_t n = block.size(0) * block.size(1);
+  TORCH_CHECK(col0 >= 0 && col0 + rows.V <= vocab, "block columns [", col0, ", ", col0 + rows.V,
+              ") must lie in [0, vocab=", vocab, ")");
+  TORCH_CHECK(coefs.dim() == 2 && coefs.size(0) == 3 && coefs.size(1) == n && coefs.is_contiguous() &&
+                  coefs.scalar_type() == at::kFloat,
+              "coefs must be a contiguous float32 [3, ", n, "] tensor, got ", coefs.sizes());
+  check_per_row(lse, n, at::kFloat, "lse");
+  const float* c = coefs.const_data_ptr<float>();
+  const k::TokenStatsBwdArgs args{rows,
+                                  checked_labels(labels, n, vocab, ignore_index),
+                                  ignore_index,
+                                  checked_inv_temp(temperature),
+                                  lse.const_data_ptr<float>(),
+                                  optional_f32(entropy, n, "entropy"),
+                                  c,
+                                  entropy.has_value() ? c + n : nullptr,
+                                  c + 2 * n,
+                                  block.data_ptr(),
+                                  col0,
+                                  vocab};
+  const auto kernel = kernels().token_stats_bwd;
+  at::parallel_for(0, n, grain(rows.V), [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> token_stats_fused(const Tensor& logits, const Tensor& labels,
@@ -348,6 +382,9 @@ TORCH_LIBRARY(rlhf_fast_C, m) {
       "token_stats_fused(Tensor logits, Tensor labels, float temperature, int ignore_index, bool with_entropy, "
       "bool with_mean_logp, int mode, Tensor coefs, float[] params, Tensor(a!) grad) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "token_stats_block_grad_(Tensor(a!) block, Tensor labels, Tensor lse, Tensor? entropy, Tensor coefs, "
+      "int col0, int vocab, float temperature, int ignore_index) -> ()");
   m.def("kl_fwd(Tensor p_logits, Tensor q_logits, float temperature) -> (Tensor, Tensor, Tensor)");
   m.def(
       "kl_bwd(Tensor p_logits, Tensor q_logits, Tensor lse_p, Tensor lse_q, Tensor kl, Tensor grad_kl, "
@@ -358,6 +395,7 @@ TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) {
   m.impl("token_stats_fwd", &rlhf_fast::token_stats_fwd);
   m.impl("token_stats_bwd", &rlhf_fast::token_stats_bwd);
   m.impl("token_stats_fused", &rlhf_fast::token_stats_fused);
+  m.impl("token_stats_block_grad_", &rlhf_fast::token_stats_block_grad_);
   m.impl("kl_fwd", &rlhf_fast::kl_fwd);
   m.impl("kl_bwd", &rlhf_fast::kl_bwd);
 }

@@ -75,18 +75,21 @@ def token_stats_fwd(logits, labels, temperature, ignore_index, with_logp, with_e
     return logp, ent, lse, mean_logp
 
 
-def _grad_rows(x, lab, lse, ent, g_lp, g_h, g_u, ignore_index, temperature):
-    """d/d logits of ``g_lp*logp + g_H*H + g_u*u`` for one chunk of scaled rows ``x: [rows, V]``."""
+def _grad_rows(x, lab, lse, ent, g_lp, g_h, g_u, ignore_index, temperature, col0=0, vocab=None):
+    """d/d logits of ``g_lp*logp + g_H*H + g_u*u`` for one chunk of scaled rows ``x: [rows, V]``, or for
+    its columns ``[col0, col0 + V)`` out of ``vocab`` (then ``lse`` and ``ent`` are the whole rows')."""
     log_p = x - lse[:, None]
     p = torch.exp(log_p)
     g = torch.zeros_like(x)
     if g_lp is not None:
         g -= g_lp[:, None] * p
-        g.scatter_add_(1, torch.where(lab != ignore_index, lab, 0)[:, None], g_lp[:, None])
+        col = lab - col0
+        in_block = (lab != ignore_index) & (col >= 0) & (col < x.shape[-1])
+        g.scatter_add_(1, torch.where(in_block, col, 0)[:, None], torch.where(in_block, g_lp, 0.0)[:, None])
     if g_h is not None:
         g -= g_h[:, None] * _p_times(p, log_p + ent[:, None])
     if g_u is not None:
-        g += g_u[:, None] * (1.0 / x.shape[-1] - p)
+        g += g_u[:, None] * (1.0 / (vocab or x.shape[-1]) - p)
     if lab is not None:
         # where, not a product: ignored rows saved lse = 0, so their p may have overflowed to inf.
         g = torch.where((lab != ignore_index)[:, None], g, 0.0)
@@ -112,7 +115,18 @@ def token_stats_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, grad_
     return grad
 
 
-def _ppo_coefs(logp, coefs, params):
+def token_stats_block_grad_(block, labels, lse, entropy, coefs, col0, vocab, temperature, ignore_index):
+    B = block.shape[1]
+    for a, b0, b1 in _row_chunks(block):
+        sl = slice(a * B + b0, a * B + b1)
+        block[a, b0:b1] = _grad_rows(
+            block[a, b0:b1].float() / temperature, labels[sl], lse[sl], None if entropy is None else entropy[sl],
+            coefs[0, sl], None if entropy is None else coefs[1, sl], coefs[2, sl], ignore_index, temperature,
+            col0, vocab,
+        )  # fmt: skip
+
+
+def ppo_coefs(logp, coefs, params):
     """(g_lp, g_H) of the PPO per-token loss; the formulas of the ``mode == 1`` interface."""
     old, adv, ref, w = coefs
     clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef = params
@@ -143,7 +157,7 @@ def token_stats_fused(
         if mode == 0:
             g_lp, g_h, g_u = coefs[0, sl], coefs[1, sl], coefs[2, sl]
         else:
-            g_lp, g_h = _ppo_coefs(c_logp, coefs[:, sl], params)
+            g_lp, g_h = ppo_coefs(c_logp, coefs[:, sl], params)
             g_h, g_u = torch.broadcast_to(torch.as_tensor(g_h, dtype=torch.float32), g_lp.shape), None
         lse[sl], logp[sl] = c_lse, c_logp
         if with_entropy:

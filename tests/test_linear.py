@@ -89,6 +89,30 @@ def test_entropy_only_and_env_budget(monkeypatch):
     assert linear._chunk_rows(6, 257, 4, None) == 2
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_bf16_weight_gradient_by_vocabulary_blocks_with_softcap(backend):
+    # A bfloat16 weight gets dW from the vocabulary-outer pass (no float32 [V, H] accumulator): ragged
+    # blocks of columns, labels in every block, Gemma's soft cap chained through each block, and the
+    # entropy-only form (no labels).
+    _skip_unavailable(backend)
+    hidden, weight, b, labels = _inputs((23,), 40, 1031, torch.bfloat16, bias=True, seed=21)
+    budget = 3 * 1031 * 8  # 3 tokens per chunk, blocks of 3 * 1031 // 23 = 134 columns
+    loss = rf.linear_cross_entropy(hidden, weight, labels, bias=b, softcap=2.5, chunk_bytes=budget, backend=backend)
+    ent = rf.linear_token_entropy(hidden, weight, bias=b, softcap=2.5, chunk_bytes=budget, backend=backend)
+    w_ent = torch.randn(23, generator=torch.Generator().manual_seed(22))
+    leaves64 = [t.detach().double().requires_grad_() for t in (hidden, weight, b)]
+
+    def logits():
+        return 2.5 * torch.tanh((leaves64[0] @ leaves64[1].T + leaves64[2]) / 2.5)
+
+    ref_loss = torch.nn.functional.cross_entropy(logits(), labels)
+    assert abs(loss.item() - ref_loss.item()) < REL_TOL[torch.bfloat16]
+    _grads_vs_float64(loss, ref_loss, [hidden, weight, b], leaves64, torch.bfloat16)
+    ref_ent = reference.token_entropy(logits())
+    assert _rel(ent, ref_ent) < REL_TOL[torch.bfloat16]
+    _grads_vs_float64((ent * w_ent).sum(), (ref_ent * w_ent).sum(), [hidden, weight, b], leaves64, torch.bfloat16)
+
+
 def test_bad_inputs_name_the_argument():
     hidden, weight, b, labels = _inputs((4,), 8, 33, torch.float32, bias=True, seed=1)
     with pytest.raises(ValueError, match="weight"):

@@ -44,7 +44,9 @@ struct TokenStatsBwdArgs {
   const float* grad_logp;       // nullptr: no log-prob term (then labels only mark ignored rows)
   const float* grad_entropy;    // nullptr: no entropy term
   const float* grad_mean_logp;  // nullptr: no mean-log-prob term
-  void* grad;                   // [N, V] contiguous, logits dtype
+  void* grad;                   // [N, V] contiguous, logits dtype; may be the logits themselves
+  // The rows may be columns [col0, col0 + V) of rows of `vocab` logits (col0 = 0, vocab = V: whole rows).
+  int64_t col0, vocab;
 };
 
 // PPO per-token loss terms (mode 1 of token_stats_fused): see ppo_coefs() in token_stats.cpp.

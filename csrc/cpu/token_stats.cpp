@@ -207,15 +207,17 @@ void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs 
 }
 
 // Writes the gradient row of a row that is not ignored; g may be x itself. With `stream` (g a separate
-// buffer that passes stream_aligned()), the row is written with non-temporal stores.
+// buffer that passes stream_aligned()), the row is written with non-temporal stores. The row may be a
+// block of `V` columns out of `vocab` (the mean term's 1/vocab); `label` is then the label's column in
+// the block, or -1 when it lies outside.
 template <typename T>
-void write_grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, int64_t label, float x_label,
-                    const RowGrads& rg, bool stream = false) {
+void write_grad_row(const T* x, T* g, int64_t V, int64_t vocab, float inv_temp, float lse, int64_t label,
+                    float x_label, const RowGrads& rg, bool stream = false) {
   const float g_lp = rg.has_lp ? rg.g_lp : 0.0f;
   const float g_h = rg.has_h ? rg.g_h : 0.0f;
   const float g_u = rg.has_u ? rg.g_u : 0.0f;
   const GradCoefs c{-(g_lp + g_h * (rg.has_h ? rg.h : 0.0f) + g_u) * inv_temp, -g_h * inv_temp,
-                    g_u * inv_temp / static_cast<float>(V)};
+                    g_u * inv_temp / static_cast<float>(vocab)};
   auto write = [&]<bool kStream>() {
     if (rg.has_h) {
       rg.has_u ? grad_row<T, true, true, kStream>(x, g, V, inv_temp, lse, c)
@@ -231,7 +233,7 @@ void write_grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, int6
   } else {
     write.template operator()<false>();
   }
-  if (rg.has_lp) {
+  if (rg.has_lp && label >= 0) {
     // Rewrite the label element in float, with its log-prob term as g_lp (1 - p) / T =
     // -g_lp expm1(log p) / T: both g_lp - g_lp p and a g_lp / T added to the rounded value cancel
     // when p is close to 1 (a confident token), leaving only the rounding error.
@@ -242,6 +244,8 @@ void write_grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, int6
   }
 }
 
+// Also the second pass of the fused-linear forms' vocabulary-outer weight gradient: the rows are then
+// columns [col0, col0 + V) of rows of `vocab` logits, with lse (and H) known from the first pass.
 template <typename T>
 void bwd_rows(const TokenStatsBwdArgs& args, int64_t begin, int64_t end) {
   const int64_t V = args.logits.V;
@@ -249,6 +253,7 @@ void bwd_rows(const TokenStatsBwdArgs& args, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     T* g = grad + r * V;
     const int64_t label = args.labels ? args.labels[r] : 0;
+    const int64_t col = label - args.col0;  // the label's column in this block
     if (args.labels && label == args.ignore_index) {
       std::memset(static_cast<void*>(g), 0, V * sizeof(T));  // zero bits are +0 in all three dtypes
       continue;
@@ -261,8 +266,9 @@ void bwd_rows(const TokenStatsBwdArgs& args, int64_t begin, int64_t end) {
                       args.grad_entropy ? args.grad_entropy[r] : 0.0f,
                       args.grad_entropy ? args.entropy[r] : 0.0f,
                       args.grad_mean_logp ? args.grad_mean_logp[r] : 0.0f};
-    const float x_label = rg.has_lp ? static_cast<float>(x[label]) * args.inv_temp : 0.0f;
-    write_grad_row<T>(x, g, V, args.inv_temp, args.lse[r], label, x_label, rg);
+    const bool in_block = col >= 0 && col < V;
+    const float x_label = rg.has_lp && in_block ? static_cast<float>(x[col]) * args.inv_temp : 0.0f;
+    write_grad_row<T>(x, g, V, args.vocab, args.inv_temp, args.lse[r], in_block ? col : -1, x_label, rg);
   }
 }
 
@@ -530,7 +536,7 @@ void fused_rows(const TokenStatsFusedArgs& args, int64_t begin, int64_t end) {
         st = row_stats<T>(x, V, args.inv_temp, label, args.entropy, args.mean_logp);
         fused_coefs(args, r, st, rg);
         const bool stream = static_cast<const void*>(g) != static_cast<const void*>(x) && stream_aligned(g);
-        write_grad_row<T>(x, g, V, args.inv_temp, st.lse, label, st.x_label, rg, stream);
+        write_grad_row<T>(x, g, V, V, args.inv_temp, st.lse, label, st.x_label, rg, stream);
       }
     }
     args.lse[r] = st.lse;

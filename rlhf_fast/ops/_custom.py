@@ -21,10 +21,13 @@ params, grad)`` -> the outputs of ``token_stats_fwd``, and writes the gradient o
     still in cache. ``mode 0``: the coefficients are ``coefs [3, N]``. ``mode 1`` (PPO): ``coefs`` is
     ``[old_logp, adv, ref_logp, weight]`` and ``params`` is ``[clip_low, clip_high, dual_clip (0: off),
     kl_coef, kl_kind (1|2|3), entropy_coef]``; ``g_lp = w * (d pg / d logp + kl_coef * d k / d logp)``,
-    ``g_H = -w * entropy_coef`` (see ``rlhf_fast._torch_backend._ppo_coefs``).
+    ``g_H = -w * entropy_coef`` (see ``rlhf_fast._torch_backend.ppo_coefs``).
 ``kl_fwd(p_logits, q_logits, temperature)`` -> ``(kl [N], lse_p [N], lse_q [N])``, exact KL(P||Q).
 ``kl_bwd(p_logits, q_logits, lse_p, lse_q, kl, grad_kl, temperature, need_p, need_q)``
     -> ``(g * P * (log P - log Q - kl) / T, g * (Q - P) / T)``, each empty ``[0]`` when not needed.
+
+The CPU backends (``cpp``, ``torch``) also implement ``token_stats_block_grad_`` for the fused-linear
+forms' vocabulary-outer weight gradient (see the op below).
 
 The registered ops take one more argument, ``backend`` (``"triton" | "cpp" | "torch"``), already
 resolved by the caller; the op body looks the function up in ``rlhf_fast._dispatch.TABLE``.
@@ -136,6 +139,34 @@ def _stats_backward(ctx, grad_logp, grad_entropy, _grad_lse, grad_mean_logp):
 
 
 torch.library.register_autograd("rlhf_fast::token_stats_fwd", _stats_backward, setup_context=_stats_setup)
+
+
+@torch.library.custom_op("rlhf_fast::token_stats_block_grad_", mutates_args=("block",))
+def token_stats_block_grad_(
+    block: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    entropy: Tensor | None,
+    coefs: Tensor,
+    col0: int,
+    vocab: int,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+) -> None:
+    """``token_stats_bwd`` over the vocabulary columns ``[col0, col0 + Vb)`` of ``block [A, B, Vb]``
+    (contiguous), written over the block: the second pass of the fused-linear forms' vocabulary-outer
+    weight gradient. ``coefs [3, N]`` are the upstream gradients ``(g_lp, g_H, g_u)``; ``lse`` (and
+    ``entropy``, which switches the ``g_H`` term on) are the whole rows', from the first pass. Labels
+    are range-checked by the caller against ``vocab``. CPU backends only."""
+    if _rows(block) == 0:
+        return
+    TABLE[backend].token_stats_block_grad_(block, labels, lse, entropy, coefs, col0, vocab, temperature, ignore_index)
+
+
+@token_stats_block_grad_.register_fake
+def _(block, labels, lse, entropy, coefs, col0, vocab, temperature, ignore_index, backend):
+    return None
 
 
 # ------------------------------------------------------------------------- gradient in the forward

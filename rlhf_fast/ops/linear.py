@@ -3,9 +3,12 @@ held whole.
 
 This module is the chunked path (CPU, and any backend): tokens are processed in chunks whose logits
 fit a memory budget; each chunk is one matmul through PyTorch's BLAS followed by the per-token
-kernel of the chosen backend. The backward pass recomputes each chunk's logits, asks the kernel for
-their gradient, and accumulates ``dW`` (and ``db``) in float32 across chunks, casting once at the end.
-Peak extra memory is a few chunks, whatever the vocabulary and token counts.
+kernel of the chosen backend, all chunks of a pass sharing one logits buffer. The backward pass
+recomputes each chunk's logits and has the kernel overwrite them with their gradient; ``dH`` rows are
+complete per chunk, ``db`` and a float32 ``dW`` accumulate across chunks, and a ``dW`` of any other
+dtype comes from a second, vocabulary-outer pass (one GEMM per block of vocabulary rows over all the
+tokens) rather than from a float32 ``[V, H]`` accumulator. Peak extra memory is about one chunk,
+whatever the vocabulary and token counts.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import torch
 from torch import Tensor
 
-from rlhf_fast import _dispatch
+from rlhf_fast import _dispatch, _torch_backend
 from rlhf_fast import _validate as v
 from rlhf_fast.ops import _custom
 from rlhf_fast.ops.cross_entropy import REDUCTIONS, smoothed_nll
@@ -80,29 +83,55 @@ def _raw_grad(g: Tensor, t: Tensor | None) -> Tensor:
 
 
 class _HeadGrads:
-    """Gradients of the LM head's inputs, accumulated chunk by chunk from ``d loss / d logits``.
+    """Gradients of the LM head's inputs from ``d loss / d logits``, token chunk by token chunk.
 
-    ``dW`` and ``db`` accumulate in float32 across chunks (bf16 accumulation of dW is a known cause
-    of divergence) and are cast to the parameters' dtype once, at the end.
+    ``dH`` rows are complete per chunk (one GEMM over the whole vocabulary). ``db`` accumulates in float32
+    across chunks, and so does a float32 ``dW``: it is the result itself. Any other weight dtype would need
+    a float32 ``[V, H]`` accumulator beside it (bf16 accumulation of ``dW`` across chunks is a known cause
+    of divergence), so with ``by_vocab`` the chunks skip ``dW`` and :meth:`weight_by_vocab` computes it
+    afterwards in a vocabulary-outer pass: each block of rows of ``dW`` is one GEMM with all the tokens as
+    its inner dimension, accumulated in float32 inside the GEMM and rounded once.
     """
 
-    def __init__(self, hidden, weight, bias, need):
+    def __init__(self, hidden, weight, bias, need, by_vocab=False):
         need_h, need_w, need_b = need
         dev = hidden.device
         self.weight = weight
         self.bias = bias
+        self.by_vocab = need_w and by_vocab and weight.dtype != torch.float32
         self.d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_h else None
-        self.d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_w else None
+        if not need_w:
+            self.d_weight = None
+        elif self.by_vocab:
+            self.d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=dev)
+        else:
+            self.d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
         self.d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_b else None
 
     def add(self, sl: slice, h_chunk: Tensor, g: Tensor) -> None:
         # g: [n, V] gradient of the chunk's logits, h_chunk: [n, H]
         if self.d_hidden is not None:
             torch.mm(g, self.weight, out=self.d_hidden[sl])
-        if self.d_weight is not None:
-            self.d_weight.addmm_(g.T.float(), h_chunk.float())
+        if self.d_weight is not None and not self.by_vocab:
+            self.d_weight.addmm_(g.T.float(), h_chunk.float())  # no copies in float32
         if self.d_bias is not None:
             self.d_bias += g.float().sum(0)
+
+    def weight_by_vocab(self, hidden: Tensor, block_grad, rows: int, softcap: float | None) -> None:
+        """``dW[c0:c1] = G[:, c0:c1]^T @ hidden`` by blocks of vocabulary columns holding as many logits as
+        a token chunk of ``rows`` (``block_grad(block [1, N, w], c0)`` overwrites the block's logits with
+        their gradient). No-op unless ``by_vocab``."""
+        if not self.by_vocab:
+            return
+        N, V = hidden.shape[0], self.weight.shape[0]
+        cols = max(1, min(V, rows * V // max(N, 1)))
+        buffer = torch.empty(N * cols, dtype=hidden.dtype, device=hidden.device)
+        for c0 in range(0, V, cols):
+            c1 = min(c0 + cols, V)
+            bias = None if self.bias is None else self.bias[c0:c1]
+            block, t = _head_logits(hidden, self.weight[c0:c1], bias, softcap, buffer[: N * (c1 - c0)].view(N, -1))
+            block_grad(block, c0)
+            torch.mm(_raw_grad(block[0], t).T, hidden, out=self.d_weight[c0:c1])
 
     def zero(self):
         """The gradients when no upstream gradient reaches the head."""
@@ -178,9 +207,7 @@ class _LinearTokenStats(torch.autograd.Function):
             sl = slice(r0, min(r0 + rows, N))
             logits, _ = chunk_logits(hidden[sl])  # [1, n, V]
             lab = labels[sl] if labels is not None else None
-            logp, ent, _, mean_logp = _custom.token_stats_fwd(
-                logits, lab, temperature, ignore_index, *wanted, backend
-            )
+            logp, ent, _, mean_logp = _custom.token_stats_fwd(logits, lab, temperature, ignore_index, *wanted, backend)
             for out, val, w in zip(outs, (logp, ent, mean_logp), wanted, strict=True):
                 if w:
                     out[sl] = val
@@ -195,7 +222,7 @@ class _LinearTokenStats(torch.autograd.Function):
         temperature, ignore_index, wanted, rows, softcap, backend = ctx.args
         g_lp, g_h, g_u = (g if w and g is not None else None for g, w in zip(grads, wanted, strict=True))
         N, V = hidden.shape[0], weight.shape[0]
-        head = _HeadGrads(hidden, weight, bias, ctx.needs_input_grad[:3])
+        head = _HeadGrads(hidden, weight, bias, ctx.needs_input_grad[:3], by_vocab=True)
         if (g_lp is None and g_h is None and g_u is None) or V == 1:  # V == 1: every output is constant 0
             return *head.zero(), None, None, None, None, None, None, None
         # The per-token upstream gradients become the coefficients of the fused kernel, which recomputes
@@ -206,16 +233,39 @@ class _LinearTokenStats(torch.autograd.Function):
                 row.copy_(g)
         if labels is None:  # any valid label that is not ignore_index; its g_lp is 0
             labels = torch.full((N,), 0 if ignore_index != 0 else 1, dtype=torch.long, device=hidden.device)
+        with_entropy = g_h is not None
+        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         chunk_logits = _ChunkLogits(weight, bias, softcap, min(rows, N), hidden)
         for r0 in range(0, N, rows):
             sl = slice(r0, min(r0 + rows, N))
             logits, t = chunk_logits(hidden[sl])
-            _custom.token_stats_fused_(
-                logits, labels[sl], temperature, ignore_index, g_h is not None, False, 0, coefs[:, sl].contiguous(),
+            _, ent, lse[sl], _ = _custom.token_stats_fused_(
+                logits, labels[sl], temperature, ignore_index, with_entropy, False, 0, coefs[:, sl].contiguous(),
                 [], backend,
             )  # fmt: skip
+            if with_entropy:
+                entropy[sl] = ent
             head.add(sl, hidden[sl], _raw_grad(logits[0], t))
+        del chunk_logits  # its buffer is not needed by the vocabulary-outer pass
+        head.weight_by_vocab(
+            hidden, _block_grad(labels, lse, entropy if with_entropy else None, coefs, V, temperature, ignore_index,
+                                backend),
+            rows, softcap,
+        )  # fmt: skip
         return *head.result(), None, None, None, None, None, None, None
+
+
+def _block_grad(labels, lse, entropy, coefs, vocab, temperature, ignore_index, backend):
+    """``block_grad`` of :meth:`_HeadGrads.weight_by_vocab` for per-token upstream gradients ``coefs [3, N]``
+    (``(g_lp, g_H, g_u)``), with the whole rows' ``lse`` (and ``entropy`` for the ``g_H`` term)."""
+
+    def block_grad(block, c0):
+        _custom.token_stats_block_grad_(
+            block, labels, lse, entropy, coefs, c0, vocab, temperature, ignore_index, backend
+        )
+
+    return block_grad
 
 
 def _prepare_linear(hidden, weight, labels, bias, temperature, ignore_index, chunk_bytes, backend):
@@ -273,14 +323,16 @@ def _fused_chunks(h2d, weight, bias, labels, temperature, ignore_index, *, with_
 
     Each chunk's logits are computed, the fused kernel overwrites them with ``d loss / d logits``
     (in place: the chunk is ours), and that is pushed through the head at once: ``dH = g @ W``,
-    ``dW += g^T @ H`` and ``db += sum g`` in float32. Returns the per-token outputs of
-    ``token_stats_fwd`` and ``(dH, dW, db)`` (None where ``need`` is false).
+    ``dW += g^T @ H`` and ``db += sum g`` in float32 (a weight of another dtype gets ``dW`` from a
+    vocabulary-outer pass afterwards, see :class:`_HeadGrads`). Returns the per-token outputs of
+    ``token_stats_fwd`` and ``(dH, dW, db)`` (None where ``need`` is false). This path runs on CPU
+    backends only (the Triton one has its own tl.dot kernels).
     """
     N = h2d.shape[0]
     outs = [
         torch.empty(N if w else 0, dtype=torch.float32, device=h2d.device) for w in (True, True, True, with_mean_logp)
     ]
-    head = _HeadGrads(h2d, weight, bias, need)
+    head = _HeadGrads(h2d, weight, bias, need, by_vocab=True)
     with torch.no_grad():
         chunk_logits = _ChunkLogits(weight, bias, softcap, min(rows, N), h2d)
         for r0 in range(0, N, rows):
@@ -294,6 +346,20 @@ def _fused_chunks(h2d, weight, bias, labels, temperature, ignore_index, *, with_
                 if out.numel():
                     out[sl] = val
             head.add(sl, h2d[sl], _raw_grad(logits[0], t))
+        del chunk_logits
+        if head.by_vocab:
+            logp, entropy, lse, _ = outs
+            if mode == 0:
+                block_coefs, entropy_term = coefs, bool(coefs[1].any())
+            else:  # the kernel's PPO coefficients, from the log-probs it returned
+                g_lp, g_h = _torch_backend.ppo_coefs(logp, coefs, params)
+                block_coefs = torch.stack([g_lp, torch.as_tensor(g_h).expand_as(g_lp), torch.zeros_like(g_lp)])
+                entropy_term = params[5] != 0.0
+            block_grad = _block_grad(
+                labels, lse, entropy if entropy_term else None, block_coefs.float().contiguous(), weight.shape[0],
+                temperature, ignore_index, backend,
+            )  # fmt: skip
+            head.weight_by_vocab(h2d, block_grad, rows, softcap)
     return outs, head.result()
 
 
