@@ -8,6 +8,7 @@ that cannot run here (an optional package that is not installed) is skipped with
 
 import dataclasses
 import json
+import statistics
 import subprocess
 import sys
 
@@ -137,11 +138,39 @@ def test_runner_modes_and_token_sweep(tmp_path):
     assert plots == {f"token_logprobs-float32-{mode}.png" for mode in ("fwd", "bwd", "full")}
 
 
+def test_rounds_pool_the_timed_calls_of_each_case(tmp_path):
+    """--rounds 2 runs every case twice, interleaved, and reports one row per case over both rounds."""
+    argv = [
+        "--ops", "token_logprobs", "--providers", "rf-cpp,eager", "--dtype", "float32", "--repeats", "2",
+        "--max-seconds", "0", "--tokens", str(TINY["tokens"]), "--vocab", str(TINY["vocab"]), "--rounds", "2",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert run.main(argv) == 0
+    (json_path,) = tmp_path.glob("*.json")
+    rows = json.loads(json_path.read_text())
+    assert sorted(r["provider"] for r in rows) == ["eager", "rf-cpp"]
+    for row in rows:
+        assert row["status"] == "ok" and row["rounds"] == 2 and row["timed_calls"] == 4
+        assert row["median_ms"] == pytest.approx(statistics.median(row["times_ms"]))
+        assert row["min_ms"] == min(row["times_ms"])
+
+
+def test_merge_rounds_keeps_a_failure():
+    ok = {"op": "x", "provider": "p", "dtype": "float32", "mode": "full", "tokens": 8, "vocab": 16, "status": "ok",
+          "times_ms": [2.0, 4.0], "median_ms": 3.0, "min_ms": 2.0, "peak_delta_bytes": 10}  # fmt: skip
+    failed = {**ok, "status": "FAIL", "detail": "wrong"}
+    assert run._merge_rounds([ok, failed]) == [failed]
+    (merged,) = run._merge_rounds([ok, {**ok, "times_ms": [1.0, 9.0], "peak_delta_bytes": 30}])
+    assert merged["times_ms"] == [1.0, 2.0, 4.0, 9.0] and merged["median_ms"] == 3.0 and merged["min_ms"] == 1.0
+    assert merged["peak_delta_bytes"] == 20
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--vocab", "32000,lots"], "--vocab takes integers"),
         (["--tokens", "0"], "must be positive"),
+        (["--rounds", "0"], "must be positive"),
         (["--mode", "fwd,sideways"], "unknown --mode"),
         (["--ops", "ppo_loss", "--tokens", "100"], "multiples of 8"),
     ],

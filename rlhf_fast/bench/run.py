@@ -24,9 +24,11 @@ chunked path) and ``cce`` (Cut Cross-Entropy's ``torch_compile`` implementation,
 Each (op, provider, dtype, mode, tokens, vocab) case runs in a fresh process: it checks the output and
 the gradients of its inputs against a float64 reference (``rlhf_fast.reference``, ``F.cross_entropy``)
 on a sample of rows (a wrong answer is a FAIL, never a time), measures the peak extra resident memory
-of one call of the mode, then times ``--repeats`` of them. Modes: ``fwd`` the forward, ``bwd`` the
-backward after an untimed forward, ``full`` both. The floor of the ops on logits is the time to move
-the bytes the mode must move at this machine's copy bandwidth, measured in the same run (full step:
+of one call of the mode, then times ``--repeats`` of them (``--rounds R`` runs the whole list R times,
+interleaved, and pools each case's timed calls: on a shared machine whose speed drifts by tens of
+percent over minutes, peers measured minutes apart are otherwise not comparable). Modes: ``fwd`` the
+forward, ``bwd`` the backward after an untimed forward, ``full`` both. The floor of the ops on logits
+is the time to move the bytes the mode must move at this machine's copy bandwidth, measured in the same run (full step:
 3 x logits bytes, read forward, read backward, write the gradient; 2 x for the gradient-in-forward
 losses); the floor of the fused-linear forms is compute, FLOPs at this machine's matmul rate in the
 case dtype (full step: 6 x tokens x vocab x hidden for the loss). ``--out`` gets CSV and JSON rows
@@ -37,6 +39,7 @@ vocabulary size. Method and soundness of the memory figure: ``rlhf_fast/bench/ha
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -160,6 +163,30 @@ def measure_case(spec: dict) -> dict:
         "min_ms": timing.min_s * 1e3,
         "times_ms": [round(t * 1e3, 3) for t in timing.times_s],
     }
+
+
+def _merge_rounds(rows: list[dict]) -> list[dict]:
+    """One row per case from its ``--rounds`` runs: the timed calls of all rounds pooled (median and min
+    over them), the median peak memory; a case that failed or was skipped in any round keeps that row."""
+    by_case: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = tuple(row[k] for k in ("op", "provider", "dtype", "mode", "tokens", "vocab"))
+        by_case.setdefault(key, []).append(row)
+    merged = []
+    for runs in by_case.values():
+        bad = [r for r in runs if r["status"] != "ok"]
+        if bad or len(runs) == 1:
+            merged.append(bad[0] if bad else runs[0])
+            continue
+        times = sorted(t for r in runs for t in r["times_ms"])
+        row = {**runs[0], "rounds": len(runs), "timed_calls": len(times), "times_ms": times}
+        row["median_ms"] = statistics.median(times)
+        row["min_ms"] = times[0]
+        peaks = [r["peak_delta_bytes"] for r in runs if "peak_delta_bytes" in r]
+        if peaks:
+            row["peak_delta_bytes"] = statistics.median(peaks)
+        merged.append(row)
+    return merged
 
 
 def _mode_call(mode: str, step, fn, case, leaves: list, restore) -> tuple[Callable[[], object], Callable[[], None]]:
@@ -329,6 +356,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=3.0,
         help="stop timing a case once its timed calls add up to this (at least 3 calls; default 3; 0: no limit)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole list of cases this many times, interleaved, and report each case's median over "
+        "all its timed calls: on a shared machine whose speed drifts, every provider then sees the same "
+        "slow and fast spells (default 1)",
+    )
     p.add_argument("--threads", type=int, help="torch.set_num_threads in each case (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="directory for the CSV and JSON rows and the PNG plots")
@@ -367,8 +402,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [x for x in args.ops if x not in ops.OPS]
     if unknown:
         p.error(f"unknown --ops {unknown}; choose from {list(ops.OPS)}")
-    if min(*args.tokens, *args.vocab, args.hidden, args.repeats) < 1:
-        p.error("--tokens, --vocab, --hidden and --repeats must be positive")
+    if min(*args.tokens, *args.vocab, args.hidden, args.repeats, args.rounds) < 1:
+        p.error("--tokens, --vocab, --hidden, --repeats and --rounds must be positive")
     if any(t % ops.SEQS for t in args.tokens) and {"ppo_loss", "dpo_loss"} & set(args.ops):
         p.error(f"--tokens must be multiples of {ops.SEQS} (ppo_loss and dpo_loss use {ops.SEQS} sequences)")
     return args
@@ -471,8 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         for provider in ops.OPS[op].providers if provider in args.providers
     ]  # fmt: skip
     rows = []
-    progress = _progress(len(cases))
-    for op, dtype, mode, tokens, vocab, provider in cases:
+    progress = _progress(len(cases) * args.rounds)
+    for op, dtype, mode, tokens, vocab, provider in cases * args.rounds:
         spec = {
             "op": op, "provider": provider, "dtype": dtype, "mode": mode, "tokens": tokens, "vocab": vocab,
             "hidden": args.hidden, "repeats": args.repeats, "max_seconds": args.max_seconds or None,
@@ -489,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         progress.write(f"  {op:<20} {provider:<14} {dtype:<8} {mode:<4} {tokens:>6} x {vocab:<6} {summary}{first}")
         progress.update()
     progress.close()
+    rows = _merge_rounds(rows)
     _derive(rows, rates)
 
     print()
