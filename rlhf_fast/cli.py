@@ -435,17 +435,21 @@ def run_train(command_name: str, config_path: str | None, overrides: Sequence[st
     import yaml
 
     run_dir = Path(spec.config.output_dir)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under a launcher, one process writes and reports
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(spec.resolved(), sort_keys=False), encoding="utf-8")
+    if main_process:
+        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(spec.resolved(), sort_keys=False), encoding="utf-8")
     if resume_from is True and latest_checkpoint(run_dir) is None:
         print(f"{PROG} {command_name}: no checkpoint in {run_dir} yet: starting fresh", file=sys.stderr)
     try:
         last = trainer.train(resume_from)
     except KeyboardInterrupt:
-        if (run_dir / "metrics.jsonl").is_file():
+        if main_process and (run_dir / "metrics.jsonl").is_file():
             plot_run(run_dir)
         print(f"{PROG} {command_name}: interrupted; continue with --resume {run_dir}", file=sys.stderr)
         return 130
+    if not main_process:
+        return 0
     plots = plot_run(run_dir)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
     print(f"{PROG} {command_name}: done in {run_dir}: {summary}")

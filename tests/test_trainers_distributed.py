@@ -1,4 +1,4 @@
-"""The trainers under ``accelerate launch``: two CPU processes (gloo, DDP) against one process.
+"""The trainers under ``accelerate launch``: two CPU processes (gloo; DDP, and FSDP2) against one process.
 
 Two processes with ``micro_batch_size = 2`` see, step by step, the same global batch as one process
 with ``micro_batch_size = 4``: the losses, the eval metrics and the final weights agree to float32
@@ -7,7 +7,8 @@ launches): SFT, DPO, a reward model, and an SFT run resumed from the mid-run che
 
 ``accelerate launch --cpu`` starts a single process unless MPI is set up, so the launch asks for
 ``--multi_gpu``, accelerate's ``torch.distributed.run`` launcher; on a host without CUDA the loop
-joins the process group with gloo.
+joins the process group with gloo. The FSDP launch adds ``--use_fsdp``: the same runs, the model
+sharded over the two processes, must agree with one process just the same.
 """
 
 import json
@@ -77,13 +78,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory) -> Path:
-    """The output directory of one two-process launch of :func:`_worker`."""
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def launched(request, tmp_path_factory) -> Path:
+    """The output directory of one two-process launch of :func:`_worker`, with DDP or FSDP."""
     if shutil.which("accelerate") is None:
         pytest.skip("the accelerate command is not on PATH")
-    root = tmp_path_factory.mktemp("launched")
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(WORLD), "--num_machines", "1",
+    root = tmp_path_factory.mktemp(f"launched_{request.param}")
+    engine = ["--use_fsdp", "--fsdp_version", "2"] if request.param == "fsdp" else ["--multi_gpu"]
+    cmd = ["accelerate", "launch", *engine, "--num_processes", str(WORLD), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            __file__, str(root)]  # fmt: skip
     # one thread per process: the two share the machine's cores
@@ -135,7 +137,9 @@ def test_two_processes_match_one_on_the_same_global_batch(launched, tmp_path, tr
 def test_two_process_checkpoints_resume_exactly(launched):
     ckpt = launched / "sft" / "checkpoints" / "step-00000002"
     assert (ckpt / "rng.pt").is_file() and (ckpt / "rng-rank1.pt").is_file()
-    assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == WORLD
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["world_size"] == WORLD
+    assert state["engine"] == ("fsdp" if launched.name.startswith("launched_fsdp") else "ddp")
     resumed = {r["step"]: r["loss"] for r in _records(launched / "sft_resumed") if "loss" in r}
     full = {r["step"]: r["loss"] for r in _records(launched / "sft") if "loss" in r}
     assert sorted(resumed) == list(range(3, STEPS + 1))
@@ -163,9 +167,9 @@ def test_each_process_takes_its_share_of_the_global_micro_batch():
     assert last[0] == next(single) and len({x for b in last for x in b}) == 3  # topped up with other examples
 
 
-def test_an_fsdp_launch_is_refused(monkeypatch, tmp_path):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ValueError, match="launched with FSDP"):
+def test_a_deepspeed_launch_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="launched with DeepSpeed"):
         SFTTrainer(_model("llama"), TOKENIZER, make_sft_dataset(4, 0), config=SFTConfig(output_dir=str(tmp_path)))
 
 

@@ -1,5 +1,5 @@
 """The process group a training loop runs in: one process, or several under ``accelerate launch``
-(or ``torchrun``), data-parallel with PyTorch's DDP.
+(or ``torchrun``), data-parallel with PyTorch's DDP or fully sharded with FSDP2 (``fully_shard``).
 
 The launcher only sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``; the
 group is joined here with plain ``torch.distributed`` (NCCL on CUDA, gloo on CPU), so a
@@ -9,9 +9,14 @@ building ``accelerate.PartialState()``) is used as it is. On CPUs, launch with
 ``torch.distributed.run`` launcher (processes then join with gloo), while ``--cpu`` starts a single
 process unless MPI is configured.
 
-Only DDP is supported. A launch with FSDP or DeepSpeed (``accelerate launch --use_fsdp`` /
-``--use_deepspeed``) is refused with an error rather than silently run as DDP: the fused LM-head
-path reads the head's weight outside the model's forward, where FSDP holds only a shard of it.
+``accelerate launch --use_fsdp`` (which sets ``ACCELERATE_USE_FSDP=true``; with ``torchrun``, set
+it yourself) shards the model with PyTorch's FSDP2: each transformer block (the classes the model
+lists in ``_no_split_modules``) is its own ``fully_shard`` unit, and the root unit is the module
+whose forward computes the objective's loss, so the embeddings and the LM head are gathered for
+the whole of that forward, fused head included, and again for its backward. accelerate's other
+FSDP options (wrap policy, CPU offload, sharding strategy) are not read: the sharding is always
+full (ZeRO-3 like), parameters resharded after the forward. DeepSpeed and Megatron-LM launches are
+refused with an error rather than silently run as DDP.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import atexit
 import inspect
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +32,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 # environment variables by which `accelerate launch` asks for an engine other than DDP
-_OTHER_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-                  "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}  # fmt: skip
+_OTHER_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+FSDP_ENV_VAR = "ACCELERATE_USE_FSDP"
 
 
 def _flag(name: str) -> bool:
@@ -41,6 +47,7 @@ class ProcessGroup:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    engine: str = "ddp"  # "ddp" | "fsdp"; meaningful when distributed
 
     @property
     def is_main(self) -> bool:
@@ -51,6 +58,12 @@ class ProcessGroup:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def fsdp(self) -> bool:
+        """True when the model is sharded (FSDP2): its parameters are then DTensors, readable only
+        inside the forward (and backward) of the wrapped module."""
+        return self.distributed and self.engine == "fsdp"
+
     @classmethod
     def join(cls, device: torch.device) -> ProcessGroup:
         """The current process group: the initialized default group, else the one the launcher's
@@ -59,8 +72,8 @@ class ProcessGroup:
         for var, engine in _OTHER_ENGINES.items():
             if _flag(var):
                 raise ValueError(
-                    f"this run was launched with {engine} ({var}=true), but the trainers train with DDP only: "
-                    "launch with `accelerate launch --multi_gpu` (plain DDP) instead"
+                    f"this run was launched with {engine} ({var}=true), but the trainers train with DDP or FSDP "
+                    "only: launch with `accelerate launch --multi_gpu` (DDP) or `--use_fsdp` instead"
                 )
         initialized = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if initialized else int(os.environ.get("WORLD_SIZE", "1"))
@@ -71,7 +84,8 @@ class ProcessGroup:
                 raise RuntimeError(f"WORLD_SIZE is {world} but this torch build has no torch.distributed")
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
             atexit.register(_destroy)
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, "fsdp" if _flag(FSDP_ENV_VAR) else "ddp")
 
     # -- collectives (no-ops in a single process) ------------------------------------------------
 
@@ -105,9 +119,19 @@ class ProcessGroup:
         return range(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
 
     def wrap(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        """``module`` in DDP. ``find_unused_parameters``: an objective may leave trainable
-        parameters out of its graph (a value head on a causal LM never uses the LM head). Buffers
-        (rotary tables) are synchronized once, when wrapping, not at every forward."""
+        """``module`` in DDP, or sharded in place with FSDP2 (see the module doc).
+
+        DDP: ``find_unused_parameters``, as an objective may leave trainable parameters out of its
+        graph (a value head on a causal LM never uses the LM head); buffers (rotary tables) are
+        synchronized once, when wrapping, not at every forward."""
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            blocks = {name for m in module.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+            for sub in module.modules():
+                if type(sub).__name__ in blocks:
+                    fully_shard(sub)
+            return fully_shard(module)
         from torch.nn.parallel import DistributedDataParallel
 
         # newer torch calls broadcast_buffers forward_sync_buffers (and deprecates the old name)
@@ -117,6 +141,43 @@ class ProcessGroup:
             module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
             **no_forward_sync,
         )  # fmt: skip
+
+
+def gradient_sync(wrapped: torch.nn.Module | None, sync: bool):
+    """Context for one micro-batch's forward and backward: with ``sync`` False, the gradients stay on
+    this process (accumulated locally) and are reduced with a later micro-batch's."""
+    if wrapped is None or sync:
+        if hasattr(wrapped, "set_requires_gradient_sync"):
+            wrapped.set_requires_gradient_sync(True)
+        return nullcontext()
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(False)
+        return nullcontext()
+    return wrapped.no_sync()  # DDP
+
+
+def as_float(value: Tensor) -> float:
+    """A 0-d tensor as a float, gathering it first if it is a DTensor (a gradient norm under FSDP)."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+
+
+def fsdp_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The full (unsharded) model and optimizer state dicts of an FSDP-sharded ``model``, on CPU, keyed
+    by parameter name. Collective: every process calls it; rank 0 gets the tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def fsdp_load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optim: dict) -> None:
+    """Load full state dicts (as :func:`fsdp_full_state` returns them, read by every process) into an
+    FSDP-sharded ``model`` and its ``optimizer``; each process keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, optim, options=options)
 
 
 def local_device(device: torch.device) -> torch.device:

@@ -253,6 +253,11 @@ class DPOTrainer:
             model, cfg, DPOLoss(cfg), self.train_pairs, partial(collate_pairs, pad_id=self.pad_id),
             eval_examples=self.eval_pairs, save_extras=self._save_extras,
         )  # fmt: skip
+        if self.uses_disabled_adapters and self.loop.dist.fsdp:
+            raise ValueError(
+                "under FSDP the reference cannot be the sharded model with its adapters disabled "
+                "(its forward runs outside the training step): pass ref_model, a copy of the base model"
+            )
 
     def _pairs(self, model, rows, name: str) -> list[data.PairExample]:
         pairs = data.preference_examples(

@@ -44,7 +44,14 @@ import torch
 from torch import Tensor
 
 from rlhf_fast.trainers.config import TrainConfig
-from rlhf_fast.trainers.distributed import ProcessGroup, local_device
+from rlhf_fast.trainers.distributed import (
+    ProcessGroup,
+    as_float,
+    fsdp_full_state,
+    fsdp_load_full_state,
+    gradient_sync,
+    local_device,
+)
 
 Batch = dict[str, Tensor]
 CHECKPOINT_DIR = "checkpoints"
@@ -238,6 +245,26 @@ class _Window:
         return out
 
 
+def _shared_names(model: torch.nn.Module) -> dict[str, str]:
+    """Tied parameters: every name of a shared parameter except the first in sorted order -> that one
+    (the name safetensors' ``save_model`` keeps)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return {other: min(names) for names in groups.values() for other in names if other != min(names)}
+
+
+def _untied(model: torch.nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A full state dict with one entry per tied group, as ``save_model`` writes it."""
+    drop = _shared_names(model)
+    return {k: v.contiguous() for k, v in weights.items() if k not in drop}
+
+
+def _tied(model: torch.nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of :func:`_untied`: every name of a tied group back in."""
+    return {**weights, **{other: weights[kept] for other, kept in _shared_names(model).items() if kept in weights}}
+
+
 class _ObjectiveModule(torch.nn.Module):
     """The objective's loss as the forward of a module that holds the model, for DDP: DDP synchronizes
     gradients only in a backward that follows its own forward, and objectives call into the model's
@@ -302,9 +329,14 @@ class TrainLoop:
         else:
             self.total_steps = max(1, math.ceil(config.epochs * self.train_batches.per_epoch / self.batches_per_step))
         warmup = config.warmup_steps or int(config.warmup_ratio * self.total_steps)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
+        if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("model has no parameter with requires_grad=True: nothing to train")
+        # the objective's loss as a module in DDP or FSDP, None in a single process. FSDP swaps the
+        # model's parameters for sharded ones in place, so the optimizer is built after this.
+        self._wrapped = None
+        if self.dist.distributed:
+            self._wrapped = self.dist.wrap(_ObjectiveModule(self.model, objective), self.device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in self.params if p.dim() >= 2]
         no_decay = [p for p in self.params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -318,10 +350,6 @@ class TrainLoop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, warmup=warmup, total=total, min_ratio=min_ratio)
         )
-        # the model in DDP (its parameters are the model's own), None in a single process
-        self._ddp = None
-        if self.dist.distributed:
-            self._ddp = self.dist.wrap(_ObjectiveModule(self.model, objective), self.device)
         self.step = 0
         self.tokens_seen = 0
         self.output_dir = Path(config.output_dir)
@@ -365,25 +393,29 @@ class TrainLoop:
         for i, batch in enumerate(batches):
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             batch = self._to_device(batch)
-            # DDP all-reduces the gradients in the backward of the step's last micro-batch only
-            sync = self._ddp is None or i == len(batches) - 1
-            with nullcontext() if sync else self._ddp.no_sync():
+            # the gradients are reduced over the processes in the backward of the step's last micro-batch only
+            with gradient_sync(self._wrapped, i == len(batches) - 1):
                 with self._autocast():
-                    loss, more = self._ddp(batch) if self._ddp is not None else self.objective.loss(self.model, batch)
+                    loss, more = self._loss(batch)
                 (loss * scale).backward()
             loss_sum += loss.detach()
             for k, val in more.items():
                 extras[k] = extras.get(k, 0.0) + val.detach().float()
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = as_float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if not self.dist.distributed:
-            return float(loss_sum), units, tokens, float(grad_norm), {k: float(val) for k, val in extras.items()}
+            return float(loss_sum), units, tokens, grad_norm, {k: float(val) for k, val in extras.items()}
         names = sorted(extras)  # every process's objective reports the same metrics
         sums = torch.stack([loss_sum, torch.tensor(float(tokens), device=self.device), *(extras[k] for k in names)])
         sums = self.dist.sum(sums.double()).tolist()
-        return sums[0], units, int(sums[1]), float(grad_norm), dict(zip(names, sums[2:], strict=True))
+        return sums[0], units, int(sums[1]), grad_norm, dict(zip(names, sums[2:], strict=True))
+
+    def _loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The objective on one batch, through the DDP/FSDP module when there is one (FSDP gathers the
+        sharded parameters in its forward only)."""
+        return self._wrapped(batch) if self._wrapped is not None else self.objective.loss(self.model, batch)
 
     # -- public API --------------------------------------------------------------------------
 
@@ -453,11 +485,18 @@ class TrainLoop:
         self.model.eval()
         loss_sum, units, sums = 0.0, 0, {}
         starts = range(0, len(self.eval_examples), self.eval_size)
-        for i in starts[self.dist.rank :: self.dist.world_size]:
+        mine = list(starts[self.dist.rank :: self.dist.world_size])
+        # under FSDP every forward gathers parameters with all processes: all run as many, the ones
+        # short of a batch repeating the first and dropping its result
+        rounds = math.ceil(len(starts) / self.dist.world_size) if self.dist.fsdp else len(mine)
+        for j in range(rounds):
+            i = mine[j] if j < len(mine) else starts[0]
             batch = self.collate(list(self.eval_examples[i : i + self.eval_size]))
-            units += self.objective.count(batch)
             with self._autocast():
-                loss, more = self.objective.loss(self.model, self._to_device(batch))
+                loss, more = self._loss(self._to_device(batch))
+            if j >= len(mine):
+                continue
+            units += self.objective.count(batch)
             loss_sum += float(loss)
             for k, val in more.items():
                 sums[k] = sums.get(k, 0.0) + float(val)
@@ -492,7 +531,7 @@ class TrainLoop:
         them, but each process writes its own generators' state (``rng-rank<r>.pt`` for ``r > 0``),
         so the directory must be on a file system that all processes see.
         """
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file, save_model
 
         main = self.dist.is_main
         final = Path(path) if path is not None else self.output_dir / CHECKPOINT_DIR / f"step-{self.step:08d}"
@@ -502,14 +541,21 @@ class TrainLoop:
             tmp.mkdir(parents=True)
         self.dist.barrier()  # the directory exists for every process
         torch.save(_rng_state(), tmp / _rng_file(self.dist.rank))
+        if self.dist.fsdp:  # gathering the shards is collective; rank 0 writes
+            weights, optimizer_state = fsdp_full_state(self.model, self.optimizer)
         if main:
-            save_model(self.model, str(tmp / "model.safetensors"))
+            if self.dist.fsdp:
+                save_file(_untied(self.model, weights), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            else:
+                save_model(self.model, str(tmp / "model.safetensors"))
+                optimizer_state = self.optimizer.state_dict()
             if hasattr(self.model, "config") and hasattr(self.model.config, "save_pretrained"):
                 self.model.config.save_pretrained(tmp)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.train_batches.state_dict(),
-                     "world_size": self.dist.world_size, "config": self.config.to_dict()}  # fmt: skip
+                     "world_size": self.dist.world_size, "engine": self._engine,
+                     "config": self.config.to_dict()}  # fmt: skip
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
             if self.save_extras is not None:
                 self.save_extras(tmp)
@@ -523,7 +569,7 @@ class TrainLoop:
     def load(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by :meth:`save`; nothing in it is unpickled as an object
         (safetensors for the weights, ``torch.load(weights_only=True)`` for the states)."""
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file, load_model
 
         path = Path(path)
         if not (path / "trainer_state.json").is_file():
@@ -535,13 +581,28 @@ class TrainLoop:
                 f"resume_from: {str(path)!r} was written by {written_by} process(es) and this run has "
                 f"{self.dist.world_size}: resume with {written_by} (the data shards and RNG states are per process)"
             )
-        load_model(self.model, str(path / "model.safetensors"), strict=True, device=str(self.device))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        engine = state.get("engine", "ddp" if written_by > 1 else "single")
+        if engine != self._engine:
+            raise ValueError(
+                f"resume_from: {str(path)!r} was written by a {engine} run and this one is {self._engine}: "
+                "the optimizer state is laid out differently"
+            )
+        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        if self.dist.fsdp:
+            fsdp_load_full_state(self.model, self.optimizer, _tied(self.model, load_file(path / "model.safetensors")),
+                                 optimizer_state)  # fmt: skip
+        else:
+            load_model(self.model, str(path / "model.safetensors"), strict=True, device=str(self.device))
+            self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
         _set_rng_state(torch.load(path / _rng_file(self.dist.rank), map_location="cpu", weights_only=True))
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.train_batches.load_state_dict(state["data"])
         self._truncate_metrics()
+
+    @property
+    def _engine(self) -> str:
+        return "single" if not self.dist.distributed else self.dist.engine
 
     def _truncate_metrics(self) -> None:
         """Drop records past the resumed step (logged after the checkpoint by the interrupted run)."""
