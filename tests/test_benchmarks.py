@@ -8,13 +8,16 @@ that cannot run here (an optional package that is not installed) is skipped with
 
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
-from rlhf_fast.bench import ops, run
+from rlhf_fast.bench import cases, ops, run
 
 TINY = {"tokens": 48, "vocab": 301, "hidden": 24}  # odd sizes; tokens a multiple of ops.SEQS
 COMPILING = run.COMPILING  # torch.compile on the first call: tens of seconds each
@@ -36,8 +39,13 @@ def _measure(op: str, provider: str, dtype: str, mode: str = "full") -> dict:
     return result
 
 
+def _on_cpu(providers):
+    """The providers a CPU can run (the Triton ones are timed on GPUs only; see test_providers_follow_the_device)."""
+    return [p for p in providers if cases.runs_on(p, "cpu") is None]
+
+
 def _params(op: str, dtypes: tuple[str, ...]):
-    for provider in ops.OPS[op].providers:
+    for provider in _on_cpu(ops.OPS[op].providers):
         for dtype in dtypes:
             marks = [pytest.mark.slow] if provider in COMPILING else []
             if provider in COMPILING and dtype != "float32":
@@ -62,7 +70,13 @@ def test_linear_op_case(op, provider, dtype):
 
 @pytest.mark.parametrize(
     ("op", "provider"),
-    [(op, p) for op, spec in ops.OPS.items() if op not in LINEAR_OPS for p in spec.providers if p not in COMPILING],
+    [
+        (op, p)
+        for op, spec in ops.OPS.items()
+        if op not in LINEAR_OPS
+        for p in _on_cpu(spec.providers)
+        if p not in COMPILING
+    ],
 )
 def test_logits_op_case(op, provider):
     result = _measure(op, provider, "float32")
@@ -179,6 +193,67 @@ def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
         run.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_providers_follow_the_device(tmp_path, capsys):
+    """On CPU the default providers leave out the GPU-only Triton ones; asked for by name, they are SKIP
+    rows that say why. The cpp backend refuses CUDA tensors the same way."""
+    assert cases.runs_on("rf-cpp-inplace", "cuda") == "the cpp backend runs on CPU tensors"
+    assert "--device cuda" in cases.runs_on("rf-triton", "cpu")
+    assert cases.runs_on("rf-triton-inplace", "cuda") is None and cases.runs_on("eager", "cuda") is None
+    base = ["--ops", "cross_entropy", "--dtype", "float32", "--repeats", "1", "--tokens", str(TINY["tokens"]),
+            "--vocab", str(TINY["vocab"]), "--out", str(tmp_path)]  # fmt: skip
+    args = run.parse_args(base)
+    assert args.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cpu":
+        assert run.main([*base, "--providers", "rf-cpp,rf-triton-inplace"]) == 0
+        (json_path,) = tmp_path.glob("*.json")
+        rows = {r["provider"]: r for r in json.loads(json_path.read_text())}
+        assert rows["rf-cpp"]["status"] == "ok" and rows["rf-triton-inplace"]["status"] == "SKIP"
+        assert "--device cuda" in rows["rf-triton-inplace"]["detail"]
+        with pytest.raises(SystemExit):
+            run.parse_args([*base, "--device", "cuda"])
+        assert "sees no CUDA device" in capsys.readouterr().err
+
+
+def test_quick_runs_its_cases_in_this_process(tmp_path, monkeypatch):
+    """--quick skips the fresh interpreter per case (that alone was two thirds of its three minutes)."""
+    real = run.h.run_isolated
+
+    def no_case_workers(target, spec, **kwargs):  # the rate measurements still get their own process
+        assert not target.endswith(":measure_case"), "--quick started a worker process for a case"
+        return real(target, spec, **kwargs)
+
+    monkeypatch.setattr(run.h, "run_isolated", no_case_workers)
+    argv = ["--quick", "--ops", "token_logprobs,cross_entropy", "--providers", "rf-cpp,eager", "--tokens",
+            str(TINY["tokens"]), "--vocab", str(TINY["vocab"]), "--out", str(tmp_path)]  # fmt: skip
+    assert run.main(argv) == 0
+    (json_path,) = tmp_path.glob("*.json")
+    rows = json.loads(json_path.read_text())
+    assert len(rows) == 4 and all(r["status"] == "ok" and r["dtype"] == "float32" for r in rows)
+
+
+def test_a_case_moves_to_a_device_with_its_leaves():
+    case = ops.OPS["ppo_loss"].setup(_spec("ppo_loss", "eager", "float32"))
+    moved = case.to("cpu")
+    assert all(leaf.requires_grad and leaf.is_leaf for leaf in moved.leaves.values())
+    assert torch.equal(moved["logits"], case["logits"]) and moved.extra.keys() == case.extra.keys()
+
+
+def test_pytest_benchmark_suite_checks_and_runs_its_cases():
+    """``pytest benchmarks --benchmark-only`` is kept out of the normal run; here it runs once untimed
+    (``--benchmark-disable``) at a tiny shape, checked against the reference like the runner's cases."""
+    pytest.importorskip("pytest_benchmark")
+    root = Path(__file__).resolve().parents[1]
+    ids = ["token_logprobs-rf-cpp-float32", "linear_cross_entropy-rf-cpp-bfloat16", "ppo_loss-eager-float32"]
+    env = {**os.environ, "RLHF_FAST_BENCH_SHAPE": "64,1000,48"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+         *(f"benchmarks/test_ops_benchmark.py::test_full_step[{i}]" for i in ids)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "3 passed" in done.stdout, done.stdout[-2000:]
 
 
 def test_entry_points():

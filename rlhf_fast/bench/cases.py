@@ -29,6 +29,16 @@ class Case:
     def __getitem__(self, name: str):
         return self.leaves[name]
 
+    def to(self, device: str) -> Case:
+        """The same case with every tensor on ``device`` (leaves stay leaves that require grad)."""
+        import torch
+
+        def move(x):
+            return x.to(device) if isinstance(x, torch.Tensor) else x
+
+        leaves = {k: v.detach().to(device).requires_grad_() for k, v in self.leaves.items()}
+        return Case(leaves, move(self.labels), {k: move(v) for k, v in self.extra.items()}, move(self.grad_out))
+
 
 MODES = ("fwd", "bwd", "full")
 
@@ -100,6 +110,21 @@ def rel_err(a, b) -> float:
 
     err = (a.double() - b).abs().max().item()
     return float("inf") if err != err else err / max(b.abs().max().item(), torch.finfo(torch.float64).tiny)
+
+
+def rf_backend(provider: str) -> str:
+    """The rlhf_fast backend an ``rf-*`` provider runs: ``rf-cpp-inplace`` -> ``cpp``."""
+    return provider.removeprefix("rf-").removesuffix("-inplace")
+
+
+def runs_on(provider: str, device: str) -> str | None:
+    """Why ``provider`` cannot run on ``device`` (``"cpu"`` or ``"cuda"``), or None when it can."""
+    backend = rf_backend(provider) if provider.startswith("rf-") else None
+    if backend == "cpp" and device != "cpu":
+        return "the cpp backend runs on CPU tensors"
+    if backend == "triton" and device != "cuda":
+        return "the Triton kernels are timed on a GPU (--device cuda); TRITON_INTERPRET=1 only tests them"
+    return None
 
 
 def rf_provider(backend: str, call: Callable) -> Callable | str:

@@ -102,11 +102,21 @@ def torch_info() -> dict:
     }
 
 
-def machine_info() -> dict:
+def device_name(device: str = "cpu") -> str:
+    """What the cases run on: the CPU model and core count, or the CUDA device's name."""
+    if device == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor})"
+    return f"{cpu_name()} ({os.cpu_count()} CPUs)"
+
+
+def machine_info(device: str = "cpu") -> dict:
     from rlhf_fast import __version__
 
     return {
-        "device": f"{cpu_name()} ({os.cpu_count()} CPUs)",
+        "device": device_name(device),
         "python": platform.python_version(),
         "rlhf_fast_version": __version__,
         "git_rev": git_revision(),
@@ -132,6 +142,9 @@ class Timing:
     times_s: list[float]
 
 
+L2_FLUSH_BYTES = 256 * MiB  # written before every timed GPU call: more than any GPU's L2 (H100: 50 MiB)
+
+
 def time_fn(
     fn: Callable[[], object],
     *,
@@ -139,15 +152,22 @@ def time_fn(
     warmup: int = 1,
     before: Callable[[], object] | None = None,
     max_seconds: float | None = None,
+    device: str = "cpu",
 ) -> Timing:
-    """Wall time of ``fn()`` with ``time.perf_counter``; warm-up calls are not timed.
+    """Time of ``fn()``; warm-up calls are not timed.
 
     ``before()``, if given, runs untimed ahead of every call (e.g. to restore inputs that an
     in-place op destroys). With ``max_seconds``, timing stops early once the timed calls add up to
     that much and at least three were made (slow peers need few repeats for a stable median). The
-    result of each call is dropped only after the clock stops, so freeing it is not timed. CPU
-    only: nothing here synchronizes a GPU stream.
+    result of each call is dropped only after the clock stops, so freeing it is not timed.
+
+    CPU: wall time with ``time.perf_counter``. CUDA: the GPU time between two CUDA events recorded
+    on the current stream around the call, after an untimed write of ``L2_FLUSH_BYTES`` so the
+    inputs are not served from the L2 cache the previous call left warm; the stream is synchronized
+    after every call (a call's launch overhead counts, as it does in training).
     """
+    if device == "cuda":
+        return _time_cuda(fn, repeats=repeats, warmup=warmup, before=before, max_seconds=max_seconds)
     for _ in range(warmup):
         if before is not None:
             before()
@@ -165,7 +185,33 @@ def time_fn(
     return Timing(statistics.median(times), min(times), times)
 
 
-def copy_bandwidth(nbytes: int = 512 * MiB, repeats: int = 10) -> tuple[float, Timing]:
+def _time_cuda(fn, *, repeats, warmup, before, max_seconds) -> Timing:
+    import torch
+
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    for _ in range(warmup):
+        if before is not None:
+            before()
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)  # ms -> s
+        del out
+        if max_seconds is not None and len(times) >= 3 and sum(times) >= max_seconds:
+            break
+    return Timing(statistics.median(times), min(times), times)
+
+
+def copy_bandwidth(nbytes: int = 512 * MiB, repeats: int = 10, device: str = "cpu") -> tuple[float, Timing]:
     """Memory bandwidth in bytes/s from ``dst.copy_(src)`` on two buffers of ``nbytes`` each.
 
     A copy reads and writes every byte, so bandwidth = 2 * nbytes / median time. Use buffers far
@@ -173,13 +219,15 @@ def copy_bandwidth(nbytes: int = 512 * MiB, repeats: int = 10) -> tuple[float, T
     """
     import torch
 
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.zeros_like(src)
-    timing = time_fn(lambda: dst.copy_(src), repeats=repeats, warmup=2)
+    timing = time_fn(lambda: dst.copy_(src), repeats=repeats, warmup=2, device=device)
     return 2 * nbytes / timing.median_s, timing
 
 
-def matmul_rate(m: int, k: int, n: int, dtype, repeats: int = 5, max_seconds: float = 10.0) -> tuple[float, Timing]:
+def matmul_rate(
+    m: int, k: int, n: int, dtype, repeats: int = 5, max_seconds: float = 10.0, device: str = "cpu"
+) -> tuple[float, Timing]:
     """Matmul rate in FLOP/s from ``torch.mm(a, b.T, out=c)``: ``a`` [m, k], ``b`` [n, k], ``c`` [m, n].
 
     The layout of an LM head's forward (``hidden @ weight.T``); ``2 m n k`` FLOPs per call. The
@@ -188,10 +236,10 @@ def matmul_rate(m: int, k: int, n: int, dtype, repeats: int = 5, max_seconds: fl
     """
     import torch
 
-    a = torch.randn(m, k).to(dtype)
-    b = torch.randn(n, k).to(dtype)
-    c = torch.zeros(m, n, dtype=dtype)
-    timing = time_fn(lambda: torch.mm(a, b.T, out=c), repeats=repeats, warmup=1, max_seconds=max_seconds)
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(n, k, device=device).to(dtype)
+    c = torch.zeros(m, n, dtype=dtype, device=device)
+    timing = time_fn(lambda: torch.mm(a, b.T, out=c), repeats=repeats, warmup=1, max_seconds=max_seconds, device=device)
     return 2 * m * n * k / timing.median_s, timing
 
 
@@ -240,6 +288,27 @@ class PeakRSS:
 
     def __exit__(self, *exc) -> None:
         self.peak_bytes = _status_bytes("VmHWM")
+        self.extra_bytes = self.peak_bytes - self.start_bytes
+
+
+class PeakCUDA:
+    """``with PeakCUDA() as m: work()`` then ``m.extra_bytes`` = peak bytes the caching allocator handed
+    out above what was allocated at the start (``torch.cuda.max_memory_allocated`` after a reset)."""
+
+    def __enter__(self) -> PeakCUDA:
+        import torch
+
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.start_bytes = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+        self.peak_bytes = torch.cuda.max_memory_allocated()
         self.extra_bytes = self.peak_bytes - self.start_bytes
 
 

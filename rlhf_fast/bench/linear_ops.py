@@ -1,7 +1,7 @@
-"""The fused-linear ops: ``linear_cross_entropy`` and ``linear_token_logprobs`` from hidden states
-``[N, H]`` and an LM-head weight ``[V, H]`` (the logits never held whole by rlhf_fast), against eager
-PyTorch, ``torch.compile``, PyTorch's own ``linear_cross_entropy`` and Cut Cross-Entropy; the floor is
-compute, FLOPs at the matmul rate.
+"""The fused-linear ops: ``linear_cross_entropy``, ``linear_token_logprobs`` and ``linear_dpo_loss`` from
+hidden states ``[N, H]`` and an LM-head weight ``[V, H]`` (the logits never held whole by rlhf_fast),
+against eager PyTorch, ``torch.compile``, PyTorch's own ``linear_cross_entropy``, Cut Cross-Entropy and
+Liger-Kernel's chunked DPO loss; the floor is compute, FLOPs at the matmul rate.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from collections.abc import Callable
 from rlhf_fast.bench.cases import (
     CHUNK_ROWS,
     LOGIT_SCALE,
+    SEQS,
     Case,
     Floor,
     Op,
     peer,
     rel_err,
+    rf_backend,
     rf_provider,
     sample_rows,
 )
@@ -73,7 +75,10 @@ def _cce_linear_cross_entropy() -> Callable | str:
         from cut_cross_entropy import linear_cross_entropy
     except ImportError as exc:  # optional: pip install --no-deps cut-cross-entropy (and it imports triton)
         return f"cut_cross_entropy cannot be imported ({exc})"
-    return lambda c: linear_cross_entropy(c["hidden"], c["weight"], c.labels, impl="torch_compile")
+    # its Triton kernels on a GPU, its torch.compile implementation on CPU
+    return lambda c: linear_cross_entropy(
+        c["hidden"], c["weight"], c.labels, impl="cce" if c["hidden"].is_cuda else "torch_compile"
+    )
 
 
 def _fn_linear_cross_entropy(provider: str):
@@ -86,7 +91,7 @@ def _fn_linear_cross_entropy(provider: str):
         return _cce_linear_cross_entropy()
     import rlhf_fast as rf
 
-    backend = provider.removeprefix("rf-")
+    backend = rf_backend(provider)
     return rf_provider(backend, lambda c: rf.linear_cross_entropy(c["hidden"], c["weight"], c.labels, backend=backend))
 
 
@@ -145,7 +150,7 @@ def _fn_linear_token_logprobs(provider: str):
         return lambda c: f(c["hidden"], c["weight"], c.labels)
     import rlhf_fast as rf
 
-    backend = provider.removeprefix("rf-")
+    backend = rf_backend(provider)
     return rf_provider(backend, lambda c: rf.linear_token_logprobs(c["hidden"], c["weight"], c.labels, backend=backend))
 
 
@@ -177,19 +182,141 @@ def _check_linear_token_logprobs(case: Case, pristine, out, grads) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# linear_dpo_loss: sigmoid DPO from the policy's hidden states and head, the reference's log-probs
+# computed in the same call from its own hidden states and head (as Liger's chunked loss does)
+
+LINEAR_DPO_BETA = 0.1
+# float32: a difference of sums of thousands of log-probs. bfloat16: the chosen and rejected terms of dW
+# cancel in part, so the inputs' rounding shows against a smaller max; every provider, eager included,
+# has weight_grad_err 1.14e-2 at the tests' 48 x 301 x 24 shape (7.7e-3 at 256 x 1000 x 64).
+LINEAR_DPO_TOLERANCE = {"float32": 2e-4, "bfloat16": 2e-2}
+
+
+def eager_linear_dpo_loss(hidden, weight, labels, ref_hidden, ref_weight, beta):
+    """The usual way: both models' [2B, T, V] logits, float32 log_softmax + gather + sum per sequence."""
+    import torch
+    import torch.nn.functional as F
+
+    def seq_logps(h, w):
+        return torch.log_softmax(F.linear(h, w).float(), -1).gather(-1, labels[..., None]).squeeze(-1).sum(-1)
+
+    with torch.no_grad():
+        ref_chosen, ref_rejected = seq_logps(ref_hidden, ref_weight).chunk(2)
+    chosen, rejected = seq_logps(hidden, weight).chunk(2)
+    return -F.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
+
+
+def _setup_linear_dpo_loss(spec: dict) -> Case:
+    import torch
+
+    case = _setup_linear_cross_entropy(spec)
+    s, h = SEQS, spec["hidden"]
+    t = spec["tokens"] // s
+    hidden = case["hidden"].detach().view(s, t, h).requires_grad_()  # [2B, T, H]: chosen, then rejected
+    # the reference: nearby hidden states and head, so beta * (margin) stays O(1)
+    ref_hidden = (hidden.detach().float() + 0.05 * torch.randn(s, t, h)).to(hidden.dtype)
+    ref_weight = (case["weight"].detach().float() * 1.02).to(hidden.dtype)
+    extra = {"ref_hidden": ref_hidden, "ref_weight": ref_weight}
+    return Case({"hidden": hidden, "weight": case["weight"]}, case.labels.view(s, t), extra)
+
+
+def _liger_linear_dpo_loss() -> Callable | str:
+    """Liger-Kernel's chunked fused-linear DPO (``LigerFusedLinearDPOLoss``, torch.compile'd chunks; it
+    runs on CPU), with its reference model inputs."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+    except ImportError as exc:  # optional: pip install --no-deps liger-kernel
+        return f"liger_kernel cannot be imported ({exc})"
+    loss_fn = LigerFusedLinearDPOLoss(beta=LINEAR_DPO_BETA, use_ref_model=True)
+
+    def run(c):
+        out = loss_fn(c["weight"], c["hidden"], c.labels, ref_input=c.extra["ref_hidden"],
+                      ref_weight=c.extra["ref_weight"])  # fmt: skip
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
+
+
+def _fn_linear_dpo_loss(provider: str):
+    if provider in ("eager", "compile"):
+        f = peer(provider, eager_linear_dpo_loss)
+        return lambda c: f(c["hidden"], c["weight"], c.labels, **c.extra, beta=LINEAR_DPO_BETA)
+    if provider == "liger":
+        return _liger_linear_dpo_loss()
+    import torch
+
+    import rlhf_fast as rf
+
+    backend = rf_backend(provider)
+
+    def run(c):
+        h, y = c["hidden"], c.labels
+        b = h.shape[0] // 2
+        with torch.no_grad():
+            ref = rf.linear_token_logprobs(c.extra["ref_hidden"], c.extra["ref_weight"], y, backend=backend).sum(-1)
+        loss, _ = rf.linear_dpo_loss(h[:b], y[:b], h[b:], y[b:], c["weight"], ref[:b], ref[b:], beta=LINEAR_DPO_BETA,
+                                     backend=backend)  # fmt: skip
+        return loss
+
+    return rf_provider(backend, run)
+
+
+def _check_linear_dpo_loss(case: Case, pristine, out, grads) -> dict:
+    """Loss and ``dW`` in float64 sequence by sequence (the loss's gradient with respect to each
+    sequence's summed log-prob first), ``dH`` on a sample of rows of the first and last sequences."""
+    import torch
+    import torch.nn.functional as F
+
+    h, y = pristine["hidden"], case.labels
+    w = pristine["weight"].double().requires_grad_()  # [V, H]
+    s = h.shape[0]
+
+    def seq_logp(x, weight, i):  # x: [T, H] of sequence i
+        return torch.log_softmax(x.double() @ weight.T, -1).gather(-1, y[i, :, None]).sum()
+
+    with torch.no_grad():
+        ref_w = case.extra["ref_weight"].double()
+        ref = torch.stack([seq_logp(case.extra["ref_hidden"][i], ref_w, i) for i in range(s)])
+        pol = torch.stack([seq_logp(h[i], w, i) for i in range(s)])
+    pol_leaf = pol.clone().requires_grad_()
+    c, r = (pol_leaf - ref).chunk(2)
+    loss = -F.logsigmoid(LINEAR_DPO_BETA * (c - r)).mean()
+    (coef,) = torch.autograd.grad(loss, pol_leaf)  # d loss / d (summed log-prob of each sequence)
+    ref_dw = torch.zeros_like(w)
+    for i in range(s):
+        (dw,) = torch.autograd.grad(seq_logp(h[i], w, i), w)
+        ref_dw.add_(dw, alpha=coef[i].item())
+    errors = {"fwd_err": rel_err(out.detach(), loss.detach()), "weight_grad_err": rel_err(grads["weight"], ref_dw)}
+    worst = 0.0
+    for i in (0, s - 1):
+        rows = sample_rows(h.shape[1], 8)
+        xs = h[i].double().requires_grad_()  # [T, H]
+        (dh,) = torch.autograd.grad(seq_logp(xs, w.detach(), i) * coef[i], xs)
+        worst = max(worst, rel_err(grads["hidden"][i][rows], dh[rows]))
+    errors["hidden_grad_err"] = worst
+    return errors
+
+
 def linear_flops(spec: dict) -> float:
     return spec["tokens"] * spec["vocab"] * spec["hidden"]
 
 
 LINEAR_OPS = (
-    Op("linear_cross_entropy", ("rf-cpp", "rf-torch", "eager", "compile", "torch-lce", "cce"),
+    Op("linear_cross_entropy", ("rf-cpp", "rf-triton", "rf-torch", "eager", "compile", "torch-lce", "cce"),
        Floor("flops", linear_flops, {"fwd": 2, "bwd": 6, "full": 6},
              "N*V*H FLOPs x fwd 2 (the logits), bwd 6 (logits again, dH = G W, dW = G^T H), full 6 "
              "(gradient in forward; recomputing the logits in the backward makes it 8)"),
        _setup_linear_cross_entropy, _fn_linear_cross_entropy, _check_linear_cross_entropy),
-    Op("linear_token_logprobs", ("rf-cpp", "rf-torch", "eager", "compile"),
+    Op("linear_token_logprobs", ("rf-cpp", "rf-triton", "rf-torch", "eager", "compile"),
        Floor("flops", linear_flops, {"fwd": 2, "bwd": 6, "full": 8},
              "N*V*H FLOPs x fwd 2 (the logits), bwd 6 (logits again, dH = G W, dW = G^T H), full 8 "
              "(the upstream gradient of each token is only known in the backward)"),
        _setup_linear_token_logprobs, _fn_linear_token_logprobs, _check_linear_token_logprobs),
+    Op("linear_dpo_loss", ("rf-cpp", "rf-triton", "rf-torch", "eager", "compile", "liger"),
+       Floor("flops", linear_flops, {"fwd": 4, "bwd": 6, "full": 8},
+             "N*V*H FLOPs x fwd 4 (policy and reference logits), bwd 6 (policy logits again, dH, dW), full 8 "
+             "(reference 2 + policy 6: the per-sequence upstream gradient is known only once every token's "
+             "log-prob is)"),
+       _setup_linear_dpo_loss, _fn_linear_dpo_loss, _check_linear_dpo_loss, LINEAR_DPO_TOLERANCE),
 )  # fmt: skip

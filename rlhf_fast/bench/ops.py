@@ -32,6 +32,7 @@ from rlhf_fast.bench.cases import (
     peer,
     randn_logits,
     rel_err,
+    rf_backend,
     rf_provider,
     sample_rows,
     trl_token_logprobs,
@@ -80,7 +81,7 @@ def _fn_token_logprobs(provider: str):
         return trl_token_logprobs()
     import rlhf_fast as rf
 
-    backend = provider.removeprefix("rf-")
+    backend = rf_backend(provider)
     return rf_provider(backend, lambda c: rf.token_logprobs(c["logits"], c.labels, backend=backend))
 
 
@@ -120,9 +121,9 @@ def _fn_cross_entropy(provider: str):
         return lambda c: f(c["logits"], c.labels)
     import rlhf_fast as rf
 
-    inplace = provider.endswith("-inplace")
+    inplace, backend = provider.endswith("-inplace"), rf_backend(provider)
     return rf_provider(
-        "cpp", lambda c: rf.cross_entropy(c["logits"], c.labels, inplace_backward=inplace, backend="cpp")
+        backend, lambda c: rf.cross_entropy(c["logits"], c.labels, inplace_backward=inplace, backend=backend)
     )
 
 
@@ -182,10 +183,10 @@ def _fn_ppo_loss(provider: str):
         return lambda c: f(c["logits"], c.labels, **c.extra, **PPO_KW)
     import rlhf_fast as rf
 
-    inplace = provider.endswith("-inplace")
+    inplace, backend = provider.endswith("-inplace"), rf_backend(provider)
     return rf_provider(
-        "cpp",
-        lambda c: rf.ppo_loss(c["logits"], c.labels, **c.extra, **PPO_KW, inplace_backward=inplace, backend="cpp")[0],
+        backend,
+        lambda c: rf.ppo_loss(c["logits"], c.labels, **c.extra, **PPO_KW, inplace_backward=inplace, backend=backend)[0],
     )
 
 
@@ -252,9 +253,10 @@ def _fn_dpo_loss(provider: str):
     def run(c):
         x, y = c["logits"], c.labels
         b = x.shape[0] // 2
-        return rf.dpo_loss(x[:b], y[:b], x[b:], y[b:], **c.extra, beta=DPO_BETA, backend="cpp")[0]
+        return rf.dpo_loss(x[:b], y[:b], x[b:], y[b:], **c.extra, beta=DPO_BETA, backend=backend)[0]
 
-    return rf_provider("cpp", run)
+    backend = rf_backend(provider)
+    return rf_provider(backend, run)
 
 
 def _dpo_pair(x, case: Case, pair: int):
@@ -289,16 +291,16 @@ def _check_dpo_loss(case: Case, pristine, out, grads) -> dict:
 OPS = {
     op.name: op
     for op in (
-        Op("token_logprobs", ("rf-cpp", "rf-torch", "eager", "compile", "trl"),
+        Op("token_logprobs", ("rf-cpp", "rf-triton", "rf-torch", "eager", "compile", "trl"),
            logits_passes(3, "read forward, read backward, write the gradient"),
            _setup_token_logprobs, _fn_token_logprobs, _check_token_logprobs),
-        Op("cross_entropy", ("rf-cpp", "rf-cpp-inplace", "eager", "compile"),
+        Op("cross_entropy", ("rf-cpp", "rf-cpp-inplace", "rf-triton", "rf-triton-inplace", "eager", "compile"),
            logits_passes(2, "read forward, write the gradient (gradient in forward)"),
            _setup_cross_entropy, _fn_cross_entropy, _check_cross_entropy),
-        Op("ppo_loss", ("rf-cpp", "rf-cpp-inplace", "eager", "compile"),
+        Op("ppo_loss", ("rf-cpp", "rf-cpp-inplace", "rf-triton", "rf-triton-inplace", "eager", "compile"),
            logits_passes(2, "read forward, write the gradient (gradient in forward)"),
            _setup_ppo_loss, _fn_ppo_loss, _check_ppo_loss),
-        Op("dpo_loss", ("rf-cpp", "eager", "compile"),
+        Op("dpo_loss", ("rf-cpp", "rf-triton", "eager", "compile"),
            logits_passes(3, "read forward, read backward, write the gradient"),
            _setup_dpo_loss, _fn_dpo_loss, _check_dpo_loss, DPO_TOLERANCE),
         LINEAR_OPS[0],
@@ -306,4 +308,4 @@ OPS = {
         *LINEAR_OPS[1:],
     )
 }  # fmt: skip
-PEERS = ("eager", "compile", "torch-lce", "cce", "trl")  # what rlhf_fast is compared with
+PEERS = ("eager", "compile", "torch-lce", "cce", "trl", "liger")  # what rlhf_fast is compared with

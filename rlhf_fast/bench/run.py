@@ -34,11 +34,18 @@ losses); the floor of the fused-linear forms is compute, FLOPs at this machine's
 case dtype (full step: 6 x tokens x vocab x hidden for the loss). ``--out`` gets CSV and JSON rows
 (device, versions, git revision) and a PNG per op x dtype x mode: time and peak memory against the
 vocabulary size. Method and soundness of the memory figure: ``rlhf_fast/bench/harness.py``.
+
+``--device cuda`` (the default when torch sees a GPU) runs the same cases on the GPU: ``rf-triton``
+(and ``rf-triton-inplace``) instead of ``rf-cpp``, Cut Cross-Entropy's Triton implementation, times from
+CUDA events with the L2 cache flushed before every call, peak memory from
+``torch.cuda.max_memory_allocated``, the floors from the GPU's own copy bandwidth and matmul rate.
+(Written against the CUDA API and reviewed, but not yet run on a GPU: this project has none.)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -46,6 +53,7 @@ from collections.abc import Callable
 
 from rlhf_fast.bench import harness as h
 from rlhf_fast.bench import ops, plots
+from rlhf_fast.bench.cases import runs_on
 
 DTYPES = {
     "float32": "float32", "fp32": "float32", "f32": "float32",
@@ -55,7 +63,7 @@ DTYPES = {
 # max |error| / max |reference| against float64 (DESIGN.md numerics rule)
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
 PROVIDERS = tuple(dict.fromkeys(p for op in ops.OPS.values() for p in op.providers))
-COMPILING = ("compile", "cce")  # torch.compile on the first call
+COMPILING = ("compile", "cce", "liger")  # torch.compile on the first call
 
 
 def _check_types(case, provider: str, out, grads: dict) -> list[str]:
@@ -82,28 +90,38 @@ def _check_types(case, provider: str, out, grads: dict) -> list[str]:
     return problems
 
 
-def measure_case(spec: dict) -> dict:
-    """One (op, provider, dtype, mode, tokens, vocab) case; runs in its own process (see ``harness.run_isolated``).
+@dataclasses.dataclass
+class CheckedCase:
+    """A case whose first call (the warm-up) passed its check; ``step()`` is the op's forward and
+    ``torch.autograd.grad`` of its output with respect to every leaf, ``restore()`` puts back the
+    leaves an in-place provider overwrote."""
 
-    A step is the op's forward and ``torch.autograd.grad`` of its output with respect to every leaf
-    of the case. The first step (the warm-up: compiles, allocates lazily) is checked whatever the mode;
-    then one call of the mode is measured for peak memory and ``repeats`` of them are timed: ``full``
-    a step, ``fwd`` the forward (recording the graph, as in training), ``bwd`` the gradient, each
-    repeat after an untimed forward. ``*-inplace`` providers write the gradient over the leaf: every
-    call first restores the leaves from pristine copies, untimed, and the check reads the gradient
-    from the leaf's buffer itself.
-    """
+    fn: Callable
+    case: object
+    leaves: list
+    step: Callable[[], tuple]
+    restore: Callable[[], None]
+    result: dict
+
+
+def check_case(spec: dict) -> CheckedCase | dict:
+    """Set up a case and check its first call against the reference: a :class:`CheckedCase`, or the
+    finished result row of a case that is skipped (provider not installed) or failed its check."""
     import torch
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     result = {**h.torch_info()}
     op = ops.OPS[spec["op"]]
-    fn = op.fn(spec["provider"])
+    device = spec.get("device", "cpu")
+    why_not = runs_on(spec["provider"], device)
+    fn = why_not or op.fn(spec["provider"])
     if isinstance(fn, str):
         return {**result, "status": "SKIP", "detail": fn}
 
-    case = op.setup(spec)
+    case = op.setup(spec)  # built on CPU with the seed's generator, so every device sees the same inputs
+    if device != "cpu":
+        case = case.to(device)
     names, leaves = list(case.leaves), list(case.leaves.values())
     inplace = spec["provider"].endswith("-inplace")
     pristine = {name: leaf.detach().clone() if inplace else leaf.detach() for name, leaf in case.leaves.items()}
@@ -141,20 +159,38 @@ def measure_case(spec: dict) -> dict:
     del out, grads
     if problems:
         return {**result, "status": "FAIL", "detail": "; ".join(problems)}
+    return CheckedCase(fn, case, leaves, step, restore, result)
 
-    call, before = _mode_call(spec["mode"], step, fn, case, leaves, restore)
-    supported, why = h.peak_rss_supported()
+
+def measure_case(spec: dict) -> dict:
+    """One (op, provider, dtype, mode, tokens, vocab) case; runs in its own process (see ``harness.run_isolated``).
+
+    A step is the op's forward and ``torch.autograd.grad`` of its output with respect to every leaf
+    of the case. The first step (the warm-up: compiles, allocates lazily) is checked whatever the mode;
+    then one call of the mode is measured for peak memory and ``repeats`` of them are timed: ``full``
+    a step, ``fwd`` the forward (recording the graph, as in training), ``bwd`` the gradient, each
+    repeat after an untimed forward. ``*-inplace`` providers write the gradient over the leaf: every
+    call first restores the leaves from pristine copies, untimed, and the check reads the gradient
+    from the leaf's buffer itself.
+    """
+    checked = check_case(spec)
+    if isinstance(checked, dict):
+        return checked
+    result, device = checked.result, spec.get("device", "cpu")
+    call, before = _mode_call(spec["mode"], checked.step, checked.fn, checked.case, checked.leaves, checked.restore)
+    supported, why = (True, "") if device == "cuda" else h.peak_rss_supported()
     if supported:
         before()
-        with h.PeakRSS() as mem:
+        with h.PeakCUDA() if device == "cuda" else h.PeakRSS() as mem:
             out = call()
         del out
         result["peak_delta_bytes"] = mem.extra_bytes
     else:
         result["memory_detail"] = why
     timing = h.time_fn(
-        call, repeats=spec["repeats"], warmup=0 if supported else 1, before=before, max_seconds=spec.get("max_seconds")
-    )
+        call, repeats=spec["repeats"], warmup=0 if supported else 1, before=before, max_seconds=spec.get("max_seconds"),
+        device=device,
+    )  # fmt: skip
     return {
         **result,
         "status": "ok",
@@ -163,6 +199,15 @@ def measure_case(spec: dict) -> dict:
         "min_ms": timing.min_s * 1e3,
         "times_ms": [round(t * 1e3, 3) for t in timing.times_s],
     }
+
+
+def _in_worker(spec: dict) -> dict:
+    """``measure_case`` in this process (``--quick``: no fresh interpreter per case); an exception becomes
+    an ERROR row, as a crashed worker's does."""
+    try:
+        return measure_case(spec)
+    except Exception as exc:  # a case's failure is reported in its row; the run goes on
+        return {"status": "ERROR", "detail": f"{type(exc).__name__}: {exc}"}
 
 
 def _merge_rounds(rows: list[dict]) -> list[dict]:
@@ -214,8 +259,9 @@ def measure_copy(spec: dict) -> dict:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    bandwidth, timing = h.copy_bandwidth(spec["nbytes"], repeats=spec["repeats"])
-    supported, why = h.peak_rss_supported()
+    device = spec.get("device", "cpu")
+    bandwidth, timing = h.copy_bandwidth(spec["nbytes"], repeats=spec["repeats"], device=device)
+    supported, why = (False, "CUDA: torch.cuda.max_memory_allocated") if device == "cuda" else h.peak_rss_supported()
     return {
         **h.torch_info(),
         "status": "ok",
@@ -233,8 +279,9 @@ def measure_matmul(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     rate, timing = h.matmul_rate(
-        spec["tokens"], spec["hidden"], spec["vocab"], getattr(torch, spec["dtype"]), repeats=spec["repeats"]
-    )
+        spec["tokens"], spec["hidden"], spec["vocab"], getattr(torch, spec["dtype"]), repeats=spec["repeats"],
+        device=spec.get("device", "cpu"),
+    )  # fmt: skip
     return {"status": "ok", "flops_per_s": rate, "matmul_median_ms": timing.median_s * 1e3}
 
 
@@ -337,6 +384,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma list of fwd (forward only), bwd (backward only, after an untimed forward), full (both) "
         "(default: full)",
     )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="where the cases run (default: cuda when a CUDA device is available, else cpu); on cuda the times "
+        "are CUDA-event times with the L2 cache flushed before each call, the memory torch.cuda.max_memory_allocated",
+    )
     p.add_argument("--hidden", type=int, help="hidden size H of the linear_* ops (default 1024; --quick: 256)")
     p.add_argument(
         "--dtype",
@@ -368,7 +421,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="directory for the CSV and JSON rows and the PNG plots")
     p.add_argument(
-        "--quick", action="store_true", help="small shape, few repeats, float32, no compiled peers (a smoke test)"
+        "--quick",
+        action="store_true",
+        help="about a minute: small shape, few repeats, float32, no compiled peers, every case in one worker "
+        "process (a smoke test: its memory figures may carry over from case to case)",
     )
     p.add_argument(
         "--ptx",
@@ -377,6 +433,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "registers, spills, shared memory and load widths; exit 1 on a spill or a scalar streaming loop",
     )
     args = p.parse_args(argv)
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this torch build sees no CUDA device")
+    args.providers_given = args.providers is not None
 
     args.tokens = _int_list(p, "--tokens", args.tokens, 512 if args.quick else 4096)
     args.vocab = _int_list(p, "--vocab", args.vocab, 8192 if args.quick else 32000)
@@ -414,7 +476,7 @@ def _measure_rates(args, info: dict, flop_ops: list[str]) -> dict[tuple[str, str
     fresh process; printed as they come, torch facts added to ``info``. None if one failed."""
     copy_nbytes = 512 * h.MiB  # far larger than any last-level cache
     copy = h.run_isolated("rlhf_fast.bench.run:measure_copy", {
-        "nbytes": copy_nbytes, "repeats": args.copy_repeats, "threads": args.threads,
+        "nbytes": copy_nbytes, "repeats": args.copy_repeats, "threads": args.threads, "device": args.device,
     })  # fmt: skip
     if copy.get("status") != "ok":
         print(f"copy-bandwidth measurement failed: {copy.get('detail')}", file=sys.stderr)
@@ -427,8 +489,8 @@ def _measure_rates(args, info: dict, flop_ops: list[str]) -> dict[tuple[str, str
     )
     probe = copy["rss_probe"]
     print(
-        "peak-memory probe: "
-        + (f"{probe:.3f} x the bytes allocated (must be ~1)" if probe is not None else copy["rss_detail"])
+        "peak memory: "
+        + (f"probe {probe:.3f} x the bytes allocated (must be ~1)" if probe is not None else copy["rss_detail"])
     )
     rates = {("bytes", dtype): bandwidth for dtype in args.dtypes}
     # one rate per dtype, at the largest shape of the sweep (a BLAS is at its best on big matrices)
@@ -436,7 +498,7 @@ def _measure_rates(args, info: dict, flop_ops: list[str]) -> dict[tuple[str, str
     for dtype in args.dtypes if flop_ops else []:
         mm = h.run_isolated("rlhf_fast.bench.run:measure_matmul", {
             "tokens": tokens, "hidden": args.hidden, "vocab": vocab, "dtype": dtype,
-            "repeats": args.copy_repeats, "threads": args.threads,
+            "repeats": args.copy_repeats, "threads": args.threads, "device": args.device,
         })  # fmt: skip
         if mm.get("status") != "ok":
             print(f"matmul-rate measurement failed: {mm.get('detail')}", file=sys.stderr)
@@ -487,11 +549,11 @@ def main(argv: list[str] | None = None) -> int:
         from rlhf_fast.bench import ptx
 
         return ptx.main(args.dtypes, args.out)
-    info = {**h.machine_info(), "load_avg_1min": h.load_average()}
+    info = {**h.machine_info(args.device), "load_avg_1min": h.load_average(), "device_type": args.device}
     flop_ops = [op for op in args.ops if ops.OPS[op].floor.kind == "flops"]
     shape = f"{_listed(args.tokens)} tokens x {_listed(args.vocab)} vocab"
     shape += f" (x {args.hidden} hidden)" if flop_ops else ""
-    print(f"{', '.join(args.ops)} in mode {_listed(args.modes)}, {shape}, CPU")
+    print(f"{', '.join(args.ops)} in mode {_listed(args.modes)}, {shape}, {args.device.upper()}")
     print(f"machine: {info['device']}, Python {info['python']}, git {info['git_rev']}")
     if info["load_avg_1min"] > 0.5:
         print(f"warning: load average {info['load_avg_1min']:.2f}; timings share the CPU with other jobs")
@@ -504,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         for op in args.ops for dtype in args.dtypes for mode in args.modes
         for tokens in args.tokens for vocab in args.vocab
         for provider in ops.OPS[op].providers if provider in args.providers
+        # a provider of the device's default list, or one asked for by name (then SKIP rows say why not)
+        if args.providers_given or runs_on(provider, args.device) is None
     ]  # fmt: skip
     rows = []
     progress = _progress(len(cases) * args.rounds)
@@ -511,13 +575,13 @@ def main(argv: list[str] | None = None) -> int:
         spec = {
             "op": op, "provider": provider, "dtype": dtype, "mode": mode, "tokens": tokens, "vocab": vocab,
             "hidden": args.hidden, "repeats": args.repeats, "max_seconds": args.max_seconds or None,
-            "seed": args.seed, "threads": args.threads,
+            "seed": args.seed, "threads": args.threads, "device": args.device,
         }  # fmt: skip
         row = {**spec, **info, "copy_bw_GBps": rates["bytes", dtype] / 1e9}
         if ops.OPS[op].floor.kind == "flops":
             row["matmul_GFLOPps"] = rates["flops", dtype] / 1e9
         progress.set_description(f"{op} {provider} {dtype} {mode} {tokens}x{vocab}")
-        row.update(h.run_isolated("rlhf_fast.bench.run:measure_case", spec))
+        row.update(_in_worker(spec) if args.quick else h.run_isolated("rlhf_fast.bench.run:measure_case", spec))
         rows.append(row)
         summary = f"{row['median_ms']:.1f} ms" if row["status"] == "ok" else row["status"]
         first = f" (first call {row['first_call_s']:.1f} s)" if "first_call_s" in row else ""

@@ -14,6 +14,7 @@ from rlhf_fast.bench.cases import (
     logits_passes,
     peer,
     randn_logits,
+    rf_backend,
     rf_provider,
     sampled_check,
     trl_function,
@@ -51,7 +52,7 @@ def _fn_token_entropy(provider: str):
         return f if isinstance(f, str) else (lambda c: f(as_batch(c["logits"])).reshape(-1))
     import rlhf_fast as rf
 
-    backend = provider.removeprefix("rf-")
+    backend = rf_backend(provider)
     return rf_provider(backend, lambda c: rf.token_entropy(c["logits"], backend=backend))
 
 
@@ -86,7 +87,7 @@ def _fn_token_logprobs_and_entropy(provider: str):
         return lambda c: torch.stack([logp(c), entropy(c)])
     import rlhf_fast as rf
 
-    backend = provider.removeprefix("rf-")
+    backend = rf_backend(provider)
     return rf_provider(
         backend, lambda c: torch.stack(rf.token_logprobs_and_entropy(c["logits"], c.labels, backend=backend))
     )
@@ -127,7 +128,7 @@ def _fn_kl_divergence(provider: str):
         return lambda c: f(c["logits"], c.extra["q_logits"])
     import rlhf_fast as rf
 
-    backend = provider.removeprefix("rf-")
+    backend = rf_backend(provider)
     return rf_provider(backend, lambda c: rf.kl_divergence(c["logits"], c.extra["q_logits"], backend=backend))
 
 
@@ -138,14 +139,14 @@ def _ref_kl_divergence(x, case, rows):
 
 
 TOKEN_OPS = (
-    Op("token_entropy", ("rf-cpp", "rf-torch", "eager", "compile", "trl"),
+    Op("token_entropy", ("rf-cpp", "rf-triton", "rf-torch", "eager", "compile", "trl"),
        logits_passes(3, "read forward, read backward, write the gradient"),
        _setup_logits_op, _fn_token_entropy, sampled_check(_ref_token_entropy)),
-    Op("token_logprobs_and_entropy", ("rf-cpp", "rf-torch", "eager", "compile", "trl"),
+    Op("token_logprobs_and_entropy", ("rf-cpp", "rf-triton", "rf-torch", "eager", "compile", "trl"),
        logits_passes(3, "read forward, read backward, write the gradient"),
        lambda spec: _setup_logits_op(spec, outputs=2), _fn_token_logprobs_and_entropy,
        sampled_check(_ref_token_logprobs_and_entropy)),
-    Op("kl_divergence", ("rf-cpp", "rf-torch", "eager", "compile"),
+    Op("kl_divergence", ("rf-cpp", "rf-triton", "rf-torch", "eager", "compile"),
        Floor("bytes", logits_bytes, {"fwd": 2, "bwd": 3, "full": 5},
              "logits passes fwd 2 (read P and Q), bwd 3 (read both again, write P's gradient), full 5"),
        _setup_kl_divergence, _fn_kl_divergence, sampled_check(_ref_kl_divergence)),
