@@ -596,16 +596,10 @@ def linear_dpo_loss(
     from rlhf_fast.ops.policy_losses import dpo_from_token_logprobs
 
     def token_logprobs(hidden, labels):
-        return lambda: linear_token_logprobs(
-            hidden,
-            weight,
-            labels,
-            bias=bias,
-            ignore_index=ignore_index,
-            chunk_bytes=chunk_bytes,
-            softcap=softcap,
+        return linear_token_logprobs(
+            hidden, weight, labels, bias=bias, ignore_index=ignore_index, chunk_bytes=chunk_bytes, softcap=softcap,
             backend=backend,
-        )
+        )  # fmt: skip
 
     for hidden, labels, name in (
         (chosen_hidden, chosen_labels, "chosen"),
@@ -613,8 +607,23 @@ def linear_dpo_loss(
     ):
         v.check_logits(hidden, f"{name}_hidden")
         v.check_labels(labels, hidden, f"{name}_labels", f"{name}_hidden")
+    both = {}
+
+    def chosen():
+        # One pass over both halves when they have the same shape: two passes would each build a float32
+        # dW [V, H] (131 MiB at V=32000, H=1024) for autograd to add up; the copy of the hidden states
+        # (2BT x H) is far smaller.
+        if chosen_hidden.shape != rejected_hidden.shape or chosen_labels.shape != rejected_labels.shape:
+            return token_logprobs(chosen_hidden, chosen_labels)
+        logp = token_logprobs(torch.cat([chosen_hidden, rejected_hidden]), torch.cat([chosen_labels, rejected_labels]))
+        both["chosen"], both["rejected"] = logp.chunk(2)
+        return both["chosen"]
+
+    def rejected():
+        return both["rejected"] if both else token_logprobs(rejected_hidden, rejected_labels)
+
     return dpo_from_token_logprobs(
-        token_logprobs(chosen_hidden, chosen_labels), token_logprobs(rejected_hidden, rejected_labels),
+        chosen, rejected,
         chosen_labels, rejected_labels, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
         label_smoothing=label_smoothing, ignore_index=ignore_index, average_logprobs=average_logprobs,
         nll_coef=nll_coef,
