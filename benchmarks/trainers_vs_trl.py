@@ -19,15 +19,14 @@ What is matched: the initial weights; the tokenizer (``build_tokenizer``) and th
 ``prompt``/``chosen``/``rejected`` rows (no chat template: both tokenize them to BOS + prompt + response +
 EOS, which each run checks token for token against TRL's tokenized dataset); the batch order (no
 shuffling: TRL's ``train_sampling_strategy="sequential"``, our ``shuffle=False``), so the first step's loss
-must agree; batch size, steps (one epoch), AdamW (lr, betas, eps, no weight decay), cosine decay to 0
+must agree; batch size, steps (one epoch), fused AdamW (lr, betas, eps, no weight decay), cosine decay to 0
 without warm-up, gradient clipping at 1.0, float32 (no bf16), no gradient checkpointing (TRL's default
 is on; ours has none), beta and the sigmoid loss, reference log-probs precomputed once before training
 (TRL's ``precompute_ref_log_probs=True``), a final checkpoint with the optimizer state (ours always
 writes one; TRL's ``save_steps`` is the step count), metrics logged every 10 steps, no progress bar, no
 evaluation during training.
 
-What is not (TRL's defaults, kept as users get them): TRL's optimizer is ``adamw_torch_fused`` (ours:
-``torch.optim.AdamW``'s default for-each loop); TRL's DPO head computes the entropy, mean logit and top-1
+What is not (TRL's defaults, kept as users get them): TRL's DPO head computes the entropy, mean logit and top-1
 flag of every token for its metrics; on CPU TRL's fused LM head scores every position (its compaction to
 completion tokens is for Triton devices) in one ``[tokens, vocab]`` float32 tile with several
 temporaries of that size in the backward pass; our DPO trainer copies the model for its reference at
@@ -62,7 +61,8 @@ from dataclasses import asdict, dataclass, replace
 from benchmarks import _harness as h
 
 # rlhf_fast-unfused: our trainer with fused=False (model logits, then the logits-input ops);
-# trl-adamw_torch: TRL with optim="adamw_torch", the same torch.optim.AdamW implementation as ours
+# trl-adamw_torch: TRL with optim="adamw_torch", torch.optim.AdamW's per-tensor loop (TRL's default and our
+# loop both use the fused kernel)
 PROVIDERS = ("rlhf_fast", "trl", "rlhf_fast-unfused", "trl-adamw_torch")
 DEFAULT_PROVIDERS = ("rlhf_fast", "trl")
 TRAINERS = ("dpo", "rm")
