@@ -43,7 +43,6 @@ the first and the last ``TAIL`` rollouts; and the held-out true reward: one samp
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import tempfile
@@ -51,7 +50,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from benchmarks import _harness as h
-from benchmarks.trainers_vs_trl import WARMUP_STEPS, Meter, best_of
+from benchmarks.trainers_vs_trl import WARMUP_STEPS, Meter, best_of, finish
 
 PROVIDERS = ("rlhf_fast", "trl", "rlhf_fast-unfused", "trl-adamw_torch")
 DEFAULT_PROVIDERS = ("rlhf_fast", "trl")
@@ -348,12 +347,7 @@ def main(argv=None) -> int:
     for row in rows:
         if row.get("status") != "ok":
             print(f"grpo {row['provider']}: {row.get('detail')}")
-    if args.out:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for path in h.write_rows(rows, args.out, f"grpo-vs-trl-{stamp}"):
-            print(f"wrote {path}")
-    return 1 if any(r.get("status") == "ERROR" or (isinstance(r.get("loss_first"), float)
-                    and not math.isfinite(r["loss_first"])) for r in rows) else 0  # fmt: skip
+    return finish(rows, args.out, "grpo-vs-trl")
 
 
 if __name__ == "__main__":

@@ -514,9 +514,15 @@ def main(argv=None) -> int:
             print(f"{row['trainer']} {row['model']}: {row['token_mismatches']} sequences tokenized differently by TRL")
         if row.get("status") != "ok":
             print(f"{row['trainer']} {row['model']} {row['provider']}: {row.get('detail')}")
-    if args.out:
+    return finish(rows, args.out, "trainers-vs-trl")
+
+
+def finish(rows: list[dict], out: str | None, stem: str) -> int:
+    """Write ``rows`` as ``out/<stem>-<time>.csv/.json`` (when ``out`` is given); the exit status: 1 when a
+    run errored or its first loss is not finite, else 0. Shared with :mod:`benchmarks.grpo_vs_trl`."""
+    if out:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        for path in h.write_rows(rows, args.out, f"trainers-vs-trl-{stamp}"):
+        for path in h.write_rows(rows, out, f"{stem}-{stamp}"):
             print(f"wrote {path}")
     return 1 if any(r.get("status") == "ERROR" or (isinstance(r.get("loss_first"), float)
                     and not math.isfinite(r["loss_first"])) for r in rows) else 0  # fmt: skip

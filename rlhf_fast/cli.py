@@ -435,7 +435,7 @@ def run_train(command_name: str, config_path: str | None, overrides: Sequence[st
     import yaml
 
     run_dir = Path(spec.config.output_dir)
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under a launcher, one process writes and reports
+    main_process = trainer.loop.dist.is_main  # under a launcher, one process writes and reports
     run_dir.mkdir(parents=True, exist_ok=True)
     if main_process:
         (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(spec.resolved(), sort_keys=False), encoding="utf-8")

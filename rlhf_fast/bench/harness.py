@@ -166,8 +166,7 @@ def time_fn(
     inputs are not served from the L2 cache the previous call left warm; the stream is synchronized
     after every call (a call's launch overhead counts, as it does in training).
     """
-    if device == "cuda":
-        return _time_cuda(fn, repeats=repeats, warmup=warmup, before=before, max_seconds=max_seconds)
+    timed = _cuda_timed(fn) if device == "cuda" else _wall_timed(fn)
     for _ in range(warmup):
         if before is not None:
             before()
@@ -176,39 +175,39 @@ def time_fn(
     for _ in range(repeats):
         if before is not None:
             before()
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        del out
+        times.append(timed())
         if max_seconds is not None and len(times) >= 3 and sum(times) >= max_seconds:
             break
     return Timing(statistics.median(times), min(times), times)
 
 
-def _time_cuda(fn, *, repeats, warmup, before, max_seconds) -> Timing:
+def _wall_timed(fn: Callable[[], object]) -> Callable[[], float]:
+    def timed() -> float:
+        t0 = time.perf_counter()
+        out = fn()
+        elapsed = time.perf_counter() - t0
+        del out
+        return elapsed
+
+    return timed
+
+
+def _cuda_timed(fn: Callable[[], object]) -> Callable[[], float]:
     import torch
 
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
-    for _ in range(warmup):
-        if before is not None:
-            before()
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        flush.zero_()
+
+    def timed() -> float:
+        flush.zero_()  # queued before the start event: untimed
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         out = fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)  # ms -> s
         del out
-        if max_seconds is not None and len(times) >= 3 and sum(times) >= max_seconds:
-            break
-    return Timing(statistics.median(times), min(times), times)
+        return start.elapsed_time(end) / 1e3  # ms -> s
+
+    return timed
 
 
 def copy_bandwidth(nbytes: int = 512 * MiB, repeats: int = 10, device: str = "cpu") -> tuple[float, Timing]:

@@ -146,14 +146,10 @@ class ProcessGroup:
 def gradient_sync(wrapped: torch.nn.Module | None, sync: bool):
     """Context for one micro-batch's forward and backward: with ``sync`` False, the gradients stay on
     this process (accumulated locally) and are reduced with a later micro-batch's."""
-    if wrapped is None or sync:
-        if hasattr(wrapped, "set_requires_gradient_sync"):
-            wrapped.set_requires_gradient_sync(True)
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2: a switch, set for every micro-batch
+        wrapped.set_requires_gradient_sync(sync)
         return nullcontext()
-    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
-        wrapped.set_requires_gradient_sync(False)
-        return nullcontext()
-    return wrapped.no_sync()  # DDP
+    return nullcontext() if wrapped is None or sync else wrapped.no_sync()  # DDP
 
 
 def as_float(value: Tensor) -> float:
