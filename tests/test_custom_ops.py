@@ -259,3 +259,37 @@ def test_compile_with_runtime_temperature_and_lengths(backend):
         assert compiled_loss.dtype == torch.float32 and compiled_grad.dtype == torch.bfloat16
         torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("with_entropy", [False, True], ids=["lp_u", "lp_h_u"])
+def test_block_grad_is_token_stats_bwd_by_column_blocks(backend, with_entropy):
+    # token_stats_block_grad_ (the fused-linear forms' vocabulary-outer dW pass) over ragged column blocks
+    # of contiguous rows equals the same columns of token_stats_bwd on the whole rows, labels in every
+    # block and ignored rows included.
+    if not rf.backends()[backend].available:
+        pytest.skip(rf.backends()[backend].detail)
+    g = torch.Generator().manual_seed(31)
+    n, V = 13, 301
+    logits = (3 * torch.randn(1, n, V, generator=g)).float()
+    labels = torch.randint(0, V, (n,), generator=g)
+    labels[::5] = -100
+    coefs = torch.randn(3, n, generator=g)
+    if not with_entropy:
+        coefs[1] = 0
+    _, ent, lse, _ = rf.ops._custom.token_stats_fwd(logits, labels, 0.7, -100, True, True, False, backend)
+    whole = rf.ops._custom.token_stats_bwd(
+        logits, labels, lse, ent, coefs[0].clone(), coefs[1].clone() if with_entropy else None, coefs[2].clone(),
+        0.7, -100, backend,
+    )  # fmt: skip
+    for c0, c1 in ((0, 97), (97, 250), (250, V)):
+        block = logits[:, :, c0:c1].contiguous()
+        rf.ops._custom.token_stats_block_grad_(
+            block, labels, lse, ent if with_entropy else None, coefs, c0, V, 0.7, -100, backend
+        )
+        torch.testing.assert_close(block, whole[:, :, c0:c1], rtol=1e-5, atol=1e-7)
+    if backend == "cpp":
+        with pytest.raises(RuntimeError, match="block columns"):
+            rf.ops._custom.token_stats_block_grad_(
+                logits[:, :, :10].contiguous(), labels, lse, None, coefs, V - 5, V, 0.7, -100, backend
+            )
