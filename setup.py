@@ -96,8 +96,8 @@ def _extension_setup():
     ext = CppExtension(
         EXT_NAME,
         optional=not _require_ext(),  # a failed build leaves no .so to copy for an editable install
-        sources=["csrc/ops.cpp"],
-        depends=["csrc/cpu/kernels.h", "csrc/cpu/vec_utils.h", *KERNEL_SOURCES],
+        sources=["csrc/ops.cpp", "csrc/buffer_cache.cpp"],
+        depends=["csrc/buffer_cache.h", "csrc/cpu/kernels.h", "csrc/cpu/vec_utils.h", *KERNEL_SOURCES],
         extra_compile_args={"cxx": list(COMMON_FLAGS)},
         extra_link_args=["-fopenmp"],
     )

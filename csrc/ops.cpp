@@ -20,6 +20,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "buffer_cache.h"
 #include "cpu/kernels.h"
 
 namespace rlhf_fast {
@@ -136,9 +137,9 @@ void advise_huge_pages(const Tensor& t) {
 #endif
 }
 
-// A contiguous gradient like `logits`.
+// A contiguous gradient like `logits`, from the buffer cache when it is large (buffer_cache.h).
 Tensor empty_grad(const Tensor& logits) {
-  Tensor out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor out = cached_empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   advise_huge_pages(out);
   return out;
 }
@@ -354,9 +355,47 @@ PyObject* py_cpu_capability(PyObject* /*self*/, PyObject* /*args*/) {
   return PyUnicode_FromString(kernels().name);
 }
 
+// The cache reads RLHF_FAST_CACHE_BYTES on first use, and a bad value is an error: raise it in Python
+// (these functions are plain module methods, outside the dispatcher that translates c10::Error).
+template <typename F>
+PyObject* raising(F&& f) {
+  try {
+    return f();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+PyObject* py_cache_info(PyObject* /*self*/, PyObject* /*args*/) {
+  return raising([] {
+    const CacheInfo i = cache_info();
+    return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L}", "idle_bytes", static_cast<long long>(i.idle_bytes), "idle_blocks",
+                       static_cast<long long>(i.idle_blocks), "limit_bytes", static_cast<long long>(i.limit_bytes),
+                       "hits", static_cast<long long>(i.hits), "misses", static_cast<long long>(i.misses));
+  });
+}
+
+PyObject* py_empty_cache(PyObject* /*self*/, PyObject* /*args*/) {
+  return raising([] { return PyLong_FromLongLong(empty_cache()); });
+}
+
+PyObject* py_set_cache_limit(PyObject* /*self*/, PyObject* arg) {
+  const long long bytes = PyLong_AsLongLong(arg);
+  if (bytes == -1 && PyErr_Occurred()) return nullptr;
+  if (bytes < 0) {
+    PyErr_Format(PyExc_ValueError, "limit_bytes must be >= 0, got %lld", bytes);
+    return nullptr;
+  }
+  return raising([bytes] { return PyLong_FromLongLong(set_cache_limit(bytes)); });
+}
+
 PyMethodDef module_methods[] = {
     {"cpu_capability", py_cpu_capability, METH_NOARGS,
      "The CPU kernel variant in use: 'DEFAULT', 'AVX2' or 'AVX512'."},
+    {"cache_info", py_cache_info, METH_NOARGS, "The gradient buffer cache's counters (see buffer_cache.h)."},
+    {"empty_cache", py_empty_cache, METH_NOARGS, "Unmap every idle cached buffer; returns the bytes released."},
+    {"set_cache_limit", py_set_cache_limit, METH_O, "Set the idle byte limit of the cache; returns the old one."},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -389,6 +428,7 @@ TORCH_LIBRARY(rlhf_fast_C, m) {
   m.def(
       "kl_bwd(Tensor p_logits, Tensor q_logits, Tensor lse_p, Tensor lse_q, Tensor kl, Tensor grad_kl, "
       "float temperature, bool need_p, bool need_q) -> (Tensor, Tensor)");
+  m.def("empty_grad(Tensor like) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) {
@@ -398,4 +438,5 @@ TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) {
   m.impl("token_stats_block_grad_", &rlhf_fast::token_stats_block_grad_);
   m.impl("kl_fwd", &rlhf_fast::kl_fwd);
   m.impl("kl_bwd", &rlhf_fast::kl_bwd);
+  m.impl("empty_grad", &rlhf_fast::empty_grad);
 }

@@ -34,6 +34,7 @@ _alias_source_kernels()
 
 from rlhf_fast import nn, reference  # noqa: E402
 from rlhf_fast._dispatch import BackendStatus, backends  # noqa: E402
+from rlhf_fast.buffer_cache import cache_info, empty_cache, set_cache_limit  # noqa: E402
 from rlhf_fast.ops import (  # noqa: E402
     cross_entropy,
     dpo_loss,
@@ -60,8 +61,10 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendStatus",
     "backends",
+    "cache_info",
     "cross_entropy",
     "dpo_loss",
+    "empty_cache",
     "kl_divergence",
     "kl_estimate",
     "linear_cross_entropy",
@@ -77,6 +80,7 @@ __all__ = [
     "reference",
     "reward_loss",
     "sequence_logprobs",
+    "set_cache_limit",
     "token_entropy",
     "token_logprobs",
     "token_logprobs_and_entropy",

@@ -265,6 +265,7 @@ _PEAK_MEMORY_SCRIPT = textwrap.dedent(
     def reset_peak():
         # Freed heap pages go back to the kernel, so reusing them counts again; then VmHWM := VmRSS.
         gc.collect()
+        rf.empty_cache()  # cached gradient buffers too: reusing one must count
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         open("/proc/self/clear_refs", "w").write("5")
         return peak()

@@ -18,6 +18,10 @@ OpenMP, inductor-generated code). Two things could make the number wrong:
   be those of the default allocator users have, so memory glibc keeps resident after a free
   during the call counts. (Children inherit the environment: ``MALLOC_MMAP_THRESHOLD_=131072``
   gives every block of 128 KiB or more its own mapping, and the figure becomes live bytes only.)
+* rlhf_fast's cpp backend keeps freed gradient buffers mapped for the next call
+  (``rlhf_fast/buffer_cache.py``); the reset releases them too (``rlhf_fast.empty_cache()``), so the
+  measured call maps its gradient afresh and is charged for it, while the timed calls reuse it as a
+  training loop would.
 * Pages touched for the first time (lazy allocations, code pages, OpenMP thread stacks, compiled
   kernels) would be charged to the op and make the number too large; callers run the function
   once before measuring.
@@ -278,7 +282,10 @@ class PeakRSS:
     """
 
     def __enter__(self) -> PeakRSS:
+        from rlhf_fast.buffer_cache import empty_cache
+
         gc.collect()
+        empty_cache()  # idle cached gradient buffers are unmapped, so reusing one counts as new memory
         _malloc_trim()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS

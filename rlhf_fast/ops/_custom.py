@@ -49,6 +49,18 @@ def _f32(n: int, like: Tensor) -> Tensor:
     return like.new_empty(n, dtype=torch.float32)
 
 
+def empty_gradient(like: Tensor, backend: str) -> Tensor:
+    """An uninitialized contiguous tensor shaped like ``like``, for a kernel to write a gradient into.
+
+    On the cpp backend it comes from the cache of large buffers (``rlhf_fast/buffer_cache.py``), so a
+    training loop does not pay for a freshly zeroed and faulted-in ``[tokens, vocab]`` buffer on every
+    step; traced code (torch.compile) allocates as usual.
+    """
+    if backend == "cpp" and not torch.compiler.is_compiling():
+        return TABLE[backend].empty_grad(like)
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
 def check_labels_in_range(labels: Tensor, vocab: int, ignore_index: int) -> None:
     """Labels outside ``[0, V)`` other than ``ignore_index`` must never reach a kernel.
 

@@ -72,7 +72,7 @@ def stats_with_gradient(
             )
             grad = logits.detach()
         else:
-            grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+            grad = _custom.empty_gradient(rows, backend)
             outputs = _custom.token_stats_fused(
                 rows,
                 labels,
