@@ -39,13 +39,14 @@ def _measure(op: str, provider: str, dtype: str, mode: str = "full") -> dict:
     return result
 
 
-def _on_cpu(providers):
-    """The providers a CPU can run (the Triton ones are timed on GPUs only; see test_providers_follow_the_device)."""
-    return [p for p in providers if cases.runs_on(p, "cpu") is None]
+def _on_cpu(op: str, providers):
+    """The providers of ``op`` a CPU can run (the Triton ones are timed on GPUs only; see
+    test_providers_follow_the_device)."""
+    return [p for p in providers if cases.runs_on(p, "cpu", op) is None]
 
 
 def _params(op: str, dtypes: tuple[str, ...]):
-    for provider in _on_cpu(ops.OPS[op].providers):
+    for provider in _on_cpu(op, ops.OPS[op].providers):
         for dtype in dtypes:
             marks = [pytest.mark.slow] if provider in COMPILING else []
             if provider in COMPILING and dtype != "float32":
@@ -74,7 +75,7 @@ def test_linear_op_case(op, provider, dtype):
         (op, p)
         for op, spec in ops.OPS.items()
         if op not in LINEAR_OPS
-        for p in _on_cpu(spec.providers)
+        for p in _on_cpu(op, spec.providers)
         if p not in COMPILING
     ],
 )
@@ -201,6 +202,13 @@ def test_providers_follow_the_device(tmp_path, capsys):
     assert cases.runs_on("rf-cpp-inplace", "cuda") == "the cpp backend runs on CPU tensors"
     assert "--device cuda" in cases.runs_on("rf-triton", "cpu")
     assert cases.runs_on("rf-triton-inplace", "cuda") is None and cases.runs_on("eager", "cuda") is None
+    # Liger-Kernel: its cross entropy kernels are Triton (GPU only), its chunked losses run anywhere
+    assert "GPU" in cases.runs_on("liger", "cpu", "cross_entropy")
+    assert "GPU" in cases.runs_on("liger", "cpu", "linear_cross_entropy")
+    assert cases.runs_on("liger", "cuda", "cross_entropy") is None
+    assert cases.runs_on("liger", "cpu", "linear_ppo_loss") is None
+    assert cases.overwrites_input("cross_entropy", "liger") and cases.overwrites_input("ppo_loss", "rf-cpp-inplace")
+    assert not cases.overwrites_input("linear_dpo_loss", "liger")
     base = ["--ops", "cross_entropy", "--dtype", "float32", "--repeats", "1", "--tokens", str(TINY["tokens"]),
             "--vocab", str(TINY["vocab"]), "--out", str(tmp_path)]  # fmt: skip
     args = run.parse_args(base)

@@ -117,13 +117,30 @@ def rf_backend(provider: str) -> str:
     return provider.removeprefix("rf-").removesuffix("-inplace")
 
 
-def runs_on(provider: str, device: str) -> str | None:
-    """Why ``provider`` cannot run on ``device`` (``"cpu"`` or ``"cuda"``), or None when it can."""
+# Peers that exist only as CUDA kernels for some ops (Liger-Kernel's chunked losses are plain PyTorch and
+# run anywhere; its cross entropy and fused-linear cross entropy are Triton kernels).
+GPU_ONLY = {
+    ("cross_entropy", "liger"): "Liger-Kernel's cross entropy is a Triton kernel: timed on a GPU only",
+    ("linear_cross_entropy", "liger"): "Liger-Kernel's fused-linear cross entropy is Triton kernels: GPU only",
+}
+# Peers that, like rlhf_fast's ``-inplace`` providers, write the gradient over the logits they are given.
+OVERWRITES_INPUT = {("cross_entropy", "liger")}
+
+
+def overwrites_input(op: str, provider: str) -> bool:
+    """Whether ``provider``'s gradient of ``op`` is written over its input (so each call needs fresh inputs)."""
+    return provider.endswith("-inplace") or (op, provider) in OVERWRITES_INPUT
+
+
+def runs_on(provider: str, device: str, op: str | None = None) -> str | None:
+    """Why ``provider`` (of ``op``) cannot run on ``device`` (``"cpu"`` or ``"cuda"``), or None when it can."""
     backend = rf_backend(provider) if provider.startswith("rf-") else None
     if backend == "cpp" and device != "cpu":
         return "the cpp backend runs on CPU tensors"
     if backend == "triton" and device != "cuda":
         return "the Triton kernels are timed on a GPU (--device cuda); TRITON_INTERPRET=1 only tests them"
+    if (op, provider) in GPU_ONLY and device != "cuda":
+        return GPU_ONLY[op, provider]
     return None
 
 

@@ -1,7 +1,8 @@
-"""The fused-linear ops: ``linear_cross_entropy``, ``linear_token_logprobs`` and ``linear_dpo_loss`` from
-hidden states ``[N, H]`` and an LM-head weight ``[V, H]`` (the logits never held whole by rlhf_fast),
-against eager PyTorch, ``torch.compile``, PyTorch's own ``linear_cross_entropy``, Cut Cross-Entropy and
-Liger-Kernel's chunked DPO loss; the floor is compute, FLOPs at the matmul rate.
+"""The fused-linear ops: ``linear_cross_entropy``, ``linear_token_logprobs``, ``linear_dpo_loss`` and
+``linear_ppo_loss`` (GRPO-shaped) from hidden states ``[N, H]`` and an LM-head weight ``[V, H]`` (the logits
+never held whole by rlhf_fast), against eager PyTorch, ``torch.compile``, PyTorch's own
+``linear_cross_entropy``, Cut Cross-Entropy and Liger-Kernel (its chunked DPO and GRPO losses anywhere,
+its fused-linear cross entropy on a GPU); the floor is compute, FLOPs at the matmul rate.
 """
 
 from __future__ import annotations
@@ -81,6 +82,17 @@ def _cce_linear_cross_entropy() -> Callable | str:
     )
 
 
+def _liger_linear_cross_entropy() -> Callable | str:
+    """Liger-Kernel's fused-linear cross entropy (``LigerFusedLinearCrossEntropyLoss``: token chunks, each a
+    matmul and its Triton cross-entropy kernel; CUDA only)."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as exc:  # optional: pip install --no-deps liger-kernel
+        return f"liger_kernel cannot be imported ({exc})"
+    loss_fn = LigerFusedLinearCrossEntropyLoss()
+    return lambda c: loss_fn(c["weight"], c["hidden"], c.labels)
+
+
 def _fn_linear_cross_entropy(provider: str):
     if provider in ("eager", "compile"):
         f = peer(provider, eager_linear_cross_entropy)
@@ -89,6 +101,8 @@ def _fn_linear_cross_entropy(provider: str):
         return _torch_linear_cross_entropy()
     if provider == "cce":
         return _cce_linear_cross_entropy()
+    if provider == "liger":
+        return _liger_linear_cross_entropy()
     import rlhf_fast as rf
 
     backend = rf_backend(provider)
@@ -307,12 +321,135 @@ def _check_linear_dpo_loss(case: Case, pristine, out, grads) -> dict:
     return errors
 
 
+# ---------------------------------------------------------------------------------------------
+# linear_ppo_loss: GRPO's policy loss (clipped ratio, sequence-level advantages, k3 KL to a reference whose
+# per-token log-probs came with the rollout, token mean) from the policy's hidden states and head
+
+GRPO_KW = {"clip_eps": 0.2, "kl_coef": 0.04}  # TRL's and Liger's GRPO defaults (epsilon, beta)
+
+
+def eager_linear_grpo_loss(hidden, weight, labels, old_logprobs, advantages, ref_logprobs):
+    """The usual way: the [B, T, V] logits, a float32 log_softmax + gather, then GRPO's per-token loss."""
+    import torch
+    import torch.nn.functional as F
+
+    logp = torch.log_softmax(F.linear(hidden, weight).float(), -1).gather(-1, labels[..., None]).squeeze(-1)
+    ratio = torch.exp(logp - old_logprobs)
+    adv = advantages[:, None]  # [B, 1]: one advantage per sequence
+    eps = GRPO_KW["clip_eps"]
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps))
+    log_r = ref_logprobs - logp
+    return (pg + GRPO_KW["kl_coef"] * (torch.exp(log_r) - log_r - 1)).mean()
+
+
+def _setup_linear_ppo_loss(spec: dict) -> Case:
+    import torch
+    import torch.nn.functional as F
+
+    case = _setup_linear_cross_entropy(spec)
+    s, h = SEQS, spec["hidden"]
+    t = spec["tokens"] // s
+    hidden = case["hidden"].detach().view(s, t, h).requires_grad_()  # [B, T, H]
+    labels = case.labels.view(s, t)  # [B, T] the sampled tokens
+    w = case["weight"].detach().float()
+    logp = torch.empty(s, t)  # the policy's own log-probs: old and reference near them, as in training
+    for i in range(s):
+        logp[i] = torch.log_softmax(F.linear(hidden[i].detach().float(), w), -1).gather(-1, labels[i, :, None])[:, 0]
+    extra = {
+        "old_logprobs": logp + 0.2 * torch.randn(s, t),  # ratios spread around 1: some tokens clipped
+        "advantages": torch.randn(s),  # [B]: group-normalized, one per completion
+        "ref_logprobs": logp + 0.1 * torch.randn(s, t),
+    }
+    return Case({"hidden": hidden, "weight": case["weight"]}, labels, extra)
+
+
+def _liger_linear_grpo_loss() -> Callable | str:
+    """Liger-Kernel's chunked fused-linear GRPO loss (``LigerFusedLinearGRPOLoss``: a sequence per chunk,
+    torch.compile'd; runs on CPU), ``loss_type="bnpo"`` (the token mean over the batch), with the
+    reference's per-token log-probs given, as TRL's trainer gives them."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    except ImportError as exc:  # optional: pip install --no-deps liger-kernel
+        return f"liger_kernel cannot be imported ({exc})"
+    import torch
+
+    eps = GRPO_KW["clip_eps"]
+    loss_fn = LigerFusedLinearGRPOLoss(beta=GRPO_KW["kl_coef"], epsilon_low=eps, epsilon_high=eps, loss_type="bnpo")
+
+    def run(c):
+        x = c.extra
+        out = loss_fn(c["hidden"], c["weight"], c.labels, torch.ones_like(c.labels), x["advantages"],
+                      ref_per_token_logps=x["ref_logprobs"], old_per_token_logps=x["old_logprobs"])  # fmt: skip
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
+
+
+def _fn_linear_ppo_loss(provider: str):
+    if provider in ("eager", "compile"):
+        f = peer(provider, eager_linear_grpo_loss)
+        return lambda c: f(c["hidden"], c["weight"], c.labels, **c.extra)
+    if provider == "liger":
+        return _liger_linear_grpo_loss()
+    import rlhf_fast as rf
+
+    backend = rf_backend(provider)
+
+    def run(c):
+        x = c.extra
+        loss, _ = rf.linear_ppo_loss(c["hidden"], c["weight"], c.labels, x["old_logprobs"], x["advantages"][:, None],
+                                     ref_logprobs=x["ref_logprobs"], **GRPO_KW, backend=backend)  # fmt: skip
+        return loss
+
+    return rf_provider(backend, run)
+
+
+def _check_linear_ppo_loss(case: Case, pristine, out, grads) -> dict:
+    """Loss and ``dW`` in float64 sequence by sequence through ``rlhf_fast.reference.ppo_loss`` (each
+    sequence's token mean weighted by its share of the tokens), ``dH`` on a sample of rows of the first and
+    last sequences. With bfloat16 inputs the reference logits are rounded to bfloat16 (straight through) as
+    every provider's head rounds them: the ratio exp(logp - old) and the clip decisions amplify that
+    rounding far past the bfloat16 tolerance otherwise (dW 9.7e-2 off at 48 x 301 x 24)."""
+    import torch
+
+    import rlhf_fast as rf
+
+    h, y, x = pristine["hidden"], case.labels, case.extra
+    s, t = y.shape
+    w = pristine["weight"].double().requires_grad_()  # [V, H]
+    low = h.dtype if h.dtype != torch.float32 else None
+
+    def seq_loss(hs, weight, i):  # this sequence's share of the batch's token mean
+        logits = hs.double() @ weight.T
+        if low is not None:
+            logits = logits + (logits.to(low).double() - logits).detach()
+        adv = x["advantages"][i].expand(t)
+        loss, _ = rf.reference.ppo_loss(logits, y[i], x["old_logprobs"][i], adv, ref_logprobs=x["ref_logprobs"][i],
+                                        **GRPO_KW)  # fmt: skip
+        return loss / s
+
+    total, ref_dw = 0.0, torch.zeros_like(w)
+    for i in range(s):
+        loss = seq_loss(h[i], w, i)
+        (dw,) = torch.autograd.grad(loss, w)
+        total, ref_dw = total + loss.detach(), ref_dw.add_(dw)
+    errors = {"fwd_err": rel_err(out.detach(), total), "weight_grad_err": rel_err(grads["weight"], ref_dw)}
+    worst = 0.0
+    for i in (0, s - 1):
+        rows = sample_rows(t, 8)
+        hs = h[i].double().requires_grad_()  # [T, H]
+        (dh,) = torch.autograd.grad(seq_loss(hs, w.detach(), i), hs)
+        worst = max(worst, rel_err(grads["hidden"][i][rows], dh[rows]))
+    errors["hidden_grad_err"] = worst
+    return errors
+
+
 def linear_flops(spec: dict) -> float:
     return spec["tokens"] * spec["vocab"] * spec["hidden"]
 
 
 LINEAR_OPS = (
-    Op("linear_cross_entropy", ("rf-cpp", "rf-triton", "rf-torch", "eager", "compile", "torch-lce", "cce"),
+    Op("linear_cross_entropy", ("rf-cpp", "rf-triton", "rf-torch", "eager", "compile", "torch-lce", "cce", "liger"),
        Floor("flops", linear_flops, {"fwd": 2, "bwd": 6, "full": 6},
              "N*V*H FLOPs x fwd 2 (the logits), bwd 6 (logits again, dH = G W, dW = G^T H), full 6 "
              "(gradient in forward; recomputing the logits in the backward makes it 8)"),
@@ -328,4 +465,9 @@ LINEAR_OPS = (
              "(reference 2 + policy 6: the per-sequence upstream gradient is known only once every token's "
              "log-prob is)"),
        _setup_linear_dpo_loss, _fn_linear_dpo_loss, _check_linear_dpo_loss, LINEAR_DPO_TOLERANCE),
+    Op("linear_ppo_loss", ("rf-cpp", "rf-triton", "rf-torch", "eager", "compile", "liger"),
+       Floor("flops", linear_flops, {"fwd": 2, "bwd": 6, "full": 6},
+             "N*V*H FLOPs x fwd 2 (the logits), bwd 6 (logits again, dH = G W, dW = G^T H), full 6 "
+             "(gradient in forward: each token's upstream gradient is known with its log-prob)"),
+       _setup_linear_ppo_loss, _fn_linear_ppo_loss, _check_linear_ppo_loss),
 )  # fmt: skip

@@ -119,12 +119,24 @@ def _fn_cross_entropy(provider: str):
     if provider in ("eager", "compile"):
         f = peer(provider, eager_cross_entropy)
         return lambda c: f(c["logits"], c.labels)
+    if provider == "liger":
+        return _liger_cross_entropy()
     import rlhf_fast as rf
 
     inplace, backend = provider.endswith("-inplace"), rf_backend(provider)
     return rf_provider(
         backend, lambda c: rf.cross_entropy(c["logits"], c.labels, inplace_backward=inplace, backend=backend)
     )
+
+
+def _liger_cross_entropy():
+    """Liger-Kernel's Triton cross entropy (CUDA only; like ``rf-*-inplace`` it writes the gradient over the
+    logits in its forward pass, so the runner gives each call fresh logits)."""
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+    except ImportError as exc:  # optional: pip install --no-deps liger-kernel
+        return f"liger_kernel cannot be imported ({exc})"
+    return lambda c: liger_cross_entropy(c["logits"], c.labels)
 
 
 def _check_cross_entropy(case: Case, pristine, out, grads) -> dict:
@@ -294,7 +306,8 @@ OPS = {
         Op("token_logprobs", ("rf-cpp", "rf-triton", "rf-torch", "eager", "compile", "trl"),
            logits_passes(3, "read forward, read backward, write the gradient"),
            _setup_token_logprobs, _fn_token_logprobs, _check_token_logprobs),
-        Op("cross_entropy", ("rf-cpp", "rf-cpp-inplace", "rf-triton", "rf-triton-inplace", "eager", "compile"),
+        Op("cross_entropy",
+           ("rf-cpp", "rf-cpp-inplace", "rf-triton", "rf-triton-inplace", "eager", "compile", "liger"),
            logits_passes(2, "read forward, write the gradient (gradient in forward)"),
            _setup_cross_entropy, _fn_cross_entropy, _check_cross_entropy),
         Op("ppo_loss", ("rf-cpp", "rf-cpp-inplace", "rf-triton", "rf-triton-inplace", "eager", "compile"),

@@ -13,13 +13,15 @@
 reference's do not); the gradient-in-forward losses ``cross_entropy`` (mean) and ``ppo_loss`` (clipped,
 k3 KL, entropy bonus, token mean), each also with ``inplace_backward=True`` (provider
 ``rf-cpp-inplace``); ``dpo_loss`` on the chosen/rejected halves of one ``[2B, T, V]`` output; the
-fused-linear ``linear_cross_entropy`` (mean) and ``linear_token_logprobs`` from hidden states
-``[tokens, hidden]`` and an LM-head weight ``[vocab, hidden]``. Providers: ``rf-cpp`` (and
-``rf-torch``), ``eager`` (the usual ``log_softmax(logits.float())`` code) and ``compile``
-(``torch.compile`` of that same function); ``trl`` (TRL's ``selective_log_softmax`` /
-``entropy_from_logits``, when installed) for the per-token log-probs and entropy; for
-``linear_cross_entropy`` also ``torch-lce`` (``torch.nn.functional.linear_cross_entropy`` on its
-chunked path) and ``cce`` (Cut Cross-Entropy's ``torch_compile`` implementation, when installed).
+fused-linear ``linear_cross_entropy`` (mean), ``linear_token_logprobs``, ``linear_dpo_loss`` and
+``linear_ppo_loss`` (GRPO's loss) from hidden states ``[tokens, hidden]`` and an LM-head weight
+``[vocab, hidden]``. Providers: ``rf-cpp`` (and ``rf-torch``), ``eager`` (the usual
+``log_softmax(logits.float())`` code) and ``compile`` (``torch.compile`` of that same function); ``trl``
+(TRL's ``selective_log_softmax`` / ``entropy_from_logits``, when installed) for the per-token log-probs
+and entropy; for ``linear_cross_entropy`` also ``torch-lce`` (``torch.nn.functional.linear_cross_entropy``
+on its chunked path) and ``cce`` (Cut Cross-Entropy's ``torch_compile`` implementation, when installed);
+``liger`` (Liger-Kernel, when installed) for ``linear_dpo_loss`` and ``linear_ppo_loss`` (its chunked
+losses) and, on a GPU, ``cross_entropy`` and ``linear_cross_entropy`` (its Triton kernels).
 
 Each (op, provider, dtype, mode, tokens, vocab) case runs in a fresh process: it checks the output and
 the gradients of its inputs against a float64 reference (``rlhf_fast.reference``, ``F.cross_entropy``)
@@ -53,7 +55,7 @@ from collections.abc import Callable
 
 from rlhf_fast.bench import harness as h
 from rlhf_fast.bench import ops, plots
-from rlhf_fast.bench.cases import runs_on
+from rlhf_fast.bench.cases import overwrites_input, runs_on
 
 DTYPES = {
     "float32": "float32", "fp32": "float32", "f32": "float32",
@@ -114,7 +116,7 @@ def check_case(spec: dict) -> CheckedCase | dict:
     result = {**h.torch_info()}
     op = ops.OPS[spec["op"]]
     device = spec.get("device", "cpu")
-    why_not = runs_on(spec["provider"], device)
+    why_not = runs_on(spec["provider"], device, spec["op"])
     fn = why_not or op.fn(spec["provider"])
     if isinstance(fn, str):
         return {**result, "status": "SKIP", "detail": fn}
@@ -123,7 +125,7 @@ def check_case(spec: dict) -> CheckedCase | dict:
     if device != "cpu":
         case = case.to(device)
     names, leaves = list(case.leaves), list(case.leaves.values())
-    inplace = spec["provider"].endswith("-inplace")
+    inplace = overwrites_input(spec["op"], spec["provider"])
     pristine = {name: leaf.detach().clone() if inplace else leaf.detach() for name, leaf in case.leaves.items()}
 
     def restore():
@@ -146,7 +148,7 @@ def check_case(spec: dict) -> CheckedCase | dict:
     problems = _check_types(case, spec["provider"], out, grads)
     if inplace:
         aliased = [name for name in names if grads[name].data_ptr() == case[name].data_ptr()]
-        if not problems and aliased != names:
+        if not problems and aliased != names and spec["provider"].startswith("rf-"):
             problems.append("inplace_backward=True returned a gradient that is not the input's buffer")
         grads = {name: case[name].detach() for name in names}  # what the caller gets: the gradient in the buffer
     # The op returns these gradients (an in-place one is its input's buffer): they are not "extra".
@@ -567,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         for tokens in args.tokens for vocab in args.vocab
         for provider in ops.OPS[op].providers if provider in args.providers
         # a provider of the device's default list, or one asked for by name (then SKIP rows say why not)
-        if args.providers_given or runs_on(provider, args.device) is None
+        if args.providers_given or runs_on(provider, args.device, op) is None
     ]  # fmt: skip
     rows = []
     progress = _progress(len(cases) * args.rounds)
