@@ -1,8 +1,8 @@
 """Builds rlhf_fast._C, the CPU backend (metadata and packages live in pyproject.toml).
 
 The row kernels in csrc/cpu/ are compiled once per CPU capability, as PyTorch compiles its own:
-DEFAULT (plain C++), AVX2 and AVX512, each with its own -m flags and -DCPU_CAPABILITY=<name>, which
-puts it in its own namespace. csrc/ops.cpp picks one at run time from at::get_cpu_capability(), so
+DEFAULT (plain C++), AVX2, AVX512 and AVX512_BF16, each with its own -m flags and -DCPU_CAPABILITY=<name>,
+which puts it in its own namespace. csrc/ops.cpp picks one at run time from at::get_cpu_capability(), so
 one wheel runs on any x86-64 CPU and ATEN_CPU_CAPABILITY=default|avx2 still forces a slower path.
 
 Without a working C++ toolchain the build warns and installs the pure-Python package, which then
@@ -26,12 +26,16 @@ COMMON_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]
 # (see csrc/cpu/vec_utils.h).
 KERNEL_FLAGS = ["-ffp-contract=off"]
 
-# (name, -m flags). The names are the ATen ones; the flags match PyTorch's own kernel builds.
-CAPABILITIES = [("DEFAULT", [])]
+# (name, -m flags, at::vec capability). The names are ATen's, the flags those of PyTorch's own kernel builds;
+# AVX512_BF16 is ours: the AVX512 variant (at::vec's AVX512 code) plus the bfloat16 conversion
+# instructions, chosen at run time only on CPUs that have them (csrc/ops.cpp).
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+CAPABILITIES = [("DEFAULT", [], "DEFAULT")]
 if platform.machine().lower() in ("x86_64", "amd64"):
     CAPABILITIES += [
-        ("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
-        ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]),
+        ("AVX2", ["-mavx2", "-mfma", "-mf16c"], "AVX2"),
+        ("AVX512", AVX512_FLAGS, "AVX512"),
+        ("AVX512_BF16", [*AVX512_FLAGS, "-mavx512bf16"], "AVX512"),
     ]
 
 
@@ -73,8 +77,8 @@ def _extension_setup():
             objects, have = [], []
             # DEFAULT comes first in the link line, so an inline function that several variants
             # emit resolves to its plain copy, never to an AVX-512 one.
-            for name, march in CAPABILITIES:
-                flags = [*cxx_flags, *KERNEL_FLAGS, *march, f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{name}"]
+            for name, march, vec in CAPABILITIES:
+                flags = [*cxx_flags, *KERNEL_FLAGS, *march, f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{vec}"]
                 try:
                     objects += self.compiler.compile(
                         KERNEL_SOURCES,

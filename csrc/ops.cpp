@@ -19,6 +19,10 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
+#include <cstdlib>
 
 #include "buffer_cache.h"
 #include "cpu/kernels.h"
@@ -45,10 +49,26 @@ struct KernelTable {
   KernelTable{&k::ns::token_stats_fwd, &k::ns::token_stats_bwd, &k::ns::token_stats_fused, \
               &k::ns::kl_fwd, &k::ns::kl_bwd, #ns}
 
+// AVX512_BF16 (CPUID leaf 7, sub-leaf 1, EAX bit 5): vcvtne2ps2bf16 rounds two float vectors to bfloat16
+// in one instruction. RLHF_FAST_AVX512_BF16=0 keeps the plain AVX512 kernels (to compare them).
+bool use_avx512_bf16() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  const char* env = std::getenv("RLHF_FAST_AVX512_BF16");
+  if (env != nullptr && std::string(env) == "0") return false;
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 5)) != 0;
+#else
+  return false;
+#endif
+}
+
 // The best variant that was built and that ATen itself would use on this CPU.
 const KernelTable& kernels() {
   static const KernelTable table = [] {
     const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
+#ifdef RLHF_FAST_HAVE_AVX512_BF16
+    if (cap == "AVX512" && use_avx512_bf16()) return RLHF_FAST_TABLE(AVX512_BF16);
+#endif
 #ifdef RLHF_FAST_HAVE_AVX512
     if (cap == "AVX512") return RLHF_FAST_TABLE(AVX512);
 #endif
@@ -392,7 +412,7 @@ PyObject* py_set_cache_limit(PyObject* /*self*/, PyObject* arg) {
 
 PyMethodDef module_methods[] = {
     {"cpu_capability", py_cpu_capability, METH_NOARGS,
-     "The CPU kernel variant in use: 'DEFAULT', 'AVX2' or 'AVX512'."},
+     "The CPU kernel variant in use: 'DEFAULT', 'AVX2', 'AVX512' or 'AVX512_BF16'."},
     {"cache_info", py_cache_info, METH_NOARGS, "The gradient buffer cache's counters (see buffer_cache.h)."},
     {"empty_cache", py_empty_cache, METH_NOARGS, "Unmap every idle cached buffer; returns the bytes released."},
     {"set_cache_limit", py_set_cache_limit, METH_O, "Set the idle byte limit of the cache; returns the old one."},

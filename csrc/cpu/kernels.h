@@ -1,8 +1,8 @@
 // The row kernels of the CPU backend and the plain structs they take.
 //
 // token_stats.cpp and kl_div.cpp are compiled once per CPU capability (setup.py passes
-// -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512 with the matching -m flags), which puts their code in the
-// namespaces rlhf_fast::cpu::DEFAULT / AVX2 / AVX512 declared below. ops.cpp checks the tensors,
+// -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512|AVX512_BF16 with the matching -m flags), which puts their code
+// in the namespaces rlhf_fast::cpu::DEFAULT / AVX2 / AVX512 / AVX512_BF16 declared below. ops.cpp checks the tensors,
 // picks one namespace at run time and splits the rows over threads. This header includes no torch
 // header, so the per-capability objects stay small and quick to build.
 #pragma once
@@ -114,6 +114,9 @@ namespace AVX2 {
 RLHF_FAST_ROW_KERNELS
 }
 namespace AVX512 {
+RLHF_FAST_ROW_KERNELS
+}
+namespace AVX512_BF16 {  // AVX512 plus the bfloat16 conversion instructions
 RLHF_FAST_ROW_KERNELS
 }
 
