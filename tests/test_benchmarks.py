@@ -107,6 +107,17 @@ def test_wrong_answer_fails(op, monkeypatch):
     assert "fwd_err" in result["detail"]
 
 
+def test_float32_tolerance_grows_with_the_vocabulary():
+    op = ops.OPS["token_entropy"]
+    spec = {"dtype": "float32", "vocab": 32000}
+    assert run.tolerance(op, spec) == run.TOLERANCE["float32"]
+    assert run.tolerance(op, {**spec, "vocab": 301}) == run.TOLERANCE["float32"]
+    assert run.tolerance(op, {**spec, "vocab": 128000}) == pytest.approx(2 * run.TOLERANCE["float32"])
+    assert run.tolerance(op, {**spec, "vocab": 128000, "dtype": "bfloat16"}) == run.TOLERANCE["bfloat16"]
+    dpo = ops.OPS["dpo_loss"]
+    assert run.tolerance(dpo, {**spec, "vocab": 128000}) == pytest.approx(2 * ops.DPO_TOLERANCE["float32"])
+
+
 def test_runner_end_to_end(tmp_path, capsys):
     """The runner with a FLOP floor over a vocabulary sweep: matmul rate, floor, ratios, memory columns, plots."""
     vocabs = (TINY["vocab"], 2 * TINY["vocab"])
