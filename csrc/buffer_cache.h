@@ -25,8 +25,14 @@ namespace rlhf_fast {
 
 inline constexpr int64_t kMinCachedBytes = int64_t{4} << 20;
 
-// An uninitialized contiguous CPU tensor, from the cache when it is large enough.
+// An uninitialized contiguous CPU tensor, from the cache when it is large enough; either way its
+// 2 MiB-aligned interior is advised to use huge pages.
 at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// Asks for transparent huge pages on the 2 MiB-aligned interior of t's memory before its first touch
+// (4 KiB page faults over a 500 MB gradient cost ~125 ms, 2 MiB ones ~15 ms). Advice only: without THP
+// support, or on memory already touched, nothing changes.
+void advise_huge_pages(const at::Tensor& t);
 
 struct CacheInfo {
   int64_t idle_bytes;  // mapped, not in use by any tensor

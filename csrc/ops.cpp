@@ -16,9 +16,6 @@
 #include <string>
 #include <tuple>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
 #endif
@@ -141,27 +138,9 @@ Tensor per_row(int64_t n, const Tensor& like) {
   return at::empty({n}, like.options().dtype(at::kFloat));
 }
 
-// Gradient buffers as large as the logits come fresh from mmap on every call, and faulting them in
-// 4 KiB pages costs more than the kernel (about 125 ms for 4096 x 32000 float32 here, against
-// 15 ms with 2 MiB pages), so ask for transparent huge pages before the first touch. Advice only:
-// without THP support, or on memory already touched, nothing changes.
-void advise_huge_pages(const Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (start + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (start + t.nbytes()) & ~(kHuge - 1);
-  if (last >= first + 2 * kHuge) {
-    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-}
-
 // A contiguous gradient like `logits`, from the buffer cache when it is large (buffer_cache.h).
 Tensor empty_grad(const Tensor& logits) {
-  Tensor out = cached_empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
-  advise_huge_pages(out);
-  return out;
+  return cached_empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
 // Each task gets at least ~32k logits, so small inputs are not split into tiny tasks.
@@ -401,12 +380,8 @@ PyObject* py_empty_cache(PyObject* /*self*/, PyObject* /*args*/) {
 }
 
 PyObject* py_set_cache_limit(PyObject* /*self*/, PyObject* arg) {
-  const long long bytes = PyLong_AsLongLong(arg);
+  const long long bytes = PyLong_AsLongLong(arg);  // range checked by set_cache_limit (and in Python)
   if (bytes == -1 && PyErr_Occurred()) return nullptr;
-  if (bytes < 0) {
-    PyErr_Format(PyExc_ValueError, "limit_bytes must be >= 0, got %lld", bytes);
-    return nullptr;
-  }
   return raising([bytes] { return PyLong_FromLongLong(set_cache_limit(bytes)); });
 }
 

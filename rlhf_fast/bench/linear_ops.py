@@ -196,6 +196,30 @@ def _check_linear_token_logprobs(case: Case, pristine, out, grads) -> dict:
     }
 
 
+def _logits64(x, weight, low):
+    """``x @ weight.T`` in float64, rounded to ``low`` (straight through, for the gradient) unless it is None:
+    with 16-bit inputs every provider's head rounds its logits, and the sequence-level losses amplify that
+    rounding past the 16-bit tolerance, so the reference must round them too."""
+    logits = x.double() @ weight.T
+    if low is not None:
+        logits = logits + (logits.to(low).double() - logits).detach()
+    return logits
+
+
+def _worst_hidden_err(h, grads, seq_term) -> float:
+    """The worst error of ``dH`` on 8 sampled rows of the first and last sequences of ``h`` ``[S, T, H]``,
+    against the float64 gradient of ``seq_term(x [T, H] float64, i)``."""
+    import torch
+
+    worst = 0.0
+    for i in (0, h.shape[0] - 1):
+        rows = sample_rows(h.shape[1], 8)
+        xs = h[i].double().requires_grad_()  # [T, H]
+        (dh,) = torch.autograd.grad(seq_term(xs, i), xs)
+        worst = max(worst, rel_err(grads["hidden"][i][rows], dh[rows]))
+    return worst
+
+
 # ---------------------------------------------------------------------------------------------
 # linear_dpo_loss: sigmoid DPO from the policy's hidden states and head, the reference's log-probs
 # computed in the same call from its own hidden states and head (as Liger's chunked loss does)
@@ -293,10 +317,7 @@ def _check_linear_dpo_loss(case: Case, pristine, out, grads) -> dict:
     low = h.dtype if h.dtype != torch.float32 else None
 
     def seq_logp(x, weight, i):  # x: [T, H] of sequence i
-        logits = x.double() @ weight.T
-        if low is not None:
-            logits = logits + (logits.to(low).double() - logits).detach()
-        return torch.log_softmax(logits, -1).gather(-1, y[i, :, None]).sum()
+        return torch.log_softmax(_logits64(x, weight, low), -1).gather(-1, y[i, :, None]).sum()
 
     with torch.no_grad():
         ref_w = case.extra["ref_weight"].double()
@@ -310,15 +331,11 @@ def _check_linear_dpo_loss(case: Case, pristine, out, grads) -> dict:
     for i in range(s):
         (dw,) = torch.autograd.grad(seq_logp(h[i], w, i), w)
         ref_dw.add_(dw, alpha=coef[i].item())
-    errors = {"fwd_err": rel_err(out.detach(), loss.detach()), "weight_grad_err": rel_err(grads["weight"], ref_dw)}
-    worst = 0.0
-    for i in (0, s - 1):
-        rows = sample_rows(h.shape[1], 8)
-        xs = h[i].double().requires_grad_()  # [T, H]
-        (dh,) = torch.autograd.grad(seq_logp(xs, w.detach(), i) * coef[i], xs)
-        worst = max(worst, rel_err(grads["hidden"][i][rows], dh[rows]))
-    errors["hidden_grad_err"] = worst
-    return errors
+    return {
+        "fwd_err": rel_err(out.detach(), loss.detach()),
+        "weight_grad_err": rel_err(grads["weight"], ref_dw),
+        "hidden_grad_err": _worst_hidden_err(h, grads, lambda xs, i: seq_logp(xs, w.detach(), i) * coef[i]),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,12 +437,9 @@ def _check_linear_ppo_loss(case: Case, pristine, out, grads) -> dict:
     low = h.dtype if h.dtype != torch.float32 else None
 
     def seq_loss(hs, weight, i):  # this sequence's share of the batch's token mean
-        logits = hs.double() @ weight.T
-        if low is not None:
-            logits = logits + (logits.to(low).double() - logits).detach()
         adv = x["advantages"][i].expand(t)
-        loss, _ = rf.reference.ppo_loss(logits, y[i], x["old_logprobs"][i], adv, ref_logprobs=x["ref_logprobs"][i],
-                                        **GRPO_KW)  # fmt: skip
+        loss, _ = rf.reference.ppo_loss(_logits64(hs, weight, low), y[i], x["old_logprobs"][i], adv,
+                                        ref_logprobs=x["ref_logprobs"][i], **GRPO_KW)  # fmt: skip
         return loss / s
 
     total, ref_dw = 0.0, torch.zeros_like(w)
@@ -433,15 +447,11 @@ def _check_linear_ppo_loss(case: Case, pristine, out, grads) -> dict:
         loss = seq_loss(h[i], w, i)
         (dw,) = torch.autograd.grad(loss, w)
         total, ref_dw = total + loss.detach(), ref_dw.add_(dw)
-    errors = {"fwd_err": rel_err(out.detach(), total), "weight_grad_err": rel_err(grads["weight"], ref_dw)}
-    worst = 0.0
-    for i in (0, s - 1):
-        rows = sample_rows(t, 8)
-        hs = h[i].double().requires_grad_()  # [T, H]
-        (dh,) = torch.autograd.grad(seq_loss(hs, w.detach(), i), hs)
-        worst = max(worst, rel_err(grads["hidden"][i][rows], dh[rows]))
-    errors["hidden_grad_err"] = worst
-    return errors
+    return {
+        "fwd_err": rel_err(out.detach(), total),
+        "weight_grad_err": rel_err(grads["weight"], ref_dw),
+        "hidden_grad_err": _worst_hidden_err(h, grads, lambda hs, i: seq_loss(hs, w.detach(), i)),
+    }
 
 
 def linear_flops(spec: dict) -> float:
