@@ -143,6 +143,45 @@ def test_ignored_positions_of_the_side_inputs_may_hold_anything(backend):
         assert torch.equal(value, clean.stats[name]), name
 
 
+# The fused CPU kernel walks a row in 2048-wide chunks, keeping exp(x - m_c) per chunk against the
+# running max m_c at that chunk, and rescales chunk by chunk in the gradient pass. Rows built to hit each
+# edge of that bookkeeping, over three chunks (the last one partial):
+CHUNK, EDGE_V = 2048, 2 * 2048 + 45
+
+
+def _chunk_edge_logits(dtype):
+    logits = make_logits((2, 4, EDGE_V), torch.float32)
+    labels = torch.randint(0, EDGE_V, (2, 4))
+    ninf = float("-inf")
+    logits[0, 0, :CHUNK] = ninf  # a first chunk all masked: no max until the second
+    labels[0, 0] = CHUNK + 7
+    logits[0, 1, CHUNK:] += 100.0  # a jump past the headroom: the second chunk is summed again
+    logits[0, 2, CHUNK:] -= 150.0  # later chunks with p ~ e^-150: their scale exp(m_c - lse) is 0 in float
+    labels[0, 2] = 3
+    logits[0, 3].masked_fill_(torch.rand(EDGE_V) < 0.02, ninf)  # scattered masked entries
+    logits[0, 3, labels[0, 3]] = 0.0
+    logits[1, 0, :] = ninf  # two finite logits in the whole row, one per chunk
+    logits[1, 0, [5, 3 * CHUNK // 2]] = torch.tensor([1.0, 2.0])
+    labels[1, 0] = 5
+    logits[1, 1, : 2 * CHUNK] = ninf  # only the partial last chunk is finite
+    labels[1, 1] = 2 * CHUNK + 44
+    return logits.to(dtype).requires_grad_(), labels
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(d, id=n) for n, d in DTYPES.items()])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_chunk_edges(backend, dtype):
+    logits, labels = _chunk_edge_logits(dtype)
+    with torch.no_grad():
+        logp = rf.reference.token_logprobs(logits.double(), labels).float()
+    noise = torch.randn(2, 2, 4)
+    inputs = PPOInputs(logits, labels, logp + 0.6 * noise[0], torch.randn(2, 4), logp + 0.3 * noise[1])
+    res = _check(backend, inputs, kl_coef=0.05, entropy_coef=0.02)
+    grad = res.grads[0]
+    assert bool(torch.isfinite(grad).all())
+    assert torch.count_nonzero(grad[torch.isinf(logits.detach())]) == 0
+
+
 # ------------------------------------------------------------------------------- hand-derived cases
 def _two_token_batch(old_logprobs, advantages, **options):
     """Two tokens (B=1, T=2) over a vocabulary of 2 with equal logits: p = 1/2, logp(label 0) = -log 2."""

@@ -34,41 +34,39 @@ struct RowSums {
   }
 };
 
-// Sums of one chunk against m (m finite), and in .m the chunk's own max of x.
-template <typename T, bool kEntropy, bool kSumX>
-RowSums chunk_sums(const T* x, int64_t n, float inv_temp, float m) {
-  const Vec vinv(inv_temp), vm(m), floor(kLogFloor);
+// Sums of one chunk against m (m finite), and in .m the chunk's own max of x. With kStore, also
+// e = exp(x - m) into e[0, n + pad) in load2's order, zeros past n: the scratch of the fused pass.
+// `next`: the same columns of the next row, prefetched meanwhile (prefetch_step).
+template <typename T, bool kEntropy, bool kSumX, bool kStore, bool kScale>
+RowSums chunk_sums_impl(const T* x, int64_t n, float inv_temp, float m, const T* next, float* e) {
+  const Vec vinv(inv_temp), vm(m);
   Vec s0(0.0f), s1(0.0f), t0(0.0f), t1(0.0f), x0(0.0f), x1(0.0f), m0(-kInf), m1(-kInf);
-  auto one = [&](const Vec& v, Vec& s, Vec& t, Vec& sx, Vec& mx) {
-    const Vec xs = v * vinv;
+  auto one = [&](const Vec& v, int64_t at, Vec& s, Vec& t, Vec& sx, Vec& mx) {
+    const Vec xs = kScale ? v * vinv : v;
     mx = at::vec::clamp_min(xs, mx);
     if constexpr (kSumX) {
       sx += xs;
     }
-    Vec d = xs - vm;
-    if constexpr (kEntropy) {
-      d = at::vec::clamp_min(d, floor);
-    }
-    const Vec e = vexp(d);
-    s += e;
-    if constexpr (kEntropy) {
-      t = at::vec::fmadd(e, d, t);
+    const Vec ev = vexp_acc<kEntropy>(xs - vm, s, t);
+    if constexpr (kStore) {
+      ev.store(e + at);
     }
   };
   int64_t i = 0;
   for (; i + kStep <= n; i += kStep) {
     Vec a, b;
     load2(x + i, a, b);
-    one(a, s0, t0, x0, m0);
-    one(b, s1, t1, x1, m1);
+    prefetch_step(next + i);
+    one(a, i, s0, t0, x0, m0);
+    one(b, i + kVec, s1, t1, x1, m1);
   }
   float tail_x = 0.0f;
   if (i < n) {
     // -inf pads the tail (exp = 0, max unchanged); the tail's own sum of x is taken apart.
     Vec a, b, unused(0.0f);
     load2_tail(x + i, n - i, -kInf, a, b);
-    one(a, s0, t0, unused, m0);
-    one(b, s1, t1, unused, m1);
+    one(a, i, s0, t0, unused, m0);
+    one(b, i + kVec, s1, t1, unused, m1);
     if constexpr (kSumX) {
       for (; i < n; ++i) tail_x += static_cast<float>(x[i]) * inv_temp;
     }
@@ -85,8 +83,15 @@ RowSums chunk_sums(const T* x, int64_t n, float inv_temp, float m) {
   return out;
 }
 
+// At temperature 1 the scaling multiply is skipped (x * 1 is x exactly).
+template <typename T, bool kEntropy, bool kSumX, bool kStore = false>
+RowSums chunk_sums(const T* x, int64_t n, float inv_temp, float m, const T* next, float* e = nullptr) {
+  return inv_temp == 1.0f ? chunk_sums_impl<T, kEntropy, kSumX, kStore, false>(x, n, inv_temp, m, next, e)
+                          : chunk_sums_impl<T, kEntropy, kSumX, kStore, true>(x, n, inv_temp, m, next, e);
+}
+
 template <typename T, bool kEntropy, bool kSumX>
-RowSums row_sums(const T* x, int64_t V, float inv_temp) {
+RowSums row_sums(const T* x, int64_t V, float inv_temp, const T* next) {
   RowSums acc;
   for (int64_t c = 0; c < V; c += kChunk) {
     const int64_t n = std::min(kChunk, V - c);
@@ -99,10 +104,10 @@ RowSums row_sums(const T* x, int64_t V, float inv_temp) {
       }
       acc.m = raw_max * inv_temp;  // T > 0, and rounding is monotone: this is max(x)
     }
-    RowSums chunk = chunk_sums<T, kEntropy, kSumX>(x + c, n, inv_temp, acc.m);
+    RowSums chunk = chunk_sums<T, kEntropy, kSumX>(x + c, n, inv_temp, acc.m, next + c);
     if (chunk.m > acc.m + kHeadroom) {
       acc.raise_max(chunk.m);
-      chunk = chunk_sums<T, kEntropy, kSumX>(x + c, n, inv_temp, acc.m);
+      chunk = chunk_sums<T, kEntropy, kSumX>(x + c, n, inv_temp, acc.m, next + c);
     }
     acc.add(chunk);
     if (chunk.m > acc.m) {
@@ -113,11 +118,11 @@ RowSums row_sums(const T* x, int64_t V, float inv_temp) {
 }
 
 template <typename T>
-RowSums row_sums(const T* x, int64_t V, float inv_temp, bool entropy, bool sum_x) {
+RowSums row_sums(const T* x, int64_t V, float inv_temp, const T* next, bool entropy, bool sum_x) {
   if (entropy) {
-    return sum_x ? row_sums<T, true, true>(x, V, inv_temp) : row_sums<T, true, false>(x, V, inv_temp);
+    return sum_x ? row_sums<T, true, true>(x, V, inv_temp, next) : row_sums<T, true, false>(x, V, inv_temp, next);
   }
-  return sum_x ? row_sums<T, false, true>(x, V, inv_temp) : row_sums<T, false, false>(x, V, inv_temp);
+  return sum_x ? row_sums<T, false, true>(x, V, inv_temp, next) : row_sums<T, false, false>(x, V, inv_temp, next);
 }
 
 // The statistics of one row that is not ignored (label: its label, or any index when there are none).
@@ -127,8 +132,9 @@ struct RowStats {
 };
 
 template <typename T>
-RowStats row_stats(const T* x, int64_t V, float inv_temp, int64_t label, bool entropy, bool mean_logp) {
-  const RowSums acc = row_sums<T>(x, V, inv_temp, entropy, mean_logp);
+RowStats row_stats(const T* x, int64_t V, float inv_temp, int64_t label, const T* next, bool entropy,
+                   bool mean_logp) {
+  const RowSums acc = row_sums<T>(x, V, inv_temp, next, entropy, mean_logp);
   const float log_s = std::log(acc.s);
   RowStats st{};
   st.lse = acc.m + log_s;
@@ -146,8 +152,8 @@ void fwd_rows(const TokenStatsFwdArgs& args, int64_t begin, int64_t end) {
     const int64_t label = args.labels ? args.labels[r] : 0;
     RowStats st{};  // ignored rows are never read: all outputs 0
     if (!args.labels || label != args.ignore_index) {
-      st = row_stats<T>(row_ptr<T>(args.logits, r), args.logits.V, args.inv_temp, label, args.entropy,
-                        args.mean_logp);
+      st = row_stats<T>(row_ptr<T>(args.logits, r), args.logits.V, args.inv_temp, label,
+                        next_row<T>(args.logits, r, end), args.entropy, args.mean_logp);
     }
     args.lse[r] = st.lse;
     if (args.logp) args.logp[r] = st.logp;
@@ -172,7 +178,7 @@ struct GradCoefs {
 };
 
 template <typename T, bool kEntropy, bool kMean, bool kStream = false>
-void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs c) {
+void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs c, const T* next) {
   const Vec vinv(inv_temp), vlse(lse), vc0(c.c0), vc1(c.c1), vk(c.k), floor(kLogFloor);
   auto grad = [&](const Vec& v) {
     Vec logp = v * vinv - vlse;
@@ -193,6 +199,7 @@ void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs 
   for (; i + kStep <= V; i += kStep) {
     Vec a, b;
     load2(x + i, a, b);
+    prefetch_step(next + i);
     if constexpr (kStream) {
       store2_stream(g + i, grad(a), grad(b));
     } else {
@@ -209,10 +216,11 @@ void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs 
 // Writes the gradient row of a row that is not ignored; g may be x itself. With `stream` (g a separate
 // buffer that passes stream_aligned()), the row is written with non-temporal stores. The row may be a
 // block of `V` columns out of `vocab` (the mean term's 1/vocab); `label` is then the label's column in
-// the block, or -1 when it lies outside.
+// the block, or -1 when it lies outside. `next`: the row to prefetch meanwhile (prefetch_step; the
+// row itself when there is none).
 template <typename T>
 void write_grad_row(const T* x, T* g, int64_t V, int64_t vocab, float inv_temp, float lse, int64_t label,
-                    float x_label, const RowGrads& rg, bool stream = false) {
+                    float x_label, const RowGrads& rg, const T* next, bool stream = false) {
   const float g_lp = rg.has_lp ? rg.g_lp : 0.0f;
   const float g_h = rg.has_h ? rg.g_h : 0.0f;
   const float g_u = rg.has_u ? rg.g_u : 0.0f;
@@ -220,11 +228,11 @@ void write_grad_row(const T* x, T* g, int64_t V, int64_t vocab, float inv_temp, 
                     g_u * inv_temp / static_cast<float>(vocab)};
   auto write = [&]<bool kStream>() {
     if (rg.has_h) {
-      rg.has_u ? grad_row<T, true, true, kStream>(x, g, V, inv_temp, lse, c)
-               : grad_row<T, true, false, kStream>(x, g, V, inv_temp, lse, c);
+      rg.has_u ? grad_row<T, true, true, kStream>(x, g, V, inv_temp, lse, c, next)
+               : grad_row<T, true, false, kStream>(x, g, V, inv_temp, lse, c, next);
     } else {
-      rg.has_u ? grad_row<T, false, true, kStream>(x, g, V, inv_temp, lse, c)
-               : grad_row<T, false, false, kStream>(x, g, V, inv_temp, lse, c);
+      rg.has_u ? grad_row<T, false, true, kStream>(x, g, V, inv_temp, lse, c, next)
+               : grad_row<T, false, false, kStream>(x, g, V, inv_temp, lse, c, next);
     }
   };
   if (stream) {
@@ -268,7 +276,8 @@ void bwd_rows(const TokenStatsBwdArgs& args, int64_t begin, int64_t end) {
                       args.grad_mean_logp ? args.grad_mean_logp[r] : 0.0f};
     const bool in_block = col >= 0 && col < V;
     const float x_label = rg.has_lp && in_block ? static_cast<float>(x[col]) * args.inv_temp : 0.0f;
-    write_grad_row<T>(x, g, V, args.vocab, args.inv_temp, args.lse[r], in_block ? col : -1, x_label, rg);
+    write_grad_row<T>(x, g, V, args.vocab, args.inv_temp, args.lse[r], in_block ? col : -1, x_label, rg,
+                      next_row<T>(args.logits, r, end));
   }
 }
 
@@ -311,69 +320,17 @@ void fused_coefs(const TokenStatsFusedArgs& args, int64_t r, const RowStats& st,
 // and its float32 scratch (512 KiB) stay in a core's L2 between the two passes.
 constexpr int64_t kScratchMaxV = int64_t{1} << 17;
 
-// A task's scratch for one row: e_v = exp(x_v - m_c) with m_c the max of x over v's chunk (padded for
-// the last step), and m_c per chunk.
+// A task's scratch for one row, in load2's order (padded for the last step): e_v = exp(d_v) with
+// d_v = x_v - m_c and m_c the running max when v's chunk was summed, and m_c per chunk.
 struct Scratch {
   std::unique_ptr<float[]> e, chunk_m;
   explicit Scratch(int64_t V) : e(new float[V + kStep]), chunk_m(new float[V / kChunk + 1]) {}
 };
 
-// chunk_sums that also stores e = exp(x - m) for the chunk.
-template <typename T, bool kEntropy, bool kSumX>
-RowSums chunk_sums_store(const T* x, float* e, int64_t n, float inv_temp, float m) {
-  const Vec vinv(inv_temp), vm(m), floor(kLogFloor);
-  Vec s0(0.0f), s1(0.0f), t0(0.0f), t1(0.0f), x0(0.0f), x1(0.0f), m0(-kInf), m1(-kInf);
-  auto one = [&](const Vec& v, float* out, Vec& s, Vec& t, Vec& sx, Vec& mx) {
-    const Vec xs = v * vinv;
-    mx = at::vec::clamp_min(xs, mx);
-    if constexpr (kSumX) {
-      sx += xs;
-    }
-    Vec d = xs - vm;
-    if constexpr (kEntropy) {
-      d = at::vec::clamp_min(d, floor);  // a -inf logit gives e = 0 and e * d = 0, never NaN
-    }
-    const Vec ev = vexp(d);
-    ev.store(out);
-    s += ev;
-    if constexpr (kEntropy) {
-      t = at::vec::fmadd(ev, d, t);
-    }
-  };
-  int64_t i = 0;
-  for (; i + kStep <= n; i += kStep) {
-    Vec a, b;
-    load2(x + i, a, b);
-    one(a, e + i, s0, t0, x0, m0);
-    one(b, e + i + kVec, s1, t1, x1, m1);
-  }
-  float tail_x = 0.0f;
-  if (i < n) {
-    // Only the row's last chunk has a tail; the scratch has room for its whole step (e = 0 past n).
-    Vec a, b, unused(0.0f);
-    load2_tail(x + i, n - i, -kInf, a, b);
-    one(a, e + i, s0, t0, unused, m0);
-    one(b, e + i + kVec, s1, t1, unused, m1);
-    if constexpr (kSumX) {
-      for (; i < n; ++i) tail_x += static_cast<float>(x[i]) * inv_temp;
-    }
-  }
-  RowSums out;
-  out.m = hmax(at::vec::maximum(m0, m1));
-  out.s = hsum(s0 + s1);
-  if constexpr (kEntropy) {
-    out.t = hsum(t0 + t1);
-  }
-  if constexpr (kSumX) {
-    out.sum_x = hsum(x0 + x1) + tail_x;
-  }
-  return out;
-}
-
-// row_sums for the scratch path, which also keeps each chunk's e = exp(x - m) and the m it used.
+// row_sums for the scratch path, which also keeps e and each chunk's m.
 // False if some logit is +inf or NaN: the caller then takes the streaming path.
 template <typename T, bool kEntropy, bool kSumX>
-bool scratch_sums(const T* x, int64_t V, float inv_temp, Scratch& sc, RowSums& acc) {
+bool scratch_sums(const T* x, int64_t V, float inv_temp, const T* next, Scratch& sc, RowSums& acc) {
   acc = RowSums{};
   for (int64_t c = 0, k = 0; c < V; c += kChunk, ++k) {
     const int64_t n = std::min(kChunk, V - c);
@@ -381,7 +338,7 @@ bool scratch_sums(const T* x, int64_t V, float inv_temp, Scratch& sc, RowSums& a
     if (acc.m == -kInf) {
       // No finite max yet (first chunk, or all -inf so far): find one before any exp.
       const float raw_max = chunk_max(x + c, n);
-      if (raw_max == -kInf) {  // all masked: p = 0 (the gradient pass scales it by exp(-inf) = 0)
+      if (raw_max == -kInf) {  // all masked: p = 0 (the gradient pass scales the chunk by 0)
         sc.chunk_m[k] = -kInf;
         std::fill(e, e + n, 0.0f);
         if constexpr (kSumX) acc.sum_x = -kInf;
@@ -389,11 +346,11 @@ bool scratch_sums(const T* x, int64_t V, float inv_temp, Scratch& sc, RowSums& a
       }
       acc.m = raw_max * inv_temp;
     }
-    RowSums chunk = chunk_sums_store<T, kEntropy, kSumX>(x + c, e, n, inv_temp, acc.m);
+    RowSums chunk = chunk_sums<T, kEntropy, kSumX, true>(x + c, n, inv_temp, acc.m, next + c, e);
     if (!(chunk.m < kInf)) return false;  // +inf or NaN
     if (chunk.m > acc.m + kHeadroom) {
       acc.raise_max(chunk.m);
-      chunk = chunk_sums_store<T, kEntropy, kSumX>(x + c, e, n, inv_temp, acc.m);
+      chunk = chunk_sums<T, kEntropy, kSumX, true>(x + c, n, inv_temp, acc.m, next + c, e);
     }
     sc.chunk_m[k] = acc.m;
     acc.add(chunk);
@@ -404,25 +361,32 @@ bool scratch_sums(const T* x, int64_t V, float inv_temp, Scratch& sc, RowSums& a
   return true;
 }
 
-// The gradient row from the scratch: p_v = e_v * exp(m_c - lse), then p_v * (c0 + c1 * log p_v) + k as
-// in grad_row, with log p_v = x_v - lse re-read from the cached row only when the entropy term needs it.
+// The gradient row from the scratch. With q_c = (m_c - m) - log s = m_c - lse, p_v = e_v exp(q_c) and
+// log p_v = d_v + q_c, so p_v (c0 + c1 log p_v) + k = e_v (a_c + b_c d_v) + k with
+// a_c = exp(q_c) (c0 + c1 q_c) and b_c = exp(q_c) c1 (both 0 when exp(q_c) is: a chunk whose p are all
+// below float range, or all masked, with q_c = -inf and e = 0). d_v is formed again from the row, in
+// cache since the first pass, only when the entropy term needs it (clamped at kLogFloor: e = 0 there,
+// and 0 * -inf would be NaN).
 template <typename T, bool kEntropy, bool kMean, bool kStream>
 void scratch_grad_row(const T* x, const Scratch& sc, T* g, int64_t V, float inv_temp, float m, float log_s,
                       GradCoefs c) {
-  const Vec vinv(inv_temp), vlse(m + log_s), vk(c.k), floor(kLogFloor), zero(0.0f);
+  const Vec vinv(inv_temp), vk(c.k), floor(kLogFloor);
   for (int64_t c0 = 0, k = 0; c0 < V; c0 += kChunk, ++k) {
     const int64_t n = std::min(kChunk, V - c0);
-    const float scale = std::exp((sc.chunk_m[k] - m) - log_s);
-    const Vec vc0(c.c0 * scale), vc1(c.c1 * scale);
+    const float m_c = sc.chunk_m[k];
+    const float q = (m_c - m) - log_s;
+    const float scale = std::exp(q);
+    const Vec va(scale == 0.0f ? 0.0f : scale * (c.c0 + c.c1 * q));
+    const Vec vb(scale == 0.0f ? 0.0f : scale * c.c1);
+    const Vec vm_c(m_c == -kInf ? 0.0f : m_c);
     const float* e = sc.e.get() + c0;
-    auto grad = [&](const Vec& v, const float* ep) {
-      const Vec ev = Vec::loadu(ep);
+    auto grad = [&](const Vec& v, int64_t at) {
       Vec out;
       if constexpr (kEntropy) {
-        const Vec logp = at::vec::clamp_min(v * vinv - vlse, floor);
-        out = ev * at::vec::fmadd(vc1, logp, vc0);
+        const Vec d = at::vec::clamp_min(v * vinv - vm_c, floor);
+        out = Vec::loadu(e + at) * at::vec::fmadd(vb, d, va);
       } else {
-        out = ev * vc0;
+        out = Vec::loadu(e + at) * va;
       }
       if constexpr (kMean) {
         out = out + vk;
@@ -433,22 +397,22 @@ void scratch_grad_row(const T* x, const Scratch& sc, T* g, int64_t V, float inv_
     T* gc = g + c0;
     int64_t i = 0;
     for (; i + kStep <= n; i += kStep) {
-      Vec a = zero, b = zero;
+      Vec a(0.0f), b(0.0f);
       if constexpr (kEntropy) {
         load2(xc + i, a, b);  // before the store: g may be x itself
       }
       if constexpr (kStream) {
-        store2_stream(gc + i, grad(a, e + i), grad(b, e + i + kVec));
+        store2_stream(gc + i, grad(a, i), grad(b, i + kVec));
       } else {
-        store2(gc + i, grad(a, e + i), grad(b, e + i + kVec));
+        store2(gc + i, grad(a, i), grad(b, i + kVec));
       }
     }
     if (i < n) {
-      Vec a = zero, b = zero;
+      Vec a(0.0f), b(0.0f);
       if constexpr (kEntropy) {
         load2_tail(xc + i, n - i, -kInf, a, b);
       }
-      store2_tail(gc + i, n - i, grad(a, e + i), grad(b, e + i + kVec));
+      store2_tail(gc + i, n - i, grad(a, i), grad(b, i + kVec));
     }
   }
 }
@@ -458,8 +422,8 @@ void scratch_grad_row(const T* x, const Scratch& sc, T* g, int64_t V, float inv_
 // and a pass that writes the gradient from the scratch. False, with nothing written, if a logit is
 // +inf or NaN or all are -inf: the caller then takes the streaming path, which handles those.
 template <typename T>
-bool scratch_row(const TokenStatsFusedArgs& args, int64_t r, const T* x, T* g, Scratch& sc, RowStats& st,
-                 RowGrads& rg) {
+bool scratch_row(const TokenStatsFusedArgs& args, int64_t r, const T* x, T* g, const T* next, Scratch& sc,
+                 RowStats& st, RowGrads& rg) {
   const int64_t V = args.logits.V;
   const int64_t label = args.labels[r];
   const float inv_temp = args.inv_temp;
@@ -467,11 +431,11 @@ bool scratch_row(const TokenStatsFusedArgs& args, int64_t r, const T* x, T* g, S
   RowSums acc;
   bool ok;
   if (entropy) {
-    ok = mean_logp ? scratch_sums<T, true, true>(x, V, inv_temp, sc, acc)
-                   : scratch_sums<T, true, false>(x, V, inv_temp, sc, acc);
+    ok = mean_logp ? scratch_sums<T, true, true>(x, V, inv_temp, next, sc, acc)
+                   : scratch_sums<T, true, false>(x, V, inv_temp, next, sc, acc);
   } else {
-    ok = mean_logp ? scratch_sums<T, false, true>(x, V, inv_temp, sc, acc)
-                   : scratch_sums<T, false, false>(x, V, inv_temp, sc, acc);
+    ok = mean_logp ? scratch_sums<T, false, true>(x, V, inv_temp, next, sc, acc)
+                   : scratch_sums<T, false, false>(x, V, inv_temp, next, sc, acc);
   }
   if (!ok || acc.m == -kInf) return false;
   const float m = acc.m, log_s = std::log(acc.s);
@@ -531,12 +495,13 @@ void fused_rows(const TokenStatsFusedArgs& args, int64_t begin, int64_t end) {
       std::memset(static_cast<void*>(g), 0, V * sizeof(T));  // ignored rows are never read
     } else {
       RowGrads rg{};
-      if (!scratch || !scratch_row<T>(args, r, x, g, *scratch, st, rg)) {
+      const T* next = next_row<T>(args.logits, r, end);
+      if (!scratch || !scratch_row<T>(args, r, x, g, next, *scratch, st, rg)) {
         // One read for the statistics; the gradient pass re-reads the row from cache.
-        st = row_stats<T>(x, V, args.inv_temp, label, args.entropy, args.mean_logp);
+        st = row_stats<T>(x, V, args.inv_temp, label, next, args.entropy, args.mean_logp);
         fused_coefs(args, r, st, rg);
         const bool stream = static_cast<const void*>(g) != static_cast<const void*>(x) && stream_aligned(g);
-        write_grad_row<T>(x, g, V, V, args.inv_temp, st.lse, label, st.x_label, rg, stream);
+        write_grad_row<T>(x, g, V, V, args.inv_temp, st.lse, label, st.x_label, rg, next, stream);
       }
     }
     args.lse[r] = st.lse;

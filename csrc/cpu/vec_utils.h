@@ -58,12 +58,14 @@ constexpr float kExpC1 = 0.9999997020f, kExpC2 = 0.4999915063f, kExpC3 = 0.16667
                 kExpC4 = 0.04189793020f, kExpC5 = 0.008290314116f;
 
 #if defined(CPU_CAPABILITY_AVX512)
-inline Vec vexp(const Vec& d_) {
-  const __m512 d = d_;
+// vexp, and in `keep` the lanes it did not flush to 0 (NaN lanes included).
+inline __m512 vexp_keep(const __m512 d, __mmask16& keep) {
   // Lanes below the flush point (and -inf, whose r would be NaN) give 0; NaN stays NaN.
-  const __mmask16 keep = _mm512_cmp_ps_mask(d, _mm512_set1_ps(kExpFlush), _CMP_NLT_UQ);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  keep = _mm512_cmp_ps_mask(d, _mm512_set1_ps(kExpFlush), _CMP_NLT_UQ);
+  // n = round(d log2 e) by the 1.5 * 2^23 shift: exact for |d log2 e| < 2^22, which covers every d
+  // whose result is neither flushed nor +inf; one fma and one add where a round instruction is two uops.
+  const __m512 shift = _mm512_set1_ps(12582912.0f);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(d, _mm512_set1_ps(kLog2e), shift), shift);
   const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2), d);
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExpC5), r, _mm512_set1_ps(kExpC4));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
@@ -71,6 +73,22 @@ inline Vec vexp(const Vec& d_) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_maskz_scalef_ps(keep, p, n);  // p * 2^n; overflows to +inf for d > 88.7
+}
+inline Vec vexp(const Vec& d) {
+  __mmask16 keep;
+  return vexp_keep(d, keep);
+}
+// e = exp(d), with s += e and, with kDot, t += e * d, taking 0 for e * d wherever e is 0 (a -inf logit
+// adds 0 to an entropy sum, not NaN); the product is fused into t.
+template <bool kDot>
+inline Vec vexp_acc(const Vec& d, Vec& s, Vec& t) {
+  __mmask16 keep;
+  const __m512 e = vexp_keep(d, keep);
+  s = _mm512_add_ps(s, e);
+  if constexpr (kDot) {
+    t = _mm512_mask3_fmadd_ps(e, d, t, keep);
+  }
+  return e;
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 inline Vec vexp(const Vec& d_) {
@@ -96,6 +114,21 @@ inline Vec vexp(const Vec& d) {
 }
 #endif
 
+#if !defined(CPU_CAPABILITY_AVX512)
+// e = exp(d), with s += e and, with kDot, t += e * d, taking 0 for e * d wherever e is 0 (a -inf logit
+// adds 0 to an entropy sum, not NaN): d is clamped at kLogFloor first, which changes no e.
+template <bool kDot>
+inline Vec vexp_acc(const Vec& d, Vec& s, Vec& t) {
+  const Vec dc = kDot ? at::vec::clamp_min(d, Vec(kLogFloor)) : d;
+  const Vec e = vexp(dc);
+  s += e;
+  if constexpr (kDot) {
+    t = at::vec::fmadd(e, dc, t);
+  }
+  return e;
+}
+#endif
+
 inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
@@ -105,13 +138,29 @@ inline float hmax(const Vec& v) {
 }
 
 // Two vectors of float from kStep logits, upcast in registers (no float32 copy of the row).
+//
+// On AVX-512, a bfloat16 step is loaded *permuted*: one 64-byte load, the even elements widened into a
+// (a shift) and the odd ones into b (a mask), two instructions where widening in order takes five.
+// store2 of a bfloat16 step takes its vectors in that same order, so a step loaded with load2, worked
+// on lane by lane and stored with store2 lands in place; a pass that only reduces the row (sums, max)
+// never sees the order; float32 scratch written from such a step (the fused pass's exp) stays permuted
+// and must be read back with the same step boundaries. Tails (load2_tail, store2_tail) are in order.
+// Every other dtype and capability loads in order.
 inline void load2(const float* p, Vec& a, Vec& b) {
   a = Vec::loadu(p);
   b = Vec::loadu(p + kVec);
 }
+#if defined(CPU_CAPABILITY_AVX512)
+inline void load2(const c10::BFloat16* p, Vec& a, Vec& b) {
+  const __m512i v = _mm512_loadu_si512(p);
+  a = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  b = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+#else
 inline void load2(const c10::BFloat16* p, Vec& a, Vec& b) {
   at::vec::load_fp32_from_bf16(p, a, b);
 }
+#endif
 inline void load2(const c10::Half* p, Vec& a, Vec& b) {
   at::vec::load_fp32_from_fp16(p, a, b);
 }
@@ -132,12 +181,32 @@ inline void store2(float* p, const Vec& a, const Vec& b) {
   a.store(p);
   b.store(p + kVec);
 }
-// Two float vectors rounded to one register of bfloat16 (nearest even). The AVX512_BF16 variant does it in
-// one instruction (vcvtne2ps2bf16) where at::vec needs about ten integer ones per vector; that
-// instruction also flushes float32 denormals (below 1.2e-38) to zero, which no gradient notices.
+// One register of bfloat16, rounded to nearest even, from a step's two float vectors in load2's order.
 #if defined(__AVX512BF16__)
+// vcvtne2ps2bf16 rounds both vectors in one instruction (a in the low half), then one word permute
+// interleaves the halves (a0 b0 a1 b1 ...). The instruction also flushes float32 denormals (below 1.2e-38)
+// to zero, which no gradient notices.
 inline __m512i to_bf16(const Vec& a, const Vec& b) {
-  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));  // a in the low half
+  const __m512i halves = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
+  const __m512i idx = _mm512_set_epi32(0x001f000f, 0x001e000e, 0x001d000d, 0x001c000c, 0x001b000b, 0x001a000a,
+                                       0x00190009, 0x00180008, 0x00170007, 0x00160006, 0x00150005, 0x00140004,
+                                       0x00130003, 0x00120002, 0x00110001, 0x00100000);
+  return _mm512_permutexvar_epi16(idx, halves);
+}
+#elif defined(CPU_CAPABILITY_AVX512)
+// The float bits plus 0x7fff and the kept bit's lsb, truncated: round to nearest even in integers; NaN
+// stays a (quiet) NaN. a's rounded bits go to the low half of each 32-bit lane, b's to the high half.
+inline __m512i bf16_round_bits(const Vec& v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+  const __mmask16 is_num = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+  return _mm512_mask_blend_epi32(is_num, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)), rounded);
+}
+inline __m512i to_bf16(const Vec& a, const Vec& b) {
+  // (a >> 16) | (b & 0xffff0000)
+  return _mm512_ternarylogic_epi32(_mm512_srli_epi32(bf16_round_bits(a), 16), bf16_round_bits(b),
+                                   _mm512_set1_epi32(static_cast<int>(0xffff0000u)), 0xF8);
 }
 #else
 inline auto to_bf16(const Vec& a, const Vec& b) {
@@ -146,7 +215,7 @@ inline auto to_bf16(const Vec& a, const Vec& b) {
 #endif
 
 inline void store2(c10::BFloat16* p, const Vec& a, const Vec& b) {
-#if defined(__AVX512BF16__)
+#if defined(CPU_CAPABILITY_AVX512)
   _mm512_storeu_si512(p, to_bf16(a, b));
 #else
   to_bf16(a, b).store(p);
@@ -215,6 +284,18 @@ inline void store2_tail(T* p, int64_t n, const Vec& a, const Vec& b) {
   }
 }
 
+// Asks for the kStep elements at p to be brought into L2 (no fault if p is not mapped). A pass that reads
+// a row from memory calls it with the next row at the offset it is reading: one row ahead, that row
+// arrives while this one is worked on (and its gradient streamed out: reads and writes overlap, as in a
+// copy), where the hardware prefetcher alone would start again at every 4 KiB page.
+template <typename T>
+inline void prefetch_step(const T* p) {
+  constexpr int64_t kLine = 64;
+  for (int64_t b = 0; b < kStep * static_cast<int64_t>(sizeof(T)); b += kLine) {
+    __builtin_prefetch(reinterpret_cast<const char*>(p) + b, 0, 2);
+  }
+}
+
 // Runs f(a, b) over x[0, n) two vectors at a time; the tail is padded with `fill`.
 template <typename T, typename F>
 inline void for_each_step(const T* x, int64_t n, float fill, F&& f) {
@@ -247,6 +328,12 @@ inline const T* row_ptr(const Rows& rows, int64_t r) {
   const int64_t a = r / rows.B;
   const int64_t b = r - a * rows.B;
   return static_cast<const T*>(rows.data) + a * rows.stride0 + b * rows.stride1;
+}
+
+// The row to prefetch while row r of [begin, end) is worked on: r + 1, or r itself at the end.
+template <typename T>
+inline const T* next_row(const Rows& rows, int64_t r, int64_t end) {
+  return row_ptr<T>(rows, r + 1 < end ? r + 1 : r);
 }
 
 // Calls f.template operator()<T>() with T the C++ type of `dtype`.
