@@ -33,23 +33,22 @@ struct KlSums {
   }
 };
 
-// Sums of one chunk against mx, my, and in .mx/.my the chunk's own maxes.
+// Sums of one chunk against mx, my, and in .mx/.my the chunk's own maxes; the same columns of the
+// next rows, nx and ny, are prefetched meanwhile (prefetch_step).
 template <typename T>
-KlSums chunk_sums(const T* x, const T* y, int64_t n, float inv_temp, float mx, float my) {
+KlSums chunk_sums(const T* x, const T* y, int64_t n, float inv_temp, float mx, float my, const T* nx, const T* ny) {
   // A side that has seen only -inf so far has max -inf; shifting by 0 then gives exp(-inf) = 0,
   // where -inf - (-inf) would give NaN.
-  const Vec vinv(inv_temp), vmx(mx > -kInf ? mx : 0.0f), vmy(my > -kInf ? my : 0.0f), zero(0.0f);
+  const Vec vinv(inv_temp), vmx(mx > -kInf ? mx : 0.0f), vmy(my > -kInf ? my : 0.0f);
   Vec sx(0.0f), sy(0.0f), t(0.0f), cmx(-kInf), cmy(-kInf);
   auto one = [&](const Vec& a, const Vec& b) {
     const Vec xs = a * vinv;
     const Vec ys = b * vinv;
     cmx = at::vec::clamp_min(xs, cmx);
     cmy = at::vec::clamp_min(ys, cmy);
-    const Vec ex = vexp(xs - vmx);
-    sx += ex;
+    // P = 0 contributes 0 to t (x = -inf would give 0 * -inf); P > 0 with y = -inf gives +inf.
+    vexp_acc_times(xs - vmx, xs - ys, sx, t);
     sy += vexp(ys - vmy);
-    // P = 0 contributes 0 (x = -inf would give 0 * -inf); P > 0 with y = -inf gives +inf.
-    t = at::vec::fmadd(ex, Vec::blendv(zero, xs - ys, ex > zero), t);
   };
   // Both rows of the pair advance together; -inf pads the tails.
   int64_t i = 0;
@@ -57,6 +56,8 @@ KlSums chunk_sums(const T* x, const T* y, int64_t n, float inv_temp, float mx, f
     Vec a0, a1, b0, b1;
     load2(x + i, a0, a1);
     load2(y + i, b0, b1);
+    prefetch_step(nx + i);
+    prefetch_step(ny + i);
     one(a0, b0);
     one(a1, b1);
   }
@@ -77,17 +78,17 @@ KlSums chunk_sums(const T* x, const T* y, int64_t n, float inv_temp, float mx, f
 }
 
 template <typename T>
-KlSums kl_sums(const T* x, const T* y, int64_t V, float inv_temp) {
+KlSums kl_sums(const T* x, const T* y, int64_t V, float inv_temp, const T* nx, const T* ny) {
   KlSums acc;
   for (int64_t c = 0; c < V; c += kChunk) {
     const int64_t n = std::min(kChunk, V - c);
     // Until a side has a finite max, find one before any exp (see token_stats.cpp).
     if (acc.mx == -kInf) acc.mx = chunk_max(x + c, n) * inv_temp;
     if (acc.my == -kInf) acc.my = chunk_max(y + c, n) * inv_temp;
-    KlSums chunk = chunk_sums(x + c, y + c, n, inv_temp, acc.mx, acc.my);
+    KlSums chunk = chunk_sums(x + c, y + c, n, inv_temp, acc.mx, acc.my, nx + c, ny + c);
     if (chunk.mx > acc.mx + kHeadroom || chunk.my > acc.my + kHeadroom) {
       acc.raise_max(chunk.mx, chunk.my);
-      chunk = chunk_sums(x + c, y + c, n, inv_temp, acc.mx, acc.my);
+      chunk = chunk_sums(x + c, y + c, n, inv_temp, acc.mx, acc.my, nx + c, ny + c);
     }
     acc.add(chunk);
     acc.raise_max(chunk.mx, chunk.my);
@@ -99,7 +100,8 @@ template <typename T>
 void fwd_rows(const KlFwdArgs& args, int64_t begin, int64_t end) {
   const int64_t V = args.p.V;
   for (int64_t r = begin; r < end; ++r) {
-    const KlSums acc = kl_sums(row_ptr<T>(args.p, r), row_ptr<T>(args.q, r), V, args.inv_temp);
+    const KlSums acc = kl_sums(row_ptr<T>(args.p, r), row_ptr<T>(args.q, r), V, args.inv_temp,
+                               next_row<T>(args.p, r, end), next_row<T>(args.q, r, end));
     const float log_sx = std::log(acc.sx);
     const float log_sy = std::log(acc.sy);
     args.lse_p[r] = acc.mx + log_sx;
@@ -110,9 +112,10 @@ void fwd_rows(const KlFwdArgs& args, int64_t begin, int64_t end) {
 }
 
 // grad_x = g * P * (log P - log Q - KL) / T  (0 where P = 0),   grad_y = g * (Q - P) / T.
-template <typename T, bool kNeedP, bool kNeedQ>
+// kStream: the gradient rows are written with non-temporal stores (both pass stream_aligned()).
+template <typename T, bool kNeedP, bool kNeedQ, bool kStream>
 void bwd_row(const T* x, const T* y, T* gx, T* gy, int64_t V, float inv_temp, float lse_p, float lse_q,
-             float kl, float g) {
+             float kl, float g, const T* nx, const T* ny) {
   const Vec vinv(inv_temp), neg_lse_p(-lse_p), neg_lse_q(-lse_q), vkl(kl), vg(g * inv_temp);
   const Vec zero(0.0f);
   auto grads = [&](const Vec& a, const Vec& b, Vec& out_x, Vec& out_y) {
@@ -130,7 +133,10 @@ void bwd_row(const T* x, const T* y, T* gx, T* gy, int64_t V, float inv_temp, fl
     Vec x0, x1, y0, y1;
     grads(a0, b0, x0, y0);
     grads(a1, b1, x1, y1);
-    if (n == kStep) {
+    if (n == kStep && kStream) {
+      if constexpr (kNeedP) store2_stream(gx + i, x0, x1);
+      if constexpr (kNeedQ) store2_stream(gy + i, y0, y1);
+    } else if (n == kStep) {
       if constexpr (kNeedP) store2(gx + i, x0, x1);
       if constexpr (kNeedQ) store2(gy + i, y0, y1);
     } else {
@@ -143,6 +149,8 @@ void bwd_row(const T* x, const T* y, T* gx, T* gy, int64_t V, float inv_temp, fl
     Vec a0, a1, b0, b1;
     load2(x + i, a0, a1);
     load2(y + i, b0, b1);
+    prefetch_step(nx + i);
+    prefetch_step(ny + i);
     write(i, kStep, a0, a1, b0, b1);
   }
   if (i < V) {
@@ -159,9 +167,20 @@ void bwd_rows(const KlBwdArgs& args, int64_t begin, int64_t end) {
   T* gx = static_cast<T*>(args.grad_p);
   T* gy = static_cast<T*>(args.grad_q);
   for (int64_t r = begin; r < end; ++r) {
-    bwd_row<T, kNeedP, kNeedQ>(row_ptr<T>(args.p, r), row_ptr<T>(args.q, r), kNeedP ? gx + r * V : nullptr,
-                               kNeedQ ? gy + r * V : nullptr, V, args.inv_temp, args.lse_p[r], args.lse_q[r],
-                               args.kl[r], args.grad_kl[r]);
+    T* gx_r = kNeedP ? gx + r * V : nullptr;
+    T* gy_r = kNeedQ ? gy + r * V : nullptr;
+    auto row = [&]<bool kStream>() {
+      bwd_row<T, kNeedP, kNeedQ, kStream>(row_ptr<T>(args.p, r), row_ptr<T>(args.q, r), gx_r, gy_r, V, args.inv_temp,
+                                          args.lse_p[r], args.lse_q[r], args.kl[r], args.grad_kl[r],
+                                          next_row<T>(args.p, r, end), next_row<T>(args.q, r, end));
+    };
+    // Fresh gradient buffers, written once: streamed out when their rows are aligned (as in token_stats).
+    if ((!kNeedP || stream_aligned(gx_r)) && (!kNeedQ || stream_aligned(gy_r))) {
+      row.template operator()<true>();
+      stream_fence();  // the tail's plain stores and the caller's reads come after the streamed lines
+    } else {
+      row.template operator()<false>();
+    }
   }
 }
 

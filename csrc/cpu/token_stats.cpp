@@ -276,8 +276,10 @@ void bwd_rows(const TokenStatsBwdArgs& args, int64_t begin, int64_t end) {
                       args.grad_mean_logp ? args.grad_mean_logp[r] : 0.0f};
     const bool in_block = col >= 0 && col < V;
     const float x_label = rg.has_lp && in_block ? static_cast<float>(x[col]) * args.inv_temp : 0.0f;
+    // A separate gradient buffer is streamed out (as in fused_rows); a block written over itself is not.
+    const bool stream = static_cast<const void*>(g) != static_cast<const void*>(x) && stream_aligned(g);
     write_grad_row<T>(x, g, V, args.vocab, args.inv_temp, args.lse[r], in_block ? col : -1, x_label, rg,
-                      next_row<T>(args.logits, r, end));
+                      next_row<T>(args.logits, r, end), stream);
   }
 }
 

@@ -90,6 +90,14 @@ inline Vec vexp_acc(const Vec& d, Vec& s, Vec& t) {
   }
   return e;
 }
+// e = exp(d), with s += e and t += e * w, taking 0 for e * w wherever e is 0.
+inline Vec vexp_acc_times(const Vec& d, const Vec& w, Vec& s, Vec& t) {
+  __mmask16 keep;
+  const __m512 e = vexp_keep(d, keep);
+  s = _mm512_add_ps(s, e);
+  t = _mm512_mask3_fmadd_ps(e, w, t, keep);
+  return e;
+}
 #elif defined(CPU_CAPABILITY_AVX2)
 inline Vec vexp(const Vec& d_) {
   // min/max return their second operand for a NaN, so NaN lanes stay NaN throughout.
@@ -125,6 +133,12 @@ inline Vec vexp_acc(const Vec& d, Vec& s, Vec& t) {
   if constexpr (kDot) {
     t = at::vec::fmadd(e, dc, t);
   }
+  return e;
+}
+inline Vec vexp_acc_times(const Vec& d, const Vec& w, Vec& s, Vec& t) {
+  const Vec e = vexp(d), zero(0.0f);
+  s += e;
+  t = at::vec::fmadd(e, Vec::blendv(zero, w, e > zero), t);
   return e;
 }
 #endif
