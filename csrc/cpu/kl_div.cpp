@@ -133,12 +133,9 @@ void bwd_row(const T* x, const T* y, T* gx, T* gy, int64_t V, float inv_temp, fl
     Vec x0, x1, y0, y1;
     grads(a0, b0, x0, y0);
     grads(a1, b1, x1, y1);
-    if (n == kStep && kStream) {
-      if constexpr (kNeedP) store2_stream(gx + i, x0, x1);
-      if constexpr (kNeedQ) store2_stream(gy + i, y0, y1);
-    } else if (n == kStep) {
-      if constexpr (kNeedP) store2(gx + i, x0, x1);
-      if constexpr (kNeedQ) store2(gy + i, y0, y1);
+    if (n == kStep) {
+      if constexpr (kNeedP) store2_step<kStream>(gx + i, x0, x1);
+      if constexpr (kNeedQ) store2_step<kStream>(gy + i, y0, y1);
     } else {
       if constexpr (kNeedP) store2_tail(gx + i, n, x0, x1);
       if constexpr (kNeedQ) store2_tail(gy + i, n, y0, y1);

@@ -200,11 +200,7 @@ void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs 
     Vec a, b;
     load2(x + i, a, b);
     prefetch_step(next + i);
-    if constexpr (kStream) {
-      store2_stream(g + i, grad(a), grad(b));
-    } else {
-      store2(g + i, grad(a), grad(b));
-    }
+    store2_step<kStream>(g + i, grad(a), grad(b));
   }
   if (i < V) {
     Vec a, b;
@@ -276,10 +272,8 @@ void bwd_rows(const TokenStatsBwdArgs& args, int64_t begin, int64_t end) {
                       args.grad_mean_logp ? args.grad_mean_logp[r] : 0.0f};
     const bool in_block = col >= 0 && col < V;
     const float x_label = rg.has_lp && in_block ? static_cast<float>(x[col]) * args.inv_temp : 0.0f;
-    // A separate gradient buffer is streamed out (as in fused_rows); a block written over itself is not.
-    const bool stream = static_cast<const void*>(g) != static_cast<const void*>(x) && stream_aligned(g);
     write_grad_row<T>(x, g, V, args.vocab, args.inv_temp, args.lse[r], in_block ? col : -1, x_label, rg,
-                      next_row<T>(args.logits, r, end), stream);
+                      next_row<T>(args.logits, r, end), stream_grad(g, x));
   }
 }
 
@@ -403,11 +397,7 @@ void scratch_grad_row(const T* x, const Scratch& sc, T* g, int64_t V, float inv_
       if constexpr (kEntropy) {
         load2(xc + i, a, b);  // before the store: g may be x itself
       }
-      if constexpr (kStream) {
-        store2_stream(gc + i, grad(a, i), grad(b, i + kVec));
-      } else {
-        store2(gc + i, grad(a, i), grad(b, i + kVec));
-      }
+      store2_step<kStream>(gc + i, grad(a, i), grad(b, i + kVec));
     }
     if (i < n) {
       Vec a(0.0f), b(0.0f);
@@ -453,8 +443,6 @@ bool scratch_row(const TokenStatsFusedArgs& args, int64_t r, const T* x, T* g, c
   const float g_u = rg.has_u ? rg.g_u : 0.0f;
   const GradCoefs c{-(g_lp + g_h * (rg.has_h ? rg.h : 0.0f) + g_u) * inv_temp, -g_h * inv_temp,
                     g_u * inv_temp / static_cast<float>(V)};
-  // A separate gradient buffer is written with non-temporal stores; over the logits (in place) the
-  // lines are cached already and plain stores are cheaper.
   auto write = [&]<bool kStream>() {
     if (rg.has_h) {
       rg.has_u ? scratch_grad_row<T, true, true, kStream>(x, sc, g, V, inv_temp, m, log_s, c)
@@ -464,7 +452,7 @@ bool scratch_row(const TokenStatsFusedArgs& args, int64_t r, const T* x, T* g, c
                : scratch_grad_row<T, false, false, kStream>(x, sc, g, V, inv_temp, m, log_s, c);
     }
   };
-  if (static_cast<const void*>(g) != static_cast<const void*>(x) && stream_aligned(g)) {
+  if (stream_grad(g, x)) {
     write.template operator()<true>();
     stream_fence();  // the streamed row is in memory before the label element below is rewritten
   } else {
@@ -502,8 +490,7 @@ void fused_rows(const TokenStatsFusedArgs& args, int64_t begin, int64_t end) {
         // One read for the statistics; the gradient pass re-reads the row from cache.
         st = row_stats<T>(x, V, args.inv_temp, label, next, args.entropy, args.mean_logp);
         fused_coefs(args, r, st, rg);
-        const bool stream = static_cast<const void*>(g) != static_cast<const void*>(x) && stream_aligned(g);
-        write_grad_row<T>(x, g, V, V, args.inv_temp, st.lse, label, st.x_label, rg, next, stream);
+        write_grad_row<T>(x, g, V, V, args.inv_temp, st.lse, label, st.x_label, rg, next, stream_grad(g, x));
       }
     }
     args.lse[r] = st.lse;

@@ -78,24 +78,23 @@ inline Vec vexp(const Vec& d) {
   __mmask16 keep;
   return vexp_keep(d, keep);
 }
-// e = exp(d), with s += e and, with kDot, t += e * d, taking 0 for e * d wherever e is 0 (a -inf logit
-// adds 0 to an entropy sum, not NaN); the product is fused into t.
-template <bool kDot>
-inline Vec vexp_acc(const Vec& d, Vec& s, Vec& t) {
-  __mmask16 keep;
-  const __m512 e = vexp_keep(d, keep);
-  s = _mm512_add_ps(s, e);
-  if constexpr (kDot) {
-    t = _mm512_mask3_fmadd_ps(e, d, t, keep);
-  }
-  return e;
-}
-// e = exp(d), with s += e and t += e * w, taking 0 for e * w wherever e is 0.
+// e = exp(d), with s += e and t += e * w, taking 0 for e * w wherever e is 0; the product is fused into t.
 inline Vec vexp_acc_times(const Vec& d, const Vec& w, Vec& s, Vec& t) {
   __mmask16 keep;
   const __m512 e = vexp_keep(d, keep);
   s = _mm512_add_ps(s, e);
   t = _mm512_mask3_fmadd_ps(e, w, t, keep);
+  return e;
+}
+// e = exp(d), with s += e and, with kDot, t += e * d (0 wherever e is 0: a -inf logit adds 0 to an
+// entropy sum, not NaN).
+template <bool kDot>
+inline Vec vexp_acc(const Vec& d, Vec& s, Vec& t) {
+  if constexpr (kDot) {
+    return vexp_acc_times(d, d, s, t);
+  }
+  const Vec e = vexp(d);
+  s += e;
   return e;
 }
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -286,6 +285,23 @@ constexpr bool kHaveStream = false;
 template <typename T>
 inline bool stream_aligned(const T* p) {
   return kHaveStream && reinterpret_cast<uintptr_t>(p) % 64 == 0;
+}
+
+// Whether a gradient row g computed from the logits row x is streamed out: a separate buffer written
+// once (over x itself, in place, the lines are cached already and plain stores are cheaper).
+template <typename T>
+inline bool stream_grad(const T* g, const T* x) {
+  return static_cast<const void*>(g) != static_cast<const void*>(x) && stream_aligned(g);
+}
+
+// store2, or store2_stream with kStream.
+template <bool kStream, typename T>
+inline void store2_step(T* p, const Vec& a, const Vec& b) {
+  if constexpr (kStream) {
+    store2_stream(p, a, b);
+  } else {
+    store2(p, a, b);
+  }
 }
 
 template <typename T>
