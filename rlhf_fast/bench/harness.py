@@ -228,6 +228,34 @@ def copy_bandwidth(nbytes: int = 512 * MiB, repeats: int = 10, device: str = "cp
     return 2 * nbytes / timing.median_s, timing
 
 
+class CopySpell:
+    """Copy bandwidth sampled between a case's timed calls: ``before = spell.then(before)`` runs one timed
+    ``dst.copy_(src)`` of two ``nbytes`` buffers ahead of every call (and of the call's own ``before``);
+    ``times_ms()`` are those copies. The machine's speed drifts by tens of percent over minutes, so a floor
+    from a bandwidth measured at the start of a run can be off for a case timed half an hour later."""
+
+    def __init__(self, nbytes: int) -> None:
+        import torch
+
+        self.nbytes = nbytes
+        self._src = torch.ones(nbytes // 4, dtype=torch.float32)
+        self._dst = torch.zeros_like(self._src)  # both touched: no page faults in the timed copies
+        self._times: list[float] = []
+
+    def then(self, before: Callable[[], object] | None) -> Callable[[], None]:
+        def copy_then_before() -> None:
+            t0 = time.perf_counter()
+            self._dst.copy_(self._src)
+            self._times.append(time.perf_counter() - t0)
+            if before is not None:
+                before()
+
+        return copy_then_before
+
+    def times_ms(self) -> list[float]:
+        return [round(t * 1e3, 3) for t in self._times]
+
+
 def matmul_rate(
     m: int, k: int, n: int, dtype, repeats: int = 5, max_seconds: float = 10.0, device: str = "cpu"
 ) -> tuple[float, Timing]:

@@ -30,12 +30,14 @@ of one call of the mode, then times ``--repeats`` of them (``--rounds R`` runs t
 interleaved, and pools each case's timed calls: on a shared machine whose speed drifts by tens of
 percent over minutes, peers measured minutes apart are otherwise not comparable). Modes: ``fwd`` the
 forward, ``bwd`` the backward after an untimed forward, ``full`` both. The floor of the ops on logits
-is the time to move the bytes the mode must move at this machine's copy bandwidth, measured in the same run (full step:
-3 x logits bytes, read forward, read backward, write the gradient; 2 x for the gradient-in-forward
-losses); the floor of the fused-linear forms is compute, FLOPs at this machine's matmul rate in the
-case dtype (full step: 6 x tokens x vocab x hidden for the loss). ``--out`` gets CSV and JSON rows
-(device, versions, git revision) and a PNG per op x dtype x mode: time and peak memory against the
-vocabulary size. Method and soundness of the memory figure: ``rlhf_fast/bench/harness.py``.
+is the time to move the bytes the mode must move at this machine's copy bandwidth (full step: 3 x logits
+bytes, read forward, read backward, write the gradient; 2 x for the gradient-in-forward losses), on CPU
+measured within the case itself, a timed 512 MiB copy before each timed call (column ``copy GB/s``; the
+run's opening measurement is printed in the header); the floor of the fused-linear forms is compute,
+FLOPs at this machine's matmul rate in the case dtype (full step: 6 x tokens x vocab x hidden for the
+loss). ``--out`` gets CSV and JSON rows (device, versions, git revision) and a PNG per op x dtype x
+mode: time and peak memory against the vocabulary size. Method and soundness of the memory figure:
+``rlhf_fast/bench/harness.py``.
 
 ``--device cuda`` (the default when torch sees a GPU) runs the same cases on the GPU: ``rf-triton``
 (and ``rf-triton-inplace``) instead of ``rf-cpp``, Cut Cross-Entropy's Triton implementation, times from
@@ -200,10 +202,18 @@ def measure_case(spec: dict) -> dict:
         result["peak_delta_bytes"] = mem.extra_bytes
     else:
         result["memory_detail"] = why
+    spell = None
+    if device == "cpu" and spec.get("copy_nbytes") and ops.OPS[spec["op"]].floor.kind == "bytes":
+        # The copy bandwidth of this case's own minutes: a timed copy before every call, so a slow spell of the
+        # machine slows the calls and their floor alike (and the copy leaves no logits in the last-level cache).
+        spell = h.CopySpell(spec["copy_nbytes"])
+        before = spell.then(before)
     timing = h.time_fn(
         call, repeats=spec["repeats"], warmup=0 if supported else 1, before=before, max_seconds=spec.get("max_seconds"),
         device=device,
     )  # fmt: skip
+    if spell is not None:
+        result["copy_times_ms"] = spell.times_ms()
     return {
         **result,
         "status": "ok",
@@ -240,6 +250,8 @@ def _merge_rounds(rows: list[dict]) -> list[dict]:
         row = {**runs[0], "rounds": len(runs), "timed_calls": len(times), "times_ms": times}
         row["median_ms"] = statistics.median(times)
         row["min_ms"] = times[0]
+        if all("copy_times_ms" in r for r in runs):
+            row["copy_times_ms"] = sorted(t for r in runs for t in r["copy_times_ms"])
         peaks = [r["peak_delta_bytes"] for r in runs if "peak_delta_bytes" in r]
         if peaks:
             row["peak_delta_bytes"] = statistics.median(peaks)
@@ -308,7 +320,12 @@ def _derive(rows: list[dict], rates: dict[tuple[str, str], float]) -> None:
         floor = ops.OPS[row["op"]].floor
         work = floor.amount(row)
         row["logits_bytes"] = ops.logits_bytes(row)
-        row["floor_ms"] = work / rates[floor.kind, row["dtype"]] * 1e3
+        rate = rates[floor.kind, row["dtype"]]
+        if floor.kind == "bytes" and row.get("copy_times_ms"):
+            rate = 2 * row["copy_nbytes"] / (statistics.median(row["copy_times_ms"]) * 1e-3)  # this case's spell
+        if floor.kind == "bytes":
+            row["floor_GBps"] = rate / 1e9
+        row["floor_ms"] = work / rate * 1e3
         if row.get("status") != "ok":
             continue
         rate = work / (row["median_ms"] * 1e-3)
@@ -342,6 +359,10 @@ def _group(row: dict) -> tuple:
     return row["op"], row["dtype"], row["mode"], row["tokens"], row["vocab"], row["hidden"]
 
 
+# Bytes of each buffer of the copy-bandwidth measurements: far larger than any last-level cache (this
+# machine's is 300 MiB, shared with other tenants).
+COPY_NBYTES = 512 * 2**20
+
 COLUMNS = [
     ("op", "op", "s"),
     ("provider", "provider", "s"),
@@ -354,6 +375,7 @@ COLUMNS = [
     ("median ms", "median_ms", ".1f"),
     ("min ms", "min_ms", ".1f"),
     ("floor ms", "floor_ms", ".1f"),
+    ("copy GB/s", "floor_GBps", ".1f"),
     ("GB/s", "GBps", ".1f"),
     ("GFLOP/s", "GFLOPps", ".0f"),
     ("x floor", "x_floor", ".2f"),
@@ -487,7 +509,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _measure_rates(args, info: dict, flop_ops: list[str]) -> dict[tuple[str, str], float] | None:
     """Copy bandwidth (always) and, for ops with a FLOP floor, the matmul rate per dtype, each in a
     fresh process; printed as they come, torch facts added to ``info``. None if one failed."""
-    copy_nbytes = 512 * h.MiB  # far larger than any last-level cache
+    copy_nbytes = COPY_NBYTES
     copy = h.run_isolated("rlhf_fast.bench.run:measure_copy", {
         "nbytes": copy_nbytes, "repeats": args.copy_repeats, "threads": args.threads, "device": args.device,
     })  # fmt: skip
@@ -588,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = {
             "op": op, "provider": provider, "dtype": dtype, "mode": mode, "tokens": tokens, "vocab": vocab,
             "hidden": args.hidden, "repeats": args.repeats, "max_seconds": args.max_seconds or None,
-            "seed": args.seed, "threads": args.threads, "device": args.device,
+            "seed": args.seed, "threads": args.threads, "device": args.device, "copy_nbytes": COPY_NBYTES,
         }  # fmt: skip
         row = {**spec, **info, "copy_bw_GBps": rates["bytes", dtype] / 1e9}
         if ops.OPS[op].floor.kind == "flops":
