@@ -20,6 +20,9 @@ import torch.nn.functional as F
 import rlhf_fast as rf
 
 SHAPE = (2, 37, 5003)  # odd rows and vocab: vector tails everywhere
+# Rows of 1056 elements start 64-byte aligned in every dtype, so every gradient row is streamed out
+# (non-temporal stores) except the step holding the label; labels r * 29 mod V put it at every lane of a step.
+STREAMED_SHAPE = (2, 37, 1056)
 TOL = {"float32": 2e-5, "bfloat16": 1.6e-2, "float16": 2e-3}  # max error / max magnitude
 
 _CHILD = r"""
@@ -50,20 +53,23 @@ print(json.dumps({"capability": _dispatch._C.cpu_capability()}))
 """
 
 
-def _inputs():
-    x64 = torch.randn(SHAPE, dtype=torch.float64) * 3
-    labels = torch.randint(0, SHAPE[-1], SHAPE[:-1])
+def _inputs(shape):
+    x64 = torch.randn(shape, dtype=torch.float64) * 3
+    labels = torch.randint(0, shape[-1], shape[:-1])
+    if shape == STREAMED_SHAPE:
+        labels = (torch.arange(labels.numel()) * 29 % shape[-1]).view(labels.shape)
+        labels[1, -1] = shape[-1] - 1
     labels[0, :5] = -100  # ignored rows
     with torch.no_grad():
         lp = torch.log_softmax(x64, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0].float()
     return {
         "logits": {name: x64.to(getattr(torch, name)) for name in TOL},
-        "q": {name: (x64 + 0.5 * torch.randn(SHAPE, dtype=torch.float64)).to(getattr(torch, name)) for name in TOL},
+        "q": {name: (x64 + 0.5 * torch.randn(shape, dtype=torch.float64)).to(getattr(torch, name)) for name in TOL},
         "labels": labels,
-        "old": lp + 0.2 * torch.randn(SHAPE[:-1]),
-        "adv": torch.randn(SHAPE[:-1]),
-        "ref": lp + 0.1 * torch.randn(SHAPE[:-1]),
-        "g": torch.randn(SHAPE[:-1]),
+        "old": lp + 0.2 * torch.randn(shape[:-1]),
+        "adv": torch.randn(shape[:-1]),
+        "ref": lp + 0.1 * torch.randn(shape[:-1]),
+        "g": torch.randn(shape[:-1]),
     }
 
 
@@ -104,12 +110,12 @@ VARIANTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
+@pytest.fixture(scope="module", params=[SHAPE, STREAMED_SHAPE], ids=["odd", "streamed"])
+def data(request, tmp_path_factory):
     if not rf.backends()["cpp"].available:
         pytest.skip("the C++ extension is not built")
     path = tmp_path_factory.mktemp("variants") / "inputs.pt"
-    inputs = _inputs()
+    inputs = _inputs(request.param)
     torch.save(inputs, path)
     return path, inputs
 

@@ -173,12 +173,12 @@ void bwd_rows(const KlBwdArgs& args, int64_t begin, int64_t end) {
     };
     // Fresh gradient buffers, written once: streamed out when their rows are aligned (as in token_stats).
     if ((!kNeedP || stream_aligned(gx_r)) && (!kNeedQ || stream_aligned(gy_r))) {
-      row.template operator()<true>();
-      stream_fence();  // the tail's plain stores and the caller's reads come after the streamed lines
+      row.template operator()<true>();  // the tail's plain stores share no line with the streamed steps
     } else {
       row.template operator()<false>();
     }
   }
+  stream_fence();  // the streamed rows are in memory before the caller reads them
 }
 
 }  // namespace

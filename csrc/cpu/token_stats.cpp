@@ -177,8 +177,9 @@ struct GradCoefs {
   float c0, c1, k;
 };
 
+// With kStream, the step that starts at `plain_at` (the label's, rewritten afterwards) takes plain stores.
 template <typename T, bool kEntropy, bool kMean, bool kStream = false>
-void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs c, const T* next) {
+void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs c, const T* next, int64_t plain_at) {
   const Vec vinv(inv_temp), vlse(lse), vc0(c.c0), vc1(c.c1), vk(c.k), floor(kLogFloor);
   auto grad = [&](const Vec& v) {
     Vec logp = v * vinv - vlse;
@@ -200,7 +201,12 @@ void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs 
     Vec a, b;
     load2(x + i, a, b);
     prefetch_step(next + i);
-    store2_step<kStream>(g + i, grad(a), grad(b));
+    const Vec ga = grad(a), gb = grad(b);
+    if (kStream && i == plain_at) {
+      store2(g + i, ga, gb);
+    } else {
+      store2_step<kStream>(g + i, ga, gb);
+    }
   }
   if (i < V) {
     Vec a, b;
@@ -210,9 +216,11 @@ void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs 
 }
 
 // Writes the gradient row of a row that is not ignored; g may be x itself. With `stream` (g a separate
-// buffer that passes stream_aligned()), the row is written with non-temporal stores. The row may be a
-// block of `V` columns out of `vocab` (the mean term's 1/vocab); `label` is then the label's column in
-// the block, or -1 when it lies outside. `next`: the row to prefetch meanwhile (prefetch_step; the
+// buffer that passes stream_aligned()), the row is written with non-temporal stores, except the step that
+// holds the label: that step's lines take plain stores, so the label element rewritten after them needs no
+// fence (a streamed line could land after a later plain store to it); the task ends with one stream_fence().
+// The row may be a block of `V` columns out of `vocab` (the mean term's 1/vocab); `label` is then the
+// label's column in the block, or -1 when it lies outside. `next`: the row to prefetch meanwhile (prefetch_step; the
 // row itself when there is none).
 template <typename T>
 void write_grad_row(const T* x, T* g, int64_t V, int64_t vocab, float inv_temp, float lse, int64_t label,
@@ -222,18 +230,18 @@ void write_grad_row(const T* x, T* g, int64_t V, int64_t vocab, float inv_temp, 
   const float g_u = rg.has_u ? rg.g_u : 0.0f;
   const GradCoefs c{-(g_lp + g_h * (rg.has_h ? rg.h : 0.0f) + g_u) * inv_temp, -g_h * inv_temp,
                     g_u * inv_temp / static_cast<float>(vocab)};
+  const int64_t plain_at = rg.has_lp && label >= 0 ? label / kStep * kStep : -1;
   auto write = [&]<bool kStream>() {
     if (rg.has_h) {
-      rg.has_u ? grad_row<T, true, true, kStream>(x, g, V, inv_temp, lse, c, next)
-               : grad_row<T, true, false, kStream>(x, g, V, inv_temp, lse, c, next);
+      rg.has_u ? grad_row<T, true, true, kStream>(x, g, V, inv_temp, lse, c, next, plain_at)
+               : grad_row<T, true, false, kStream>(x, g, V, inv_temp, lse, c, next, plain_at);
     } else {
-      rg.has_u ? grad_row<T, false, true, kStream>(x, g, V, inv_temp, lse, c, next)
-               : grad_row<T, false, false, kStream>(x, g, V, inv_temp, lse, c, next);
+      rg.has_u ? grad_row<T, false, true, kStream>(x, g, V, inv_temp, lse, c, next, plain_at)
+               : grad_row<T, false, false, kStream>(x, g, V, inv_temp, lse, c, next, plain_at);
     }
   };
   if (stream) {
     write.template operator()<true>();
-    stream_fence();  // the streamed row is in memory before the label element below is rewritten
   } else {
     write.template operator()<false>();
   }
@@ -275,6 +283,7 @@ void bwd_rows(const TokenStatsBwdArgs& args, int64_t begin, int64_t end) {
     write_grad_row<T>(x, g, V, args.vocab, args.inv_temp, args.lse[r], in_block ? col : -1, x_label, rg,
                       next_row<T>(args.logits, r, end), stream_grad(g, x));
   }
+  stream_fence();  // the streamed rows are in memory before the caller reads them
 }
 
 // d loss / d logp and d loss / d H of the PPO per-token loss, times the token weight w:
@@ -365,7 +374,7 @@ bool scratch_sums(const T* x, int64_t V, float inv_temp, const T* next, Scratch&
 // and 0 * -inf would be NaN).
 template <typename T, bool kEntropy, bool kMean, bool kStream>
 void scratch_grad_row(const T* x, const Scratch& sc, T* g, int64_t V, float inv_temp, float m, float log_s,
-                      GradCoefs c) {
+                      GradCoefs c, int64_t plain_at) {
   const Vec vinv(inv_temp), vk(c.k), floor(kLogFloor);
   for (int64_t c0 = 0, k = 0; c0 < V; c0 += kChunk, ++k) {
     const int64_t n = std::min(kChunk, V - c0);
@@ -397,7 +406,12 @@ void scratch_grad_row(const T* x, const Scratch& sc, T* g, int64_t V, float inv_
       if constexpr (kEntropy) {
         load2(xc + i, a, b);  // before the store: g may be x itself
       }
-      store2_step<kStream>(gc + i, grad(a, i), grad(b, i + kVec));
+      const Vec ga = grad(a, i), gb = grad(b, i + kVec);
+      if (kStream && c0 + i == plain_at) {  // the label's step: plain stores (see write_grad_row)
+        store2(gc + i, ga, gb);
+      } else {
+        store2_step<kStream>(gc + i, ga, gb);
+      }
     }
     if (i < n) {
       Vec a(0.0f), b(0.0f);
@@ -443,18 +457,18 @@ bool scratch_row(const TokenStatsFusedArgs& args, int64_t r, const T* x, T* g, c
   const float g_u = rg.has_u ? rg.g_u : 0.0f;
   const GradCoefs c{-(g_lp + g_h * (rg.has_h ? rg.h : 0.0f) + g_u) * inv_temp, -g_h * inv_temp,
                     g_u * inv_temp / static_cast<float>(V)};
+  const int64_t plain_at = label / kStep * kStep;  // the label's step takes plain stores (see write_grad_row)
   auto write = [&]<bool kStream>() {
     if (rg.has_h) {
-      rg.has_u ? scratch_grad_row<T, true, true, kStream>(x, sc, g, V, inv_temp, m, log_s, c)
-               : scratch_grad_row<T, true, false, kStream>(x, sc, g, V, inv_temp, m, log_s, c);
+      rg.has_u ? scratch_grad_row<T, true, true, kStream>(x, sc, g, V, inv_temp, m, log_s, c, plain_at)
+               : scratch_grad_row<T, true, false, kStream>(x, sc, g, V, inv_temp, m, log_s, c, plain_at);
     } else {
-      rg.has_u ? scratch_grad_row<T, false, true, kStream>(x, sc, g, V, inv_temp, m, log_s, c)
-               : scratch_grad_row<T, false, false, kStream>(x, sc, g, V, inv_temp, m, log_s, c);
+      rg.has_u ? scratch_grad_row<T, false, true, kStream>(x, sc, g, V, inv_temp, m, log_s, c, plain_at)
+               : scratch_grad_row<T, false, false, kStream>(x, sc, g, V, inv_temp, m, log_s, c, plain_at);
     }
   };
   if (stream_grad(g, x)) {
     write.template operator()<true>();
-    stream_fence();  // the streamed row is in memory before the label element below is rewritten
   } else {
     write.template operator()<false>();
   }
@@ -498,6 +512,7 @@ void fused_rows(const TokenStatsFusedArgs& args, int64_t begin, int64_t end) {
     if (args.entropy) args.entropy[r] = st.entropy;
     if (args.mean_logp) args.mean_logp[r] = st.mean_logp;
   }
+  stream_fence();  // the streamed rows are in memory before the caller reads them
 }
 
 }  // namespace
