@@ -201,12 +201,7 @@ void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs 
     Vec a, b;
     load2(x + i, a, b);
     prefetch_step(next + i);
-    const Vec ga = grad(a), gb = grad(b);
-    if (kStream && i == plain_at) {
-      store2(g + i, ga, gb);
-    } else {
-      store2_step<kStream>(g + i, ga, gb);
-    }
+    store2_step<kStream>(g + i, grad(a), grad(b), i == plain_at);
   }
   if (i < V) {
     Vec a, b;
@@ -406,12 +401,7 @@ void scratch_grad_row(const T* x, const Scratch& sc, T* g, int64_t V, float inv_
       if constexpr (kEntropy) {
         load2(xc + i, a, b);  // before the store: g may be x itself
       }
-      const Vec ga = grad(a, i), gb = grad(b, i + kVec);
-      if (kStream && c0 + i == plain_at) {  // the label's step: plain stores (see write_grad_row)
-        store2(gc + i, ga, gb);
-      } else {
-        store2_step<kStream>(gc + i, ga, gb);
-      }
+      store2_step<kStream>(gc + i, grad(a, i), grad(b, i + kVec), c0 + i == plain_at);
     }
     if (i < n) {
       Vec a(0.0f), b(0.0f);

@@ -304,6 +304,17 @@ inline void store2_step(T* p, const Vec& a, const Vec& b) {
   }
 }
 
+// store2_step, but plain stores where `plain`: the step of a streamed row that is rewritten with plain
+// stores afterwards (its lines must never be streamed, or a streamed line could land after the rewrite).
+template <bool kStream, typename T>
+inline void store2_step(T* p, const Vec& a, const Vec& b, bool plain) {
+  if (kStream && plain) {
+    store2(p, a, b);
+  } else {
+    store2_step<kStream>(p, a, b);
+  }
+}
+
 template <typename T>
 inline void store2_tail(T* p, int64_t n, const Vec& a, const Vec& b) {
   float buf[kStep];
