@@ -182,17 +182,16 @@ json.dump({"kernels": where, "loaded": "kernels" in sys.modules, "ours": rlhf_fa
 
 @pytest.mark.parametrize("installed", [True, False], ids=["installed", "source-tree"])
 def test_kernels_only_under_rlhf_fast(tmp_path, installed):
-    # transformers imports a top-level package named `kernels` when it finds one: our Triton
-    # kernels must not answer to that name. Installed: run from elsewhere, without the checkout
-    # on the path. From the source tree (PYTHONPATH=repo) the kernels/ directory is on the path
-    # by construction, so only check that importing ours does not load it as `kernels`.
+    # transformers imports a top-level package named `kernels` (a dependency of transformers 5.x): our
+    # Triton kernels must never answer to that name. Installed: run from elsewhere, without the checkout
+    # on the path. Source tree: the checkout on the path and as the working directory, as under
+    # `python -m pytest` or `python -m rlhf_fast.bench` run from the repository root.
     if installed and _run_python("import rlhf_fast", cwd=tmp_path, source_tree=False).returncode != 0:
         pytest.skip("rlhf_fast is not installed (pip install --no-build-isolation -e .)")
-    proc = _run_python(_KERNELS, cwd=tmp_path, source_tree=not installed)
+    proc = _run_python(_KERNELS, cwd=tmp_path if installed else REPO, source_tree=not installed)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["ours"] == "rlhf_fast.kernels"
     assert not out["loaded"], "importing rlhf_fast.kernels also created a top-level `kernels` module"
-    if installed:
-        for path in out["kernels"] or []:
-            assert path is None or not Path(path).resolve().is_relative_to(REPO), f"`import kernels` finds {path}"
+    for path in out["kernels"] or []:
+        assert path is None or not Path(path).resolve().is_relative_to(REPO), f"`import kernels` finds {path}"

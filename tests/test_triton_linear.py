@@ -1,4 +1,4 @@
-"""The Triton fused-linear kernels (kernels/linear_token_stats.py) under TRITON_INTERPRET=1, against a
+"""The Triton fused-linear kernels (rlhf_fast/kernels/linear_token_stats.py) under TRITON_INTERPRET=1, against a
 float64 reference: ``logits = hidden.double() @ weight.double().T + bias``, then
 ``rlhf_fast.reference``, gradients by float64 autograd.
 

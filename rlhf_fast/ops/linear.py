@@ -153,7 +153,7 @@ class _HeadGrads:
 
 
 class _TritonLinearTokenStats(torch.autograd.Function):
-    """``(logp, entropy, mean_logp)`` through the Triton fused-linear kernels (``kernels/linear_token_stats.py``):
+    """``(logp, entropy, mean_logp)`` through the Triton fused-linear kernels (``rlhf_fast/kernels/linear_token_stats.py``):
     the forward walks the vocabulary once per token tile, the backward recomputes the logits tiles. A loss
     built on these outputs (cross entropy, PPO, DPO) reaches the kernels as per-token upstream gradients."""
 
@@ -673,7 +673,7 @@ class _LinearKL(torch.autograd.Function):
 
 
 class _TritonLinearKL(torch.autograd.Function):
-    """Exact KL(P || Q) of two heads through the Triton tl.dot kernels (``kernels/linear_kl.py``)."""
+    """Exact KL(P || Q) of two heads through the Triton tl.dot kernels (``rlhf_fast/kernels/linear_kl.py``)."""
 
     @staticmethod
     def forward(ctx, p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias, temperature):

@@ -119,7 +119,7 @@ TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
 
 @dataclass(frozen=True)
 class AotSpec:
-    """One kernel specialization, as the launchers would JIT it, for kernels/aot.py to compile.
+    """One kernel specialization, as the launchers would JIT it, for rlhf_fast/kernels/aot.py to compile.
 
     ``signature`` maps every argument name to a Triton type (``"*bf16"``, ``"i32"``, ``"fp32"``,
     ``"constexpr"``); ``aligned`` names the arguments the runtime marks divisible by 16 for real

@@ -476,7 +476,7 @@ def linear_token_stats_bwd(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (kernels/aot.py).
+# Ahead-of-time compile specs (rlhf_fast/kernels/aot.py).
 
 # Not the full product of the switches: the combinations the ops launch most (logp alone; everything
 # on) and one that turns the rest off, so that every value of every switch is compiled per dtype.

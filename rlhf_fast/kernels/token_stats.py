@@ -261,7 +261,7 @@ def token_stats_bwd(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (kernels/aot.py): every specialization the launchers can JIT.
+# Ahead-of-time compile specs (rlhf_fast/kernels/aot.py): every specialization the launchers can JIT.
 
 # (HAS_LABELS, WITH_LOGP, WITH_ENTROPY, WITH_MEAN_LOGP): logp needs labels (the launcher checks).
 # Not the full product (12): every combination without mean_logp and everything on, at every

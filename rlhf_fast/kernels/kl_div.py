@@ -235,7 +235,7 @@ def kl_bwd(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (kernels/aot.py): every specialization the launchers can JIT.
+# Ahead-of-time compile specs (rlhf_fast/kernels/aot.py): every specialization the launchers can JIT.
 
 
 def aot_specs(dtype: torch.dtype) -> list[AotSpec]:

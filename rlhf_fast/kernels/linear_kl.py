@@ -387,7 +387,7 @@ def linear_kl_bwd(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (kernels/aot.py).
+# Ahead-of-time compile specs (rlhf_fast/kernels/aot.py).
 
 # (HAS_P_BIAS, HAS_Q_BIAS) for the forward; [+ (NEED_P, NEED_Q)] for dH; [+ (NEED_P_WEIGHT, NEED_Q_WEIGHT,
 # NEED_P_BIAS, NEED_Q_BIAS)] for dW: the common cases (no biases, a trained student against a frozen

@@ -221,7 +221,7 @@ def token_stats_fused(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (kernels/aot.py)
+# Ahead-of-time compile specs (rlhf_fast/kernels/aot.py)
 
 # (MODE, KL_KIND, WITH_ENTROPY, WITH_MEAN_LOGP). Not the full product (20 launchable): the plainest
 # and the heaviest at every config; at the largest config, where registers are tightest, also the
