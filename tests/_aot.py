@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import torch
+
 from rlhf_fast.kernels import aot
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

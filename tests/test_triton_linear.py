@@ -14,11 +14,10 @@ import torch
 
 pytest.importorskip("triton")
 
+from rlhf_fast import reference as ref
 from rlhf_fast.kernels._common import TileConfig
 from rlhf_fast.kernels.linear_kl import linear_kl_bwd, linear_kl_fwd
 from rlhf_fast.kernels.linear_token_stats import linear_token_stats_bwd, linear_token_stats_fwd
-
-from rlhf_fast import reference as ref
 
 SMALL = TileConfig(block_n=16, block_v=64, block_h=16, num_warps=4, num_stages=1)
 TEMPERATURE = 0.7

@@ -153,9 +153,10 @@ class _HeadGrads:
 
 
 class _TritonLinearTokenStats(torch.autograd.Function):
-    """``(logp, entropy, mean_logp)`` through the Triton fused-linear kernels (``rlhf_fast/kernels/linear_token_stats.py``):
-    the forward walks the vocabulary once per token tile, the backward recomputes the logits tiles. A loss
-    built on these outputs (cross entropy, PPO, DPO) reaches the kernels as per-token upstream gradients."""
+    """``(logp, entropy, mean_logp)`` through the Triton fused-linear kernels
+    (``rlhf_fast/kernels/linear_token_stats.py``): the forward walks the vocabulary once per token tile, the
+    backward recomputes the logits tiles. A loss built on these outputs (cross entropy, PPO, DPO) reaches the
+    kernels as per-token upstream gradients."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, wanted):
