@@ -99,20 +99,24 @@ inline Vec vexp_acc(const Vec& d, Vec& s, Vec& t) {
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 inline Vec vexp(const Vec& d_) {
-  // min/max return their second operand for a NaN, so NaN lanes stay NaN throughout.
+  // min returns its second operand for a NaN, so NaN lanes stay NaN throughout.
   const __m256 d = _mm256_min_ps(_mm256_set1_ps(88.0f), d_);  // keeps 2^n's exponent field in range
+  // Lanes below the flush point (and -inf, whose r is NaN) are zeroed by the final and; NaN stays NaN.
   const __m256 keep = _mm256_cmp_ps(d, _mm256_set1_ps(kExpFlush), _CMP_NLT_UQ);
-  const __m256 dc = _mm256_max_ps(_mm256_set1_ps(kExpFlush), d);  // -inf would make r NaN
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(dc, _mm256_set1_ps(kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2), dc);
+  // t = d log2 e + 1.5 * 2^23 + 127 rounds d log2 e to the nearest integer n in the low mantissa bits, so
+  // n + 127 shifted into the exponent field is 2^n (the 2^22 bit above it shifts out), and t minus the
+  // constant is n: no round or convert instruction (each two uops on 128-bit units).
+  const __m256 shift = _mm256_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
+  const __m256 t = _mm256_fmadd_ps(d, _mm256_set1_ps(kLog2e), shift);
+  const __m256 n = _mm256_sub_ps(t, shift);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2), d);
   __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kExpC5), r, _mm256_set1_ps(kExpC4));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC3));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC2));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC1));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  // 2^n built in the exponent field: n is in [-126, 127].
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  // For a kept lane n is in [-126, 127]; a flushed lane's bits here are garbage that the and removes.
+  const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
 }
 #else
