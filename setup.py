@@ -26,6 +26,11 @@ COMMON_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]
 # (see csrc/cpu/vec_utils.h).
 KERNEL_FLAGS = ["-ffp-contract=off"]
 
+# GCC leaves instruction scheduling before register allocation off on x86. Turned on for the AVX2 variant it
+# made the row kernels 4-17% faster on an EPYC Zen 1, which splits every 256-bit op in two (forward log-probs
+# 1.05 -> 0.87 ns per element and core in float32, backward 1.10 -> 1.00); it changes no result.
+AVX2_SCHEDULE = ["-fschedule-insns", "-fsched-pressure"]
+
 # (name, -m flags, at::vec capability). The names are ATen's, the flags those of PyTorch's own kernel builds;
 # AVX512_BF16 is ours: the AVX512 variant (at::vec's AVX512 code) plus the bfloat16 conversion
 # instructions, chosen at run time only on CPUs that have them (csrc/ops.cpp).
@@ -33,7 +38,7 @@ AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
 CAPABILITIES = [("DEFAULT", [], "DEFAULT")]
 if platform.machine().lower() in ("x86_64", "amd64"):
     CAPABILITIES += [
-        ("AVX2", ["-mavx2", "-mfma", "-mf16c"], "AVX2"),
+        ("AVX2", ["-mavx2", "-mfma", "-mf16c", *AVX2_SCHEDULE], "AVX2"),
         ("AVX512", AVX512_FLAGS, "AVX512"),
         ("AVX512_BF16", [*AVX512_FLAGS, "-mavx512bf16"], "AVX512"),
     ]
