@@ -29,8 +29,9 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 
 
 def _p_times(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # p * x with 0 * (-inf) := 0: masked vocabulary entries carry no probability mass.
-    return torch.where(p > 0, p * x, torch.zeros_like(p))
+    # p * x with 0 * (-inf) := 0: masked vocabulary entries carry no probability mass. A NaN p (from a NaN
+    # logit) stays NaN.
+    return torch.where(p == 0, torch.zeros_like(p), p * x)
 
 
 def _row_stats(x, lab, ignore_index, with_entropy, with_mean_logp):
@@ -133,7 +134,8 @@ def ppo_coefs(logp, coefs, params):
     ratio = torch.exp(logp - old)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    d_pg = torch.where(unclipped >= clipped, -adv * ratio, 0.0)
+    # "not below" rather than ">=": a NaN advantage gives a NaN gradient, as autograd of torch.maximum does
+    d_pg = torch.where(unclipped < clipped, 0.0, -adv * ratio)
     if dual_clip > 0:
         capped = (adv < 0) & (torch.maximum(unclipped, clipped) > -adv * dual_clip)
         d_pg = torch.where(capped, 0.0, d_pg)

@@ -241,6 +241,27 @@ def test_fully_ignored_batch(backend, loss_agg):
         assert value.item() == 0.0, name
 
 
+@pytest.mark.parametrize("option", ["default", "dual-clip"])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_nan_advantage_gives_its_token_a_nan_gradient(backend, option):
+    # As autograd of the reference does: the loss is NaN, and so is the gradient of that token's row (not 0, which
+    # a ">=" test between the two NaN branches of the max would give); every other row is untouched.
+    inputs = make_ppo_inputs()
+    inputs.labels[1, 3] = 5
+    inputs.advantages[1, 3] = float("nan")
+    loss, _ = ppo_fn(inputs, **OPTIONS[option])(rf, inputs.logits, backend=backend)
+    loss.backward()
+    ref_logits = inputs.logits.detach().double().requires_grad_()
+    ref_loss, _ = ppo_fn(inputs, **OPTIONS[option])(rf.reference, ref_logits)
+    ref_loss.backward()
+    assert math.isnan(loss.item()) and math.isnan(ref_loss.item())
+    for grad in (inputs.logits.grad, ref_logits.grad):
+        assert torch.isnan(grad[1, 3]).all()
+        rest = torch.ones(grad.shape[:2], dtype=torch.bool)
+        rest[1, 3] = False
+        assert torch.isfinite(grad[rest]).all()
+
+
 # --------------------------------------------------------------------------- gradient in the forward
 @pytest.mark.parametrize("option", ["default", "everything"])
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)

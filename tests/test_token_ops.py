@@ -251,6 +251,29 @@ def test_one_huge_logit(backend, op, dtype, value):
         assert bool(torch.isfinite(t).all())
 
 
+@pytest.mark.parametrize("dtype", _dtype_params(F32_BF16))
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_nan_logit_gives_its_row_nan(backend, op, dtype):
+    # A NaN logit must show: every output of its row and every element of its row's gradients (both sides
+    # of a KL) are NaN, never a finite value that hides it (a "p > 0" mask drops a NaN p); other rows are as
+    # without it.
+    leaves, labels = make_inputs(OPS[op], SMALL_SHAPE, dtype)
+    with torch.no_grad():
+        clean = OPS[op](rf, *(leaf.detach() for leaf in leaves), labels=labels, backend=backend)
+        leaves[0][1, 5, 17] = float("nan")
+    outs = OPS[op](rf, *leaves, labels=labels, backend=backend)
+    sum((out * torch.rand(out.shape)).sum() for out in outs).backward()
+    row = torch.zeros(SMALL_SHAPE[:-1], dtype=torch.bool)
+    row[1, 5] = True
+    for out, ok in zip(outs, clean, strict=True):
+        assert bool(torch.isnan(out[row]).all())
+        assert torch.equal(out[~row], ok[~row])
+    for leaf in leaves:
+        assert bool(torch.isnan(leaf.grad[row]).all())
+        assert bool(torch.isfinite(leaf.grad[~row]).all())
+
+
 @pytest.mark.parametrize("op", ["logprobs_and_entropy", "kl"])
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_large_offset_rows(backend, op):

@@ -123,7 +123,7 @@ void bwd_row(const T* x, const T* y, T* gx, T* gy, int64_t V, float inv_temp, fl
     const Vec logq = b * vinv + neg_lse_q;
     const Vec p = vexp(logp);
     if constexpr (kNeedP) {
-      out_x = Vec::blendv(zero, p * (logp - logq - vkl) * vg, p > zero);
+      out_x = Vec::blendv(p * (logp - logq - vkl) * vg, zero, p == zero);  // a NaN p (NaN logit) stays NaN
     }
     if constexpr (kNeedQ) {
       out_y = (vexp(logq) - p) * vg;

@@ -290,7 +290,8 @@ void ppo_coefs(const PpoParams& pp, float logp, float old_logp, float adv, float
   const float ratio = std::exp(logp - old_logp);
   const float unclipped = -adv * ratio;
   const float clipped = -adv * std::clamp(ratio, pp.ratio_low, pp.ratio_high);
-  float d = unclipped >= clipped ? -adv * ratio : 0.0f;  // the clipped branch is flat in logp
+  // The clipped branch is flat in logp; a NaN advantage takes the other one and gives NaN, as in autograd.
+  float d = unclipped < clipped ? 0.0f : -adv * ratio;
   if (pp.dual_clip > 0.0f && adv < 0.0f && std::max(unclipped, clipped) > -adv * pp.dual_clip) {
     d = 0.0f;  // capped at -A * c: flat as well
   }

@@ -142,8 +142,8 @@ def _kl_bwd_kernel(
         log_q = y - lse_y
         p = tl.exp(log_p)
         if NEED_P:
-            # P_v = 0 contributes nothing (and -inf - -inf must not leak a NaN)
-            grad_x = tl.where(p > 0.0, g * p * (log_p - log_q - kl), 0.0)
+            # P_v = 0 contributes nothing (and -inf - -inf must not leak a NaN); a NaN P_v stays NaN
+            grad_x = tl.where(p == 0.0, 0.0, g * p * (log_p - log_q - kl))
             tl.store(grad_p_ptr + row * V + offs, grad_x.to(grad_p_ptr.dtype.element_ty), mask=mask)
         if NEED_Q:
             grad_y = g * (tl.exp(log_q) - p)

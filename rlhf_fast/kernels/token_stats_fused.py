@@ -113,8 +113,8 @@ def _token_stats_fused_kernel(
         unclipped = -adv * ratio
         clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
         # d max(unclipped, clipped) / d logp; at a tie (ratio inside the clip range) the ratio's own
-        # gradient, as autograd of torch.maximum gives
-        d_pg = tl.where(unclipped >= clipped, unclipped, 0.0)
+        # gradient, as autograd of torch.maximum gives (and NaN for a NaN advantage, as it also does)
+        d_pg = tl.where(unclipped < clipped, 0.0, unclipped)
         # dual clip: for adv < 0 the loss is capped at -adv * dual_clip, a constant
         capped = (dual_clip > 0.0) & (adv < 0.0) & (tl.maximum(unclipped, clipped) > -adv * dual_clip)
         g_lp = tl.where(capped, 0.0, d_pg)
