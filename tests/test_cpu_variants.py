@@ -140,3 +140,80 @@ def test_variant_against_float64(data, env, expected, cpu_flag):
                 assert got.dtype == inputs["logits"][name].dtype, (name, key)
             err = (got.double() - want).abs().max().item() / want.abs().max().item()
             assert err <= tol, f"{expected} {name} {key}: {err:.2e} > {tol:.0e}"
+
+
+_NAN_CHILD = r"""
+import json, sys, torch
+import rlhf_fast as rf
+from rlhf_fast import _dispatch
+path, = sys.argv[1:]
+data = torch.load(path)
+out = {}
+for name, x in data["logits"].items():
+    labels, g, g2 = data["labels"], data["g"], data["g2"]
+    res = {}
+    a = x.clone().requires_grad_()
+    lp, ent = rf.token_logprobs_and_entropy(a, labels, backend="cpp")
+    res["lp_ent"] = torch.autograd.grad((lp * g).sum() + (ent * g2).sum(), a)[0]
+    a = x.clone().requires_grad_()
+    loss, _ = rf.ppo_loss(a, labels, data["old"], data["adv"], entropy_coef=0.01, backend="cpp")
+    res["ppo"] = torch.autograd.grad(loss, a)[0]
+    a, b = x.clone().requires_grad_(), data["q"][name].clone().requires_grad_()
+    kl = rf.kl_divergence(a, b, backend="cpp")
+    res["kl_p"], res["kl_q"] = torch.autograd.grad((kl * g).sum(), (a, b))
+    out[name] = res
+torch.save(out, path + ".out")
+print(json.dumps({"capability": _dispatch._C.cpu_capability()}))
+"""
+
+
+def _nan(bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The NaN with exactly these bits (a payload arithmetic would pass on, not the default NaN)."""
+    int_type = torch.int16 if dtype.itemsize == 2 else torch.int32
+    signed = bits - (1 << 8 * dtype.itemsize) if bits >> (8 * dtype.itemsize - 1) else bits
+    return torch.tensor([signed], dtype=int_type).view(dtype)[0]
+
+
+@pytest.mark.parametrize("vocab", [5003, 1056], ids=["odd", "streamed"])
+@pytest.mark.parametrize(("env", "expected", "cpu_flag"), VARIANTS)
+def test_variant_gradients_keep_nan(tmp_path, vocab, env, expected, cpu_flag):
+    """A NaN logit, upstream gradient or advantage makes its row's gradient NaN in every lane, whatever its
+    payload: the bfloat16 rounding of a NaN whose low bits are set can carry into the exponent (and give 0)."""
+    if not rf.backends()["cpp"].available:
+        pytest.skip("the C++ extension is not built")
+    if cpu_flag is not None and not _cpu_has(cpu_flag):
+        pytest.skip(f"this CPU has no {cpu_flag}")
+    rows = 9
+    x64 = torch.randn(rows, vocab, dtype=torch.float64) * 3
+    logits = {name: x64.to(getattr(torch, name)) for name in TOL}
+    for x in logits.values():
+        x[1, 7] = _nan(0x7FFF if x.itemsize == 2 else 0x7FFFFFFF, x.dtype)  # every payload bit set
+        # signaling (but the fp16 one), in the tail
+        x[2, vocab - 1] = _nan(0xFF81 if x.itemsize == 2 else 0xFF800001, x.dtype)
+    g, adv = torch.randn(rows), torch.randn(rows)
+    for t in (g, adv):
+        t[3] = _nan(0xFFFFFFFF, torch.float32)
+        t[4] = _nan(0x7FFFFFFF, torch.float32)
+    data = {
+        "logits": logits,
+        "q": {name: (x64 + 0.5 * torch.randn_like(x64)).to(getattr(torch, name)) for name in TOL},
+        "labels": torch.randint(0, vocab, (rows,)),
+        "g": g,
+        "g2": torch.randn(rows),
+        "adv": adv,
+        "old": -torch.rand(rows) * 5,
+    }
+    path = tmp_path / "inputs.pt"
+    torch.save(data, path)
+    clean = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "RLHF_FAST_AVX512_BF16")}
+    done = subprocess.run([sys.executable, "-c", _NAN_CHILD, str(path)], capture_output=True, text=True,
+                          env={**clean, **env}, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["capability"] == expected
+    results = torch.load(str(path) + ".out")
+    nan_rows = torch.zeros(rows, dtype=torch.bool)
+    nan_rows[1:5] = True
+    for name in TOL:
+        for key, got in results[name].items():
+            assert torch.isnan(got[nan_rows]).all(), f"{expected} {name} {key}: a NaN row lost its NaN"
+            assert torch.isfinite(got[~nan_rows]).all(), f"{expected} {name} {key}: NaN outside the NaN rows"

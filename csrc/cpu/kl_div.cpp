@@ -116,7 +116,9 @@ void fwd_rows(const KlFwdArgs& args, int64_t begin, int64_t end) {
 template <typename T, bool kNeedP, bool kNeedQ, bool kStream>
 void bwd_row(const T* x, const T* y, T* gx, T* gy, int64_t V, float inv_temp, float lse_p, float lse_q,
              float kl, float g, const T* nx, const T* ny) {
-  const Vec vinv(inv_temp), neg_lse_p(-lse_p), neg_lse_q(-lse_q), vkl(kl), vg(g * inv_temp);
+  // The scalars through plain_nan (see to_bf16).
+  const Vec vinv(inv_temp), neg_lse_p(-plain_nan(lse_p)), neg_lse_q(-plain_nan(lse_q)), vkl(plain_nan(kl)),
+      vg(plain_nan(g * inv_temp));
   const Vec zero(0.0f);
   auto grads = [&](const Vec& a, const Vec& b, Vec& out_x, Vec& out_y) {
     const Vec logp = a * vinv + neg_lse_p;

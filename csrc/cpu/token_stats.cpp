@@ -172,15 +172,35 @@ struct RowGrads {
 // With log p_v = x_v - lse, the gradient is
 //   g_lp * (1[v == label] - p_v) - g_H * p_v * (log p_v + H) + g_u * (1/V - p_v),
 // divided by T. Off the label that is p_v * (c0 + c1 * log p_v) + k with c0 = -(g_lp + g_H H + g_u) / T,
-// c1 = -g_H / T, k = g_u / (V T); the label element is rewritten in float afterwards.
+// c1 = -g_H / T, k = g_u / (V T); the label element is rewritten in float afterwards (label_grad).
 struct GradCoefs {
-  float c0, c1, k;
+  float c0, c1, k, g_lp;
 };
+
+// The coefficients of a row that is a block of `vocab` columns (the mean term's 1/vocab), each through
+// plain_nan (see to_bf16).
+GradCoefs grad_coefs(const RowGrads& rg, float inv_temp, int64_t vocab) {
+  const float g_lp = rg.has_lp ? rg.g_lp : 0.0f;
+  const float g_h = rg.has_h ? rg.g_h : 0.0f;
+  const float g_u = rg.has_u ? rg.g_u : 0.0f;
+  return {plain_nan(-(g_lp + g_h * (rg.has_h ? rg.h : 0.0f) + g_u) * inv_temp), plain_nan(-g_h * inv_temp),
+          plain_nan(g_u * inv_temp / static_cast<float>(vocab)), g_lp};
+}
+
+// The gradient at the label, from its scaled logit, computed in float after the row is written. Its
+// log-prob term is taken as g_lp (1 - p) / T = -g_lp expm1(log p) / T: both g_lp - g_lp p and a g_lp / T
+// added to the rounded value cancel when p is close to 1 (a confident token), leaving only the rounding error.
+float label_grad(const GradCoefs& c, float x_label, float lse, float inv_temp) {
+  const float logp = std::max(x_label - lse, kLogFloor);
+  const float c0_rest = c.c0 + c.g_lp * inv_temp;  // c0 without its log-prob part
+  const float lp_term = -c.g_lp * inv_temp * std::expm1(logp);
+  return lp_term + std::exp(logp) * (c0_rest + c.c1 * logp) + c.k;
+}
 
 // With kStream, the step that starts at `plain_at` (the label's, rewritten afterwards) takes plain stores.
 template <typename T, bool kEntropy, bool kMean, bool kStream = false>
 void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs c, const T* next, int64_t plain_at) {
-  const Vec vinv(inv_temp), vlse(lse), vc0(c.c0), vc1(c.c1), vk(c.k), floor(kLogFloor);
+  const Vec vinv(inv_temp), vlse(plain_nan(lse)), vc0(c.c0), vc1(c.c1), vk(c.k), floor(kLogFloor);
   auto grad = [&](const Vec& v) {
     Vec logp = v * vinv - vlse;
     Vec out;
@@ -220,11 +240,7 @@ void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs 
 template <typename T>
 void write_grad_row(const T* x, T* g, int64_t V, int64_t vocab, float inv_temp, float lse, int64_t label,
                     float x_label, const RowGrads& rg, const T* next, bool stream = false) {
-  const float g_lp = rg.has_lp ? rg.g_lp : 0.0f;
-  const float g_h = rg.has_h ? rg.g_h : 0.0f;
-  const float g_u = rg.has_u ? rg.g_u : 0.0f;
-  const GradCoefs c{-(g_lp + g_h * (rg.has_h ? rg.h : 0.0f) + g_u) * inv_temp, -g_h * inv_temp,
-                    g_u * inv_temp / static_cast<float>(vocab)};
+  const GradCoefs c = grad_coefs(rg, inv_temp, vocab);
   const int64_t plain_at = rg.has_lp && label >= 0 ? label / kStep * kStep : -1;
   auto write = [&]<bool kStream>() {
     if (rg.has_h) {
@@ -241,13 +257,7 @@ void write_grad_row(const T* x, T* g, int64_t V, int64_t vocab, float inv_temp, 
     write.template operator()<false>();
   }
   if (rg.has_lp && label >= 0) {
-    // Rewrite the label element in float, with its log-prob term as g_lp (1 - p) / T =
-    // -g_lp expm1(log p) / T: both g_lp - g_lp p and a g_lp / T added to the rounded value cancel
-    // when p is close to 1 (a confident token), leaving only the rounding error.
-    const float logp = std::max(x_label - lse, kLogFloor);
-    const float c0_rest = c.c0 + g_lp * inv_temp;  // c0 without its log-prob part
-    const float lp_term = -g_lp * inv_temp * std::expm1(logp);
-    g[label] = static_cast<T>(lp_term + std::exp(logp) * (c0_rest + c.c1 * logp) + c.k);
+    g[label] = static_cast<T>(label_grad(c, x_label, lse, inv_temp));
   }
 }
 
@@ -452,11 +462,7 @@ bool scratch_row(const TokenStatsFusedArgs& args, int64_t r, const T* x, T* g, c
   if (mean_logp) st.mean_logp = (acc.sum_x / static_cast<float>(V) - m) - log_s;
   fused_coefs(args, r, st, rg);
 
-  const float g_lp = rg.g_lp;
-  const float g_h = rg.has_h ? rg.g_h : 0.0f;
-  const float g_u = rg.has_u ? rg.g_u : 0.0f;
-  const GradCoefs c{-(g_lp + g_h * (rg.has_h ? rg.h : 0.0f) + g_u) * inv_temp, -g_h * inv_temp,
-                    g_u * inv_temp / static_cast<float>(V)};
+  const GradCoefs c = grad_coefs(rg, inv_temp, V);
   const int64_t plain_at = label / kStep * kStep;  // the label's step takes plain stores (see write_grad_row)
   auto write = [&]<bool kStream>() {
     if (rg.has_h) {
@@ -472,11 +478,7 @@ bool scratch_row(const TokenStatsFusedArgs& args, int64_t r, const T* x, T* g, c
   } else {
     write.template operator()<false>();
   }
-  // The label element, as in write_grad_row.
-  const float logp = std::max(st.x_label - st.lse, kLogFloor);
-  const float c0_rest = c.c0 + g_lp * inv_temp;
-  const float lp_term = -g_lp * inv_temp * std::expm1(logp);
-  g[label] = static_cast<T>(lp_term + std::exp(logp) * (c0_rest + c.c1 * logp) + c.k);
+  g[label] = static_cast<T>(label_grad(c, st.x_label, st.lse, inv_temp));
   return true;
 }
 
