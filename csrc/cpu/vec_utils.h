@@ -98,9 +98,11 @@ inline Vec vexp_acc(const Vec& d, Vec& s, Vec& t) {
   return e;
 }
 #elif defined(CPU_CAPABILITY_AVX2)
-inline Vec vexp(const Vec& d_) {
-  // min returns its second operand for a NaN, so NaN lanes stay NaN throughout.
-  const __m256 d = _mm256_min_ps(_mm256_set1_ps(88.0f), d_);  // keeps 2^n's exponent field in range
+// For d <= 88 and NaN (+inf gives NaN): a larger d overflows 2^n's exponent field into garbage. No caller
+// clamps (a min costs 5-8% of a float32 pass here): a gradient pass's d is a log-probability, <= 0 up to
+// rounding, and a sum pass's is x minus a running max that a chunk may exceed by at most kHeadroom before it
+// is summed again, so only sums that are thrown away see garbage.
+inline Vec vexp(const Vec& d) {
   // Lanes below the flush point (and -inf, whose r is NaN) are zeroed by the final and; NaN stays NaN.
   const __m256 keep = _mm256_cmp_ps(d, _mm256_set1_ps(kExpFlush), _CMP_NLT_UQ);
   // t = d log2 e + 1.5 * 2^23 + 127 rounds d log2 e to the nearest integer n in the low mantissa bits, so
