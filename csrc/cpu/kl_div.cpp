@@ -35,15 +35,15 @@ struct KlSums {
 
 // Sums of one chunk against mx, my, and in .mx/.my the chunk's own maxes; the same columns of the
 // next rows, nx and ny, are prefetched meanwhile (prefetch_step).
-template <typename T>
+template <typename T, bool kScale>
 KlSums chunk_sums(const T* x, const T* y, int64_t n, float inv_temp, float mx, float my, const T* nx, const T* ny) {
   // A side that has seen only -inf so far has max -inf; shifting by 0 then gives exp(-inf) = 0,
   // where -inf - (-inf) would give NaN.
   const Vec vinv(inv_temp), vmx(mx > -kInf ? mx : 0.0f), vmy(my > -kInf ? my : 0.0f);
   Vec sx(0.0f), sy(0.0f), t(0.0f), cmx(-kInf), cmy(-kInf);
   auto one = [&](const Vec& a, const Vec& b) {
-    const Vec xs = a * vinv;
-    const Vec ys = b * vinv;
+    const Vec xs = kScale ? a * vinv : a;
+    const Vec ys = kScale ? b * vinv : b;
     cmx = at::vec::clamp_min(xs, cmx);
     cmy = at::vec::clamp_min(ys, cmy);
     // P = 0 contributes 0 to t (x = -inf would give 0 * -inf); P > 0 with y = -inf gives +inf.
@@ -80,19 +80,21 @@ KlSums chunk_sums(const T* x, const T* y, int64_t n, float inv_temp, float mx, f
 template <typename T>
 KlSums kl_sums(const T* x, const T* y, int64_t V, float inv_temp, const T* nx, const T* ny) {
   KlSums acc;
-  for (int64_t c = 0; c < V; c += kChunk) {
-    const int64_t n = std::min(kChunk, V - c);
-    // Until a side has a finite max, find one before any exp (see token_stats.cpp).
-    if (acc.mx == -kInf) acc.mx = chunk_max(x + c, n) * inv_temp;
-    if (acc.my == -kInf) acc.my = chunk_max(y + c, n) * inv_temp;
-    KlSums chunk = chunk_sums(x + c, y + c, n, inv_temp, acc.mx, acc.my, nx + c, ny + c);
-    if (chunk.mx > acc.mx + kHeadroom || chunk.my > acc.my + kHeadroom) {
+  with_scale(inv_temp, [&]<bool kScale>() {
+    for (int64_t c = 0; c < V; c += kChunk) {
+      const int64_t n = std::min(kChunk, V - c);
+      // Until a side has a finite max, find one before any exp (see token_stats.cpp).
+      if (acc.mx == -kInf) acc.mx = chunk_max(x + c, n) * inv_temp;
+      if (acc.my == -kInf) acc.my = chunk_max(y + c, n) * inv_temp;
+      KlSums chunk = chunk_sums<T, kScale>(x + c, y + c, n, inv_temp, acc.mx, acc.my, nx + c, ny + c);
+      if (chunk.mx > acc.mx + kHeadroom || chunk.my > acc.my + kHeadroom) {
+        acc.raise_max(chunk.mx, chunk.my);
+        chunk = chunk_sums<T, kScale>(x + c, y + c, n, inv_temp, acc.mx, acc.my, nx + c, ny + c);
+      }
+      acc.add(chunk);
       acc.raise_max(chunk.mx, chunk.my);
-      chunk = chunk_sums(x + c, y + c, n, inv_temp, acc.mx, acc.my, nx + c, ny + c);
     }
-    acc.add(chunk);
-    acc.raise_max(chunk.mx, chunk.my);
-  }
+  });
   return acc;
 }
 
@@ -120,44 +122,46 @@ void bwd_row(const T* x, const T* y, T* gx, T* gy, int64_t V, float inv_temp, fl
   const Vec vinv(inv_temp), neg_lse_p(-plain_nan(lse_p)), neg_lse_q(-plain_nan(lse_q)), vkl(plain_nan(kl)),
       vg(plain_nan(g * inv_temp));
   const Vec zero(0.0f);
-  auto grads = [&](const Vec& a, const Vec& b, Vec& out_x, Vec& out_y) {
-    const Vec logp = a * vinv + neg_lse_p;
-    const Vec logq = b * vinv + neg_lse_q;
-    const Vec p = vexp(logp);
-    if constexpr (kNeedP) {
-      out_x = Vec::blendv(p * (logp - logq - vkl) * vg, zero, p == zero);  // a NaN p (NaN logit) stays NaN
+  with_scale(inv_temp, [&]<bool kScale>() {
+    auto grads = [&](const Vec& a, const Vec& b, Vec& out_x, Vec& out_y) {
+      const Vec logp = (kScale ? a * vinv : a) + neg_lse_p;
+      const Vec logq = (kScale ? b * vinv : b) + neg_lse_q;
+      const Vec p = vexp(logp);
+      if constexpr (kNeedP) {
+        out_x = Vec::blendv(p * (logp - logq - vkl) * vg, zero, p == zero);  // a NaN p (NaN logit) stays NaN
+      }
+      if constexpr (kNeedQ) {
+        out_y = (vexp(logq) - p) * vg;
+      }
+    };
+    auto write = [&](int64_t i, int64_t n, const Vec& a0, const Vec& a1, const Vec& b0, const Vec& b1) {
+      Vec x0, x1, y0, y1;
+      grads(a0, b0, x0, y0);
+      grads(a1, b1, x1, y1);
+      if (n == kStep) {
+        if constexpr (kNeedP) store2_step<kStream>(gx + i, x0, x1);
+        if constexpr (kNeedQ) store2_step<kStream>(gy + i, y0, y1);
+      } else {
+        if constexpr (kNeedP) store2_tail(gx + i, n, x0, x1);
+        if constexpr (kNeedQ) store2_tail(gy + i, n, y0, y1);
+      }
+    };
+    int64_t i = 0;
+    for (; i + kStep <= V; i += kStep) {
+      Vec a0, a1, b0, b1;
+      load2(x + i, a0, a1);
+      load2(y + i, b0, b1);
+      prefetch_step(nx + i);
+      prefetch_step(ny + i);
+      write(i, kStep, a0, a1, b0, b1);
     }
-    if constexpr (kNeedQ) {
-      out_y = (vexp(logq) - p) * vg;
+    if (i < V) {
+      Vec a0, a1, b0, b1;
+      load2_tail(x + i, V - i, -kInf, a0, a1);
+      load2_tail(y + i, V - i, -kInf, b0, b1);
+      write(i, V - i, a0, a1, b0, b1);
     }
-  };
-  auto write = [&](int64_t i, int64_t n, const Vec& a0, const Vec& a1, const Vec& b0, const Vec& b1) {
-    Vec x0, x1, y0, y1;
-    grads(a0, b0, x0, y0);
-    grads(a1, b1, x1, y1);
-    if (n == kStep) {
-      if constexpr (kNeedP) store2_step<kStream>(gx + i, x0, x1);
-      if constexpr (kNeedQ) store2_step<kStream>(gy + i, y0, y1);
-    } else {
-      if constexpr (kNeedP) store2_tail(gx + i, n, x0, x1);
-      if constexpr (kNeedQ) store2_tail(gy + i, n, y0, y1);
-    }
-  };
-  int64_t i = 0;
-  for (; i + kStep <= V; i += kStep) {
-    Vec a0, a1, b0, b1;
-    load2(x + i, a0, a1);
-    load2(y + i, b0, b1);
-    prefetch_step(nx + i);
-    prefetch_step(ny + i);
-    write(i, kStep, a0, a1, b0, b1);
-  }
-  if (i < V) {
-    Vec a0, a1, b0, b1;
-    load2_tail(x + i, V - i, -kInf, a0, a1);
-    load2_tail(y + i, V - i, -kInf, b0, b1);
-    write(i, V - i, a0, a1, b0, b1);
-  }
+  });
 }
 
 template <typename T, bool kNeedP, bool kNeedQ>

@@ -201,33 +201,36 @@ float label_grad(const GradCoefs& c, float x_label, float lse, float inv_temp) {
 template <typename T, bool kEntropy, bool kMean, bool kStream = false>
 void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs c, const T* next, int64_t plain_at) {
   const Vec vinv(inv_temp), vlse(plain_nan(lse)), vc0(c.c0), vc1(c.c1), vk(c.k), floor(kLogFloor);
-  auto grad = [&](const Vec& v) {
-    Vec logp = v * vinv - vlse;
-    Vec out;
-    if constexpr (kEntropy) {
-      logp = at::vec::clamp_min(logp, floor);  // p = 0 stays 0 instead of 0 * -inf
-      out = vexp(logp) * at::vec::fmadd(vc1, logp, vc0);
-    } else {
-      out = vexp(logp) * vc0;
+  auto row = [&]<bool kScale>() {
+    auto grad = [&](const Vec& v) {
+      Vec logp = (kScale ? v * vinv : v) - vlse;
+      Vec out;
+      if constexpr (kEntropy) {
+        logp = at::vec::clamp_min(logp, floor);  // p = 0 stays 0 instead of 0 * -inf
+        out = vexp(logp) * at::vec::fmadd(vc1, logp, vc0);
+      } else {
+        out = vexp(logp) * vc0;
+      }
+      if constexpr (kMean) {
+        out = out + vk;
+      }
+      return out;
+    };
+    // Each step loads its elements before storing over them, so g may be x itself.
+    int64_t i = 0;
+    for (; i + kStep <= V; i += kStep) {
+      Vec a, b;
+      load2(x + i, a, b);
+      prefetch_step(next + i);
+      store2_step<kStream>(g + i, grad(a), grad(b), i == plain_at);
     }
-    if constexpr (kMean) {
-      out = out + vk;
+    if (i < V) {
+      Vec a, b;
+      load2_tail(x + i, V - i, -kInf, a, b);
+      store2_tail(g + i, V - i, grad(a), grad(b));
     }
-    return out;
   };
-  // Each step loads its elements before storing over them, so g may be x itself.
-  int64_t i = 0;
-  for (; i + kStep <= V; i += kStep) {
-    Vec a, b;
-    load2(x + i, a, b);
-    prefetch_step(next + i);
-    store2_step<kStream>(g + i, grad(a), grad(b), i == plain_at);
-  }
-  if (i < V) {
-    Vec a, b;
-    load2_tail(x + i, V - i, -kInf, a, b);
-    store2_tail(g + i, V - i, grad(a), grad(b));
-  }
+  with_scale(inv_temp, row);
 }
 
 // Writes the gradient row of a row that is not ignored; g may be x itself. With `stream` (g a separate
@@ -391,46 +394,48 @@ template <typename T, bool kEntropy, bool kMean, bool kStream>
 void scratch_grad_row(const T* x, const Scratch& sc, T* g, int64_t V, float inv_temp, float m, float log_s,
                       GradCoefs c, int64_t plain_at) {
   const Vec vinv(inv_temp), vk(c.k), floor(kLogFloor);
-  for (int64_t c0 = 0, k = 0; c0 < V; c0 += kChunk, ++k) {
-    const int64_t n = std::min(kChunk, V - c0);
-    const float m_c = sc.chunk_m[k];
-    const float q = (m_c - m) - log_s;
-    const float scale = std::exp(q);
-    const Vec va(scale == 0.0f ? 0.0f : scale * (c.c0 + c.c1 * q));
-    const Vec vb(scale == 0.0f ? 0.0f : scale * c.c1);
-    const Vec vm_c(m_c == -kInf ? 0.0f : m_c);
-    const float* e = sc.e.get() + c0;
-    auto grad = [&](const Vec& v, int64_t at) {
-      Vec out;
-      if constexpr (kEntropy) {
-        const Vec d = at::vec::clamp_min(v * vinv - vm_c, floor);
-        out = Vec::loadu(e + at) * at::vec::fmadd(vb, d, va);
-      } else {
-        out = Vec::loadu(e + at) * va;
+  with_scale(inv_temp, [&]<bool kScale>() {
+    for (int64_t c0 = 0, k = 0; c0 < V; c0 += kChunk, ++k) {
+      const int64_t n = std::min(kChunk, V - c0);
+      const float m_c = sc.chunk_m[k];
+      const float q = (m_c - m) - log_s;
+      const float scale = std::exp(q);
+      const Vec va(scale == 0.0f ? 0.0f : scale * (c.c0 + c.c1 * q));
+      const Vec vb(scale == 0.0f ? 0.0f : scale * c.c1);
+      const Vec vm_c(m_c == -kInf ? 0.0f : m_c);
+      const float* e = sc.e.get() + c0;
+      auto grad = [&](const Vec& v, int64_t at) {
+        Vec out;
+        if constexpr (kEntropy) {
+          const Vec d = at::vec::clamp_min((kScale ? v * vinv : v) - vm_c, floor);
+          out = Vec::loadu(e + at) * at::vec::fmadd(vb, d, va);
+        } else {
+          out = Vec::loadu(e + at) * va;
+        }
+        if constexpr (kMean) {
+          out = out + vk;
+        }
+        return out;
+      };
+      const T* xc = x + c0;
+      T* gc = g + c0;
+      int64_t i = 0;
+      for (; i + kStep <= n; i += kStep) {
+        Vec a(0.0f), b(0.0f);
+        if constexpr (kEntropy) {
+          load2(xc + i, a, b);  // before the store: g may be x itself
+        }
+        store2_step<kStream>(gc + i, grad(a, i), grad(b, i + kVec), c0 + i == plain_at);
       }
-      if constexpr (kMean) {
-        out = out + vk;
+      if (i < n) {
+        Vec a(0.0f), b(0.0f);
+        if constexpr (kEntropy) {
+          load2_tail(xc + i, n - i, -kInf, a, b);
+        }
+        store2_tail(gc + i, n - i, grad(a, i), grad(b, i + kVec));
       }
-      return out;
-    };
-    const T* xc = x + c0;
-    T* gc = g + c0;
-    int64_t i = 0;
-    for (; i + kStep <= n; i += kStep) {
-      Vec a(0.0f), b(0.0f);
-      if constexpr (kEntropy) {
-        load2(xc + i, a, b);  // before the store: g may be x itself
-      }
-      store2_step<kStream>(gc + i, grad(a, i), grad(b, i + kVec), c0 + i == plain_at);
     }
-    if (i < n) {
-      Vec a(0.0f), b(0.0f);
-      if constexpr (kEntropy) {
-        load2_tail(xc + i, n - i, -kInf, a, b);
-      }
-      store2_tail(gc + i, n - i, grad(a, i), grad(b, i + kVec));
-    }
-  }
+  });
 }
 
 // The statistics and gradient row of a row that is not ignored, with one exp per element: a pass that

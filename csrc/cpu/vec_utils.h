@@ -148,6 +148,17 @@ inline Vec vexp_acc_times(const Vec& d, const Vec& w, Vec& s, Vec& t) {
 }
 #endif
 
+// Calls f.template operator()<kScale>() with kScale false at temperature 1, where a pass skips the multiply by
+// 1/T (x * 1 is x exactly): one vector op of the dozen or so per element that arithmetic-bound passes take.
+template <typename F>
+inline void with_scale(float inv_temp, F&& f) {
+  if (inv_temp == 1.0f) {
+    f.template operator()<false>();
+  } else {
+    f.template operator()<true>();
+  }
+}
+
 inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
