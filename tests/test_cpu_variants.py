@@ -102,6 +102,17 @@ def _cpu_has(flag: str) -> bool:
         return False
 
 
+def _run_child(script: str, path, env: dict, expected: str) -> dict:
+    """Runs ``script`` on the inputs at ``path`` in a process with ``env``; its results, once the
+    process has reported the capability it ran."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "RLHF_FAST_AVX512_BF16")}
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                          env={**clean, **env}, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["capability"] == expected
+    return torch.load(str(path) + ".out")
+
+
 VARIANTS = [
     pytest.param({"ATEN_CPU_CAPABILITY": "default"}, "DEFAULT", None, id="DEFAULT"),
     pytest.param({"ATEN_CPU_CAPABILITY": "avx2"}, "AVX2", "avx2", id="AVX2"),
@@ -125,12 +136,7 @@ def test_variant_against_float64(data, env, expected, cpu_flag):
     if cpu_flag is not None and not _cpu_has(cpu_flag):
         pytest.skip(f"this CPU has no {cpu_flag}")
     path, inputs = data
-    clean = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "RLHF_FAST_AVX512_BF16")}
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True,
-                          env={**clean, **env}, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1])["capability"] == expected
-    results = torch.load(str(path) + ".out")
+    results = _run_child(_CHILD, path, env, expected)
     for name, tol in TOL.items():
         expected_results = _references(inputs, name)
         for key, want in expected_results.items():
@@ -205,12 +211,7 @@ def test_variant_gradients_keep_nan(tmp_path, vocab, env, expected, cpu_flag):
     }
     path = tmp_path / "inputs.pt"
     torch.save(data, path)
-    clean = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "RLHF_FAST_AVX512_BF16")}
-    done = subprocess.run([sys.executable, "-c", _NAN_CHILD, str(path)], capture_output=True, text=True,
-                          env={**clean, **env}, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1])["capability"] == expected
-    results = torch.load(str(path) + ".out")
+    results = _run_child(_NAN_CHILD, path, env, expected)
     nan_rows = torch.zeros(rows, dtype=torch.bool)
     nan_rows[1:5] = True
     for name in TOL:

@@ -33,6 +33,27 @@ struct KlSums {
   }
 };
 
+// Runs f(i, count, a0, a1, b0, b1) over x[0, n) and y[0, n) together, a step of each at a time (count elements
+// from i: kStep, or fewer in the tail, which -inf pads), prefetching the same columns of the next rows nx, ny.
+template <typename T, typename F>
+void for_each_pair_step(const T* x, const T* y, int64_t n, const T* nx, const T* ny, F&& f) {
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    Vec a0, a1, b0, b1;
+    load2(x + i, a0, a1);
+    load2(y + i, b0, b1);
+    prefetch_step(nx + i);
+    prefetch_step(ny + i);
+    f(i, kStep, a0, a1, b0, b1);
+  }
+  if (i < n) {
+    Vec a0, a1, b0, b1;
+    load2_tail(x + i, n - i, -kInf, a0, a1);
+    load2_tail(y + i, n - i, -kInf, b0, b1);
+    f(i, n - i, a0, a1, b0, b1);
+  }
+}
+
 // Sums of one chunk against mx, my, and in .mx/.my the chunk's own maxes; the same columns of the
 // next rows, nx and ny, are prefetched meanwhile (prefetch_step).
 template <typename T, bool kScale>
@@ -50,24 +71,11 @@ KlSums chunk_sums(const T* x, const T* y, int64_t n, float inv_temp, float mx, f
     vexp_acc_times(xs - vmx, xs - ys, sx, t);
     sy += vexp(ys - vmy);
   };
-  // Both rows of the pair advance together; -inf pads the tails.
-  int64_t i = 0;
-  for (; i + kStep <= n; i += kStep) {
-    Vec a0, a1, b0, b1;
-    load2(x + i, a0, a1);
-    load2(y + i, b0, b1);
-    prefetch_step(nx + i);
-    prefetch_step(ny + i);
+  auto step = [&](int64_t, int64_t, const Vec& a0, const Vec& a1, const Vec& b0, const Vec& b1) {
     one(a0, b0);
     one(a1, b1);
-  }
-  if (i < n) {
-    Vec a0, a1, b0, b1;
-    load2_tail(x + i, n - i, -kInf, a0, a1);
-    load2_tail(y + i, n - i, -kInf, b0, b1);
-    one(a0, b0);
-    one(a1, b1);
-  }
+  };
+  for_each_pair_step(x, y, n, nx, ny, step);
   KlSums out;
   out.mx = hmax(cmx);
   out.my = hmax(cmy);
@@ -146,21 +154,7 @@ void bwd_row(const T* x, const T* y, T* gx, T* gy, int64_t V, float inv_temp, fl
         if constexpr (kNeedQ) store2_tail(gy + i, n, y0, y1);
       }
     };
-    int64_t i = 0;
-    for (; i + kStep <= V; i += kStep) {
-      Vec a0, a1, b0, b1;
-      load2(x + i, a0, a1);
-      load2(y + i, b0, b1);
-      prefetch_step(nx + i);
-      prefetch_step(ny + i);
-      write(i, kStep, a0, a1, b0, b1);
-    }
-    if (i < V) {
-      Vec a0, a1, b0, b1;
-      load2_tail(x + i, V - i, -kInf, a0, a1);
-      load2_tail(y + i, V - i, -kInf, b0, b1);
-      write(i, V - i, a0, a1, b0, b1);
-    }
+    for_each_pair_step(x, y, V, nx, ny, write);
   });
 }
 
