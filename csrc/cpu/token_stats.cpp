@@ -83,11 +83,14 @@ RowSums chunk_sums_impl(const T* x, int64_t n, float inv_temp, float m, const T*
   return out;
 }
 
-// At temperature 1 the scaling multiply is skipped (x * 1 is x exactly).
+// At temperature 1 the scaling multiply is skipped (with_scale).
 template <typename T, bool kEntropy, bool kSumX, bool kStore = false>
 RowSums chunk_sums(const T* x, int64_t n, float inv_temp, float m, const T* next, float* e = nullptr) {
-  return inv_temp == 1.0f ? chunk_sums_impl<T, kEntropy, kSumX, kStore, false>(x, n, inv_temp, m, next, e)
-                          : chunk_sums_impl<T, kEntropy, kSumX, kStore, true>(x, n, inv_temp, m, next, e);
+  RowSums out;
+  with_scale(inv_temp, [&]<bool kScale>() {
+    out = chunk_sums_impl<T, kEntropy, kSumX, kStore, kScale>(x, n, inv_temp, m, next, e);
+  });
+  return out;
 }
 
 template <typename T, bool kEntropy, bool kSumX>
