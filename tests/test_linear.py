@@ -113,6 +113,68 @@ def test_bf16_weight_gradient_by_vocabulary_blocks_with_softcap(backend):
     _grads_vs_float64((ent * w_ent).sum(), (ref_ent * w_ent).sum(), [hidden, weight, b], leaves64, torch.bfloat16)
 
 
+def _softcap_forms(hidden, weight, b, labels, kw):
+    """Every linear form with a soft cap, as ``name -> callable(hidden, weight, bias, labels) -> scalar`` whose
+    float64 twin is the same callable on logits ``c * tanh(raw / c)``."""
+    n = labels.numel()
+    g = torch.Generator().manual_seed(5)
+    w_tok = torch.randn(labels.shape, generator=g)
+    old, adv = -7 + torch.randn(labels.shape, generator=g), torch.randn(labels.shape, generator=g)
+    ppo = dict(clip_eps=0.2, entropy_coef=0.01)
+    ref_c, ref_r = torch.randn(1, generator=g) - 20, torch.randn(1, generator=g) - 20
+
+    def weighted(*per_token):
+        return sum((x * w_tok).sum() for x in per_token)
+
+    def dpo(h, w, bb):  # labels [2, T]: one chosen and one rejected response
+        return rf.linear_dpo_loss(h[:1], labels[:1], h[1:], labels[1:], w, ref_c, ref_r, bias=bb, **kw)[0]
+
+    return {
+        "token_logprobs": (
+            lambda h, w, bb: weighted(rf.linear_token_logprobs(h, w, labels, bias=bb, **kw)),
+            lambda z: weighted(reference.token_logprobs(z, labels)),
+        ),
+        "token_entropy": (
+            lambda h, w, bb: weighted(rf.linear_token_entropy(h, w, bias=bb, **kw)),
+            lambda z: weighted(reference.token_entropy(z)),
+        ),
+        "token_logprobs_and_entropy": (
+            lambda h, w, bb: weighted(*rf.linear_token_logprobs_and_entropy(h, w, labels, bias=bb, **kw)),
+            lambda z: weighted(*reference.token_logprobs_and_entropy(z, labels)),
+        ),
+        "cross_entropy": (
+            lambda h, w, bb: rf.linear_cross_entropy(h, w, labels, bias=bb, **kw),
+            lambda z: torch.nn.functional.cross_entropy(z.reshape(n, -1), labels.reshape(n)),
+        ),
+        "ppo_loss": (
+            lambda h, w, bb: rf.linear_ppo_loss(h, w, labels, old, adv, bias=bb, **ppo, **kw)[0],
+            lambda z: reference.ppo_loss(z, labels, old.double(), adv.double(), **ppo)[0],
+        ),
+        "dpo_loss": (
+            dpo,
+            lambda z: reference.dpo_loss(z[:1], labels[:1], z[1:], labels[1:], ref_c.double(), ref_r.double())[0],
+        ),
+    }
+
+
+@pytest.mark.parametrize("form", ["token_logprobs", "token_entropy", "token_logprobs_and_entropy", "cross_entropy",
+                                  "ppo_loss", "dpo_loss"])  # fmt: skip
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_reaches_every_linear_form(backend, form):
+    # Gemma 2's final soft cap changes every output; a form that dropped it would match the uncapped logits.
+    _skip_unavailable(backend)
+    hidden, weight, b, labels = _inputs((2, 7), 24, 257, torch.float32, bias=True, seed=51)
+    kw = dict(softcap=1.5, chunk_bytes=3 * 257 * 12, backend=backend)
+    ours, ref = _softcap_forms(hidden, weight, b, labels, kw)[form]
+    loss = ours(hidden, weight, b)
+    leaves64 = [t.detach().double().requires_grad_() for t in (hidden, weight, b)]
+    raw = leaves64[0] @ leaves64[1].T + leaves64[2]
+    ref_loss = ref(1.5 * torch.tanh(raw / 1.5))
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * max(1.0, abs(ref_loss.item())), (loss, ref_loss)
+    assert abs(ref_loss.item() - ref(raw).item()) > 1e-2  # the cap matters
+    _grads_vs_float64(loss, ref_loss, [hidden, weight, b], leaves64, torch.float32)
+
+
 def test_bad_inputs_name_the_argument():
     hidden, weight, b, labels = _inputs((4,), 8, 33, torch.float32, bias=True, seed=1)
     with pytest.raises(ValueError, match="weight"):

@@ -63,6 +63,11 @@ def test_matches_the_models_own_logits(name, backend):
     torch.testing.assert_close(logp, ref_lp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent, ref_h, rtol=1e-5, atol=1e-5)
     assert (logp[labels[:, 1:] == -100] == 0).all()
+    with torch.no_grad():  # the log-probs alone take another op (linear_token_logprobs): the same numbers
+        logp_only = lm_head_logprobs(
+            model, input_ids, attention_mask, labels, temperature=0.8, chunk_bytes=4096, backend=backend
+        )
+    torch.testing.assert_close(logp_only, ref_lp, rtol=1e-5, atol=1e-5)
     for ours, theirs in zip(grads, ref_grads, strict=True):
         if theirs is None:
             assert ours is None or not ours.any()

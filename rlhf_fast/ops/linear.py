@@ -417,13 +417,16 @@ def linear_token_logprobs(
         weight: ``[V, H]`` LM-head weight, same dtype; bias: optional ``[V]``.
         labels: ``[...]`` int64 or int32 in ``[0, V)`` or ``ignore_index``.
         chunk_bytes: memory budget of one chunk of logits (default 64 MiB, or ``RLHF_FAST_CHUNK_BYTES``).
+        softcap: ``c`` for final logit soft-capping (Gemma 2): the logits are ``c * tanh(raw / c)``; None for none.
         temperature, ignore_index, backend: as in :func:`rlhf_fast.token_logprobs`.
 
     Returns:
         ``[...]`` float32; gradients flow to ``hidden``, ``weight`` and ``bias`` (``dW`` and ``db``
         accumulated in float32 across chunks).
     """
-    logp, _ = _linear_stats(hidden, weight, labels, bias, temperature, ignore_index, True, False, chunk_bytes, backend)
+    logp, _ = _linear_stats(
+        hidden, weight, labels, bias, temperature, ignore_index, True, False, chunk_bytes, backend, softcap
+    )
     return logp
 
 
