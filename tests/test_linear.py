@@ -89,12 +89,74 @@ def test_entropy_only_and_env_budget(monkeypatch):
     assert linear._chunk_rows(6, 257, 4, None) == 2
 
 
+@pytest.mark.parametrize("budget", ["all-tokens", "token-pieces"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
-def test_bf16_weight_gradient_by_vocabulary_blocks_with_softcap(backend):
+def test_widened_half_head_is_float32_accurate(backend, dtype, budget, monkeypatch):
+    # RLHF_FAST_WIDEN_GEMMS=1: a half-precision head's GEMMs run in float32 on converted blocks (ragged
+    # 7-row weight blocks here), so the outputs carry float32 error, not the ~1e-2 of half-precision
+    # logits, and the gradients only their final rounding. "token-pieces" makes the vocabulary-outer dW
+    # pass convert the hidden states in pieces and accumulate dW over them.
+    _skip_unavailable(backend)
+    N, H, V = 23, 48, 1031
+    monkeypatch.setenv(linear.WIDEN_ENV_VAR, "1")
+    monkeypatch.setattr(linear, "_WIDE_BLOCK_BYTES", 7 * 4 * H)
+    hidden, weight, b, labels = _inputs((N,), H, V, dtype, bias=True, seed=61)
+    chunk_bytes = 1 if budget == "token-pieces" else 3 * V * 12
+    if budget == "token-pieces":
+        assert linear._chunk_rows(N, V, 4, chunk_bytes) * V // H < N
+    kw = dict(bias=b, chunk_bytes=chunk_bytes, backend=backend)
+    leaves = [hidden, weight, b]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+
+    def raw():
+        return leaves64[0] @ leaves64[1].T + leaves64[2]
+
+    grad_tol = {torch.bfloat16: 5e-3, torch.float16: 1e-3}[dtype]  # the gradients' own rounding
+
+    def check(ours, truth):
+        assert _rel(ours, truth) < 1e-5
+        for name, g, g64 in zip(["hidden", "weight", "bias"], torch.autograd.grad(ours.sum(), leaves),
+                                torch.autograd.grad(truth.sum(), leaves64), strict=True):  # fmt: skip
+            assert g.dtype == dtype and _rel(g, g64) < grad_tol, name
+
+    check(
+        rf.linear_cross_entropy(hidden, weight, labels, softcap=2.5, label_smoothing=0.1, **kw),
+        torch.nn.functional.cross_entropy(2.5 * torch.tanh(raw() / 2.5), labels, label_smoothing=0.1),
+    )
+    w_h = torch.randn(N, generator=torch.Generator().manual_seed(62), dtype=torch.float64)
+    lp, ent = rf.linear_token_logprobs_and_entropy(hidden, weight, labels, temperature=0.9, **kw)
+    ref_lp, ref_ent = reference.token_logprobs_and_entropy(raw(), labels, temperature=0.9)
+    check(lp + ent * w_h, ref_lp + ref_ent * w_h)
+    q_hidden, q_weight, _, _ = _inputs((N,), 40, V, dtype, bias=False, seed=63)
+    kl = rf.linear_kl_divergence(hidden, weight, q_hidden, q_weight, p_bias=b, chunk_bytes=chunk_bytes,
+                                 backend=backend)  # fmt: skip
+    check(kl, reference.kl_divergence(raw(), q_hidden.double() @ q_weight.double().T))
+
+
+def test_widen_gemms_setting(monkeypatch):
+    monkeypatch.delenv(linear.WIDEN_ENV_VAR, raising=False)
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert linear.widen_gemms(torch.bfloat16, cpu) == (not native_bf16)
+    assert not linear.widen_gemms(torch.float32, cpu) and not linear.widen_gemms(torch.bfloat16, meta)
+    monkeypatch.setenv(linear.WIDEN_ENV_VAR, "0")
+    assert not linear.widen_gemms(torch.bfloat16, cpu)
+    monkeypatch.setenv(linear.WIDEN_ENV_VAR, "1")
+    assert linear.widen_gemms(torch.float16, cpu) and not linear.widen_gemms(torch.float32, cpu)
+    monkeypatch.setenv(linear.WIDEN_ENV_VAR, "yes")
+    with pytest.raises(ValueError, match=linear.WIDEN_ENV_VAR):
+        rf.linear_token_entropy(torch.randn(2, 4).bfloat16(), torch.randn(5, 4).bfloat16())
+
+
+@pytest.mark.parametrize("widen", ["0", "1"], ids=["bf16-gemms", "widened"])
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_bf16_weight_gradient_by_vocabulary_blocks_with_softcap(backend, widen, monkeypatch):
     # A bfloat16 weight gets dW from the vocabulary-outer pass (no float32 [V, H] accumulator): ragged
     # blocks of columns, labels in every block, Gemma's soft cap chained through each block, and the
-    # entropy-only form (no labels).
+    # entropy-only form (no labels); with bfloat16 GEMMs and widened ones, whatever this CPU would pick.
     _skip_unavailable(backend)
+    monkeypatch.setenv(linear.WIDEN_ENV_VAR, widen)
     hidden, weight, b, labels = _inputs((23,), 40, 1031, torch.bfloat16, bias=True, seed=21)
     budget = 3 * 1031 * 8  # 3 tokens per chunk, blocks of 3 * 1031 // 23 = 134 columns
     loss = rf.linear_cross_entropy(hidden, weight, labels, bias=b, softcap=2.5, chunk_bytes=budget, backend=backend)

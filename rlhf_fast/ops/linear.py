@@ -9,6 +9,13 @@ complete per chunk, ``db`` and a float32 ``dW`` accumulate across chunks, and a 
 dtype comes from a second, vocabulary-outer pass (one GEMM per block of vocabulary rows over all the
 tokens) rather than from a float32 ``[V, H]`` accumulator. Peak extra memory is about one chunk,
 whatever the vocabulary and token counts.
+
+On a CPU without bfloat16/float16 dot-product instructions PyTorch's half-precision ``torch.mm`` runs
+several times slower than its float32 one (6-11 against 60-74 GFLOP/s on an AVX2 Zen 1 EPYC). There a
+half-precision head runs every GEMM in float32 ("widened"): the logits chunk is float32, and the weight
+(or, in the vocabulary-outer pass, the hidden states) is converted block by block into a cache-sized
+float32 buffer right before the GEMM that reads it, which costs no measurable time; see
+:func:`widen_gemms`.
 """
 
 from __future__ import annotations
@@ -26,6 +33,31 @@ from rlhf_fast.ops.fused import scale_in_place
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 CHUNK_ENV_VAR = "RLHF_FAST_CHUNK_BYTES"
+WIDEN_ENV_VAR = "RLHF_FAST_WIDEN_GEMMS"
+_WIDE_BLOCK_BYTES = 2 * 2**20  # float32 weight rows converted at a time: stays in cache for the GEMM
+
+
+def widen_gemms(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the chunked path runs the GEMMs of a ``dtype`` head on ``device`` in float32.
+
+    ``RLHF_FAST_WIDEN_GEMMS`` = ``auto`` (default), ``1`` or ``0``. ``auto`` widens bfloat16 on CPUs
+    without AVX512-BF16 or AMX and float16 on CPUs without AMX-FP16, where PyTorch's half-precision GEMM
+    has no hardware dot product. Float32 heads and other devices never widen."""
+    setting = os.environ.get(WIDEN_ENV_VAR, "auto")
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"{WIDEN_ENV_VAR} must be auto, 0 or 1, got {setting!r}")
+    if dtype == torch.float32 or device.type != "cpu":
+        return False
+    if setting != "auto":
+        return setting == "1"
+    if dtype == torch.bfloat16:
+        return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return not torch.cpu._is_amx_fp16_supported()
+
+
+def _logits_bytes(hidden: Tensor) -> int:
+    """Bytes per element of the chunked path's logits for this head: float32 when widened."""
+    return 4 if widen_gemms(hidden.dtype, hidden.device) else hidden.element_size()
 
 
 def _chunk_rows(n_rows: int, vocab: int, elem_bytes: int, chunk_bytes: int | None) -> int:
@@ -52,14 +84,36 @@ def _check_softcap(softcap) -> float | None:
     return float(softcap)
 
 
+def _weight_blocks(weight: Tensor, rows: int | None = None, buffer: Tensor | None = None):
+    """``(c0, c1, weight[c0:c1] in float32)`` over blocks of ``rows`` weight rows (default: a cache-sized
+    block), all converted into one float32 buffer (``rows * H`` elements, allocated when not given): each
+    block is dead once the next is asked for."""
+    V, H = weight.shape
+    step = rows or max(1, _WIDE_BLOCK_BYTES // (4 * H))
+    if buffer is None:
+        buffer = torch.empty(min(step, V) * H, dtype=torch.float32, device=weight.device)
+    for c0 in range(0, V, step):
+        c1 = min(c0 + step, V)
+        yield c0, c1, buffer[: (c1 - c0) * H].view(c1 - c0, H).copy_(weight[c0:c1])
+
+
 def _head_logits(h_chunk: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, out: Tensor):
     """``[1, n, V]`` logits of a chunk, written into ``out`` (``[n, V]``, contiguous), and the ``tanh`` the
     soft cap's derivative needs (or None).
 
-    With ``softcap = c`` (Gemma 2's final logit soft-capping) the logits are ``c * tanh(raw / c)``,
-    computed in float32 and stored in the chunk's dtype.
+    A float32 ``out`` for a half-precision head is the widened GEMM (:func:`widen_gemms`): the chunk's
+    hidden states and each block of weight rows are converted to float32 first. With ``softcap = c``
+    (Gemma 2's final logit soft-capping) the logits are ``c * tanh(raw / c)``, computed in float32 and
+    stored in ``out``'s dtype.
     """
-    if bias is None:
+    if out.dtype != weight.dtype:
+        raw, h32 = out, h_chunk.float()
+        for c0, c1, w in _weight_blocks(weight):
+            if bias is None:
+                torch.mm(h32, w.T, out=out[:, c0:c1])
+            else:
+                torch.addmm(bias[c0:c1].float(), h32, w.T, out=out[:, c0:c1])
+    elif bias is None:
         raw = torch.mm(h_chunk, weight.T, out=out)
     else:
         raw = torch.addmm(bias, h_chunk, weight.T, out=out)
@@ -77,7 +131,8 @@ class _ChunkLogits:
 
     def __init__(self, weight: Tensor, bias: Tensor | None, softcap: float | None, rows: int, hidden: Tensor):
         self.weight, self.bias, self.softcap = weight, bias, softcap
-        self.buffer = torch.empty(rows, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+        dtype = torch.float32 if widen_gemms(hidden.dtype, hidden.device) else hidden.dtype
+        self.buffer = torch.empty(rows, weight.shape[0], dtype=dtype, device=hidden.device)
 
     def __call__(self, h_chunk: Tensor):
         return _head_logits(h_chunk, self.weight, self.bias, self.softcap, out=self.buffer[: h_chunk.shape[0]])
@@ -115,29 +170,62 @@ class _HeadGrads:
         self.d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_b else None
 
     def add(self, sl: slice, h_chunk: Tensor, g: Tensor) -> None:
-        # g: [n, V] gradient of the chunk's logits, h_chunk: [n, H]
-        if self.d_hidden is not None:
+        # g: [n, V] gradient of the chunk's logits (float32 for a widened head), h_chunk: [n, H]
+        if self.d_hidden is not None and g.dtype != self.weight.dtype:
+            d_h = None  # sum over blocks of weight rows of g[:, block] @ W[block] in float32, rounded once
+            for c0, c1, w in _weight_blocks(self.weight):
+                d_h = torch.mm(g[:, c0:c1], w) if d_h is None else d_h.addmm_(g[:, c0:c1], w)
+            self.d_hidden[sl] = d_h
+        elif self.d_hidden is not None:
             torch.mm(g, self.weight, out=self.d_hidden[sl])
         if self.d_weight is not None and not self.by_vocab:
             self.d_weight.addmm_(g.T.float(), h_chunk.float())  # no copies in float32
         if self.d_bias is not None:
             self.d_bias += g.float().sum(0)
 
-    def weight_by_vocab(self, hidden: Tensor, block_grad, rows: int, softcap: float | None) -> None:
-        """``dW[c0:c1] = G[:, c0:c1]^T @ hidden`` by blocks of vocabulary columns holding as many logits as
-        a token chunk of ``rows`` (``block_grad(block [1, N, w], c0)`` overwrites the block's logits with
-        their gradient). No-op unless ``by_vocab``."""
+    def weight_by_vocab(self, hidden: Tensor, block_grad, buffer: Tensor, softcap: float | None) -> None:
+        """``dW[c0:c1] = G[:, c0:c1]^T @ hidden`` by blocks of vocabulary columns whose logits fit ``buffer``
+        (the token chunks' logits buffer, dead by now: ``rows * V`` elements). ``block_grad(block [1, n, w],
+        c0, token_slice)`` overwrites the block's logits with their gradient. No-op unless ``by_vocab``."""
         if not self.by_vocab:
             return
+        if buffer.dtype != self.weight.dtype:  # a widened head's float32 buffer
+            return self._weight_by_vocab_widened(hidden, block_grad, buffer.view(-1), softcap)
         N, V = hidden.shape[0], self.weight.shape[0]
-        cols = max(1, min(V, rows * V // max(N, 1)))
-        buffer = torch.empty(N * cols, dtype=hidden.dtype, device=hidden.device)
+        cols = max(1, min(V, buffer.numel() // max(N, 1)))
+        if N * cols > buffer.numel():  # one column of all the tokens is more than a chunk
+            buffer = torch.empty(N * cols, dtype=hidden.dtype, device=hidden.device)
         for c0 in range(0, V, cols):
             c1 = min(c0 + cols, V)
             bias = None if self.bias is None else self.bias[c0:c1]
-            block, t = _head_logits(hidden, self.weight[c0:c1], bias, softcap, buffer[: N * (c1 - c0)].view(N, -1))
-            block_grad(block, c0)
+            out = buffer.view(-1)[: N * (c1 - c0)].view(N, -1)
+            block, t = _head_logits(hidden, self.weight[c0:c1], bias, softcap, out)
+            block_grad(block, c0, slice(0, N))
             torch.mm(_raw_grad(block[0], t).T, hidden, out=self.d_weight[c0:c1])
+
+    def _weight_by_vocab_widened(self, hidden: Tensor, block_grad, buffer: Tensor, softcap: float | None) -> None:
+        """:meth:`weight_by_vocab` with float32 GEMMs. The hidden states are converted by token pieces of at
+        most half the buffer's size (all at once when they fit); the buffer holds a block's logits for a
+        piece, its weight rows in float32 and its ``dW`` rows, which accumulate over the pieces in float32
+        and are rounded once."""
+        (N, H), V = hidden.shape, self.weight.shape[0]
+        piece = max(1, min(N, buffer.numel() // (2 * H)))
+        cols = max(1, min(V, buffer.numel() // (piece + 2 * H)))
+        if cols * (piece + 2 * H) > buffer.numel():  # a tiny vocabulary against a wide head
+            buffer = torch.empty(cols * (piece + 2 * H), dtype=torch.float32, device=hidden.device)
+        logits, w_buf, d_w = buffer[: piece * cols], buffer[piece * cols :][: cols * H], buffer[-cols * H :]
+        h32 = hidden.float() if piece == N else torch.empty(piece, H, dtype=torch.float32, device=hidden.device)
+        for c0, c1, w in _weight_blocks(self.weight, cols, w_buf):
+            bias = None if self.bias is None else self.bias[c0:c1].float()
+            acc = d_w[: (c1 - c0) * H].view(c1 - c0, H)
+            for r0 in range(0, N, piece):
+                r1 = min(r0 + piece, N)
+                h = h32 if piece == N else h32[: r1 - r0].copy_(hidden[r0:r1])
+                block, t = _head_logits(h, w, bias, softcap, logits[: (r1 - r0) * (c1 - c0)].view(r1 - r0, -1))
+                block_grad(block, c0, slice(r0, r1))
+                g = _raw_grad(block[0], t)
+                torch.mm(g.T, h, out=acc) if r0 == 0 else acc.addmm_(g.T, h)
+            self.d_weight[c0:c1] = acc
 
     def zero(self):
         """The gradients when no upstream gradient reaches the head."""
@@ -254,11 +342,10 @@ class _LinearTokenStats(torch.autograd.Function):
             if with_entropy:
                 entropy[sl] = ent
             head.add(sl, hidden[sl], _raw_grad(logits[0], t))
-        del chunk_logits  # its buffer is not needed by the vocabulary-outer pass
         head.weight_by_vocab(
             hidden, _block_grad(labels, lse, entropy if with_entropy else None, coefs, V, temperature, ignore_index,
                                 backend),
-            rows, softcap,
+            chunk_logits.buffer, softcap,
         )  # fmt: skip
         return *head.result(), None, None, None, None, None, None, None
 
@@ -267,10 +354,11 @@ def _block_grad(labels, lse, entropy, coefs, vocab, temperature, ignore_index, b
     """``block_grad`` of :meth:`_HeadGrads.weight_by_vocab` for per-token upstream gradients ``coefs [3, N]``
     (``(g_lp, g_H, g_u)``), with the whole rows' ``lse`` (and ``entropy`` for the ``g_H`` term)."""
 
-    def block_grad(block, c0):
+    def block_grad(block, c0, sl):
         _custom.token_stats_block_grad_(
-            block, labels, lse, entropy, coefs, c0, vocab, temperature, ignore_index, backend
-        )
+            block, labels[sl], lse[sl], None if entropy is None else entropy[sl], coefs[:, sl].contiguous(), c0,
+            vocab, temperature, ignore_index, backend,
+        )  # fmt: skip
 
     return block_grad
 
@@ -301,7 +389,7 @@ def _prepare_linear(hidden, weight, labels, bias, temperature, ignore_index, chu
     ignore_index = v.check_ignore_index(ignore_index)
     backend = _dispatch.resolve(backend, hidden.device)
     h2d = hidden.reshape(-1, hidden.shape[-1])
-    rows = _chunk_rows(h2d.shape[0], weight.shape[0], hidden.element_size(), chunk_bytes)
+    rows = _chunk_rows(h2d.shape[0], weight.shape[0], _logits_bytes(hidden), chunk_bytes)
     return h2d, flat, temperature, ignore_index, backend, rows
 
 
@@ -353,7 +441,6 @@ def _fused_chunks(h2d, weight, bias, labels, temperature, ignore_index, *, with_
                 if out.numel():
                     out[sl] = val
             head.add(sl, h2d[sl], _raw_grad(logits[0], t))
-        del chunk_logits
         if head.by_vocab:
             logp, entropy, lse, _ = outs
             if mode == 0:
@@ -366,7 +453,7 @@ def _fused_chunks(h2d, weight, bias, labels, temperature, ignore_index, *, with_
                 labels, lse, entropy if entropy_term else None, block_coefs.float().contiguous(), weight.shape[0],
                 temperature, ignore_index, backend,
             )  # fmt: skip
-            head.weight_by_vocab(h2d, block_grad, rows, softcap)
+            head.weight_by_vocab(h2d, block_grad, chunk_logits.buffer, softcap)
     return outs, head.result()
 
 
@@ -733,6 +820,6 @@ def linear_kl_divergence(
         kl = _TritonLinearKL.apply(*(None if t is None else t.contiguous() for t in heads), temperature)
         return kl.view(p_hidden.shape[:-1])
     # two logits chunks and two gradient chunks live at once
-    rows = max(1, _chunk_rows(p2d.shape[0], p_weight.shape[0], p_hidden.element_size(), chunk_bytes) // 2)
+    rows = max(1, _chunk_rows(p2d.shape[0], p_weight.shape[0], _logits_bytes(p_hidden), chunk_bytes) // 2)
     kl = _LinearKL.apply(p2d, p_weight, p_bias, q2d, q_weight, q_bias, temperature, rows, backend)
     return kl.view(p_hidden.shape[:-1])
