@@ -25,19 +25,20 @@ losses) and, on a GPU, ``cross_entropy`` and ``linear_cross_entropy`` (its Trito
 
 Each (op, provider, dtype, mode, tokens, vocab) case runs in a fresh process: it checks the output and
 the gradients of its inputs against a float64 reference (``rlhf_fast.reference``, ``F.cross_entropy``)
-on a sample of rows (a wrong answer is a FAIL, never a time), measures the peak extra resident memory
-of one call of the mode, then times ``--repeats`` of them (``--rounds R`` runs the whole list R times,
+on a sample of rows (a wrong answer is a FAIL, never a time), measures the peak extra resident memory of
+one call of the mode, then times ``--repeats`` of them (``--rounds R`` runs the whole list R times,
 interleaved, and pools each case's timed calls: on a shared machine whose speed drifts by tens of
 percent over minutes, peers measured minutes apart are otherwise not comparable). Modes: ``fwd`` the
-forward, ``bwd`` the backward after an untimed forward, ``full`` both. The floor of the ops on logits
-is the time to move the bytes the mode must move at this machine's copy bandwidth (full step: 3 x logits
+forward, ``bwd`` the backward after an untimed forward, ``full`` both. The floor of the ops on logits is
+the time to move the bytes the mode must move at this machine's copy bandwidth (full step: 3 x logits
 bytes, read forward, read backward, write the gradient; 2 x for the gradient-in-forward losses), on CPU
 measured within the case itself, a timed 512 MiB copy before each timed call (column ``copy GB/s``; the
 run's opening measurement is printed in the header); the floor of the fused-linear forms is compute,
-FLOPs at this machine's matmul rate in the case dtype (full step: 6 x tokens x vocab x hidden for the
-loss). ``--out`` gets CSV and JSON rows (device, versions, git revision) and a PNG per op x dtype x
-mode: time and peak memory against the vocabulary size. Method and soundness of the memory figure:
-``rlhf_fast/bench/harness.py``.
+FLOPs at this machine's matmul rate in the case dtype, or on CPU in float32 when that is faster (a CPU
+without bf16/fp16 dot products does a half-precision case's FLOPs fastest on inputs widened to float32)
+(full step: 6 x tokens x vocab x hidden for the loss). ``--out`` gets CSV and JSON rows (device,
+versions, git revision) and a PNG per op x dtype x mode: time and peak memory against the vocabulary
+size. Method and soundness of the memory figure: ``rlhf_fast/bench/harness.py``.
 
 ``--device cuda`` (the default when torch sees a GPU) runs the same cases on the GPU: ``rf-triton``
 (and ``rf-triton-inplace``) instead of ``rf-cpp``, Cut Cross-Entropy's Triton implementation, times from
@@ -528,9 +529,15 @@ def _measure_rates(args, info: dict, flop_ops: list[str]) -> dict[tuple[str, str
         + (f"probe {probe:.3f} x the bytes allocated (must be ~1)" if probe is not None else copy["rss_detail"])
     )
     rates = {("bytes", dtype): bandwidth for dtype in args.dtypes}
-    # one rate per dtype, at the largest shape of the sweep (a BLAS is at its best on big matrices)
+    # one rate per dtype, at the largest shape of the sweep (a BLAS is at its best on big matrices); on CPU
+    # float32 too: where a half-precision GEMM is slower than a float32 one (no bf16/fp16 dot products), the
+    # FLOPs of a half-precision case are done fastest in float32 on widened inputs, and that is its floor
     tokens, vocab = max(args.tokens), max(args.vocab)
-    for dtype in args.dtypes if flop_ops else []:
+    dtypes = list(args.dtypes) if flop_ops else []
+    if dtypes and args.device == "cpu" and "float32" not in dtypes:
+        dtypes.append("float32")
+    measured = {}
+    for dtype in dtypes:
         mm = h.run_isolated("rlhf_fast.bench.run:measure_matmul", {
             "tokens": tokens, "hidden": args.hidden, "vocab": vocab, "dtype": dtype,
             "repeats": args.copy_repeats, "threads": args.threads, "device": args.device,
@@ -538,11 +545,16 @@ def _measure_rates(args, info: dict, flop_ops: list[str]) -> dict[tuple[str, str
         if mm.get("status") != "ok":
             print(f"matmul-rate measurement failed: {mm.get('detail')}", file=sys.stderr)
             return None
-        rates["flops", dtype] = mm["flops_per_s"]
+        measured[dtype] = mm["flops_per_s"]
         print(
             f"matmul rate {dtype}: {mm['flops_per_s'] / 1e9:.0f} GFLOP/s (torch.mm [{tokens}, {args.hidden}] x "
             f"[{args.hidden}, {vocab}], {mm['matmul_median_ms']:.0f} ms)"
         )
+    for dtype in args.dtypes if dtypes else []:
+        rates["flops", dtype] = measured[dtype]
+        if args.device == "cpu" and measured["float32"] > measured[dtype]:
+            rates["flops", dtype] = measured["float32"]
+            print(f"floor rate {dtype}: float32's (faster on this CPU; the inputs widened to float32)")
     return rates
 
 
