@@ -446,6 +446,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stop timing a case once its timed calls add up to this (at least 3 calls; default 3; 0: no limit)",
     )
     p.add_argument(
+        "--case-timeout",
+        type=float,
+        default=900.0,
+        help="seconds a case's process may take (checked first call, memory call, timed calls) before it is "
+        "an ERROR row (default 900; a bfloat16 peer on a CPU without bf16 dot products needs more)",
+    )
+    p.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -502,6 +509,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown --ops {unknown}; choose from {list(ops.OPS)}")
     if min(*args.tokens, *args.vocab, args.hidden, args.repeats, args.rounds) < 1:
         p.error("--tokens, --vocab, --hidden, --repeats and --rounds must be positive")
+    if not args.case_timeout > 0:
+        p.error("--case-timeout must be positive")
     if any(t % ops.SEQS for t in args.tokens) and {"ppo_loss", "dpo_loss"} & set(args.ops):
         p.error(f"--tokens must be multiples of {ops.SEQS} (ppo_loss and dpo_loss use {ops.SEQS} sequences)")
     return args
@@ -628,7 +637,10 @@ def main(argv: list[str] | None = None) -> int:
         if ops.OPS[op].floor.kind == "flops":
             row["matmul_GFLOPps"] = rates["flops", dtype] / 1e9
         progress.set_description(f"{op} {provider} {dtype} {mode} {tokens}x{vocab}")
-        row.update(_in_worker(spec) if args.quick else h.run_isolated("rlhf_fast.bench.run:measure_case", spec))
+        if args.quick:
+            row.update(_in_worker(spec))
+        else:
+            row.update(h.run_isolated("rlhf_fast.bench.run:measure_case", spec, timeout=args.case_timeout))
         rows.append(row)
         summary = f"{row['median_ms']:.1f} ms" if row["status"] == "ok" else row["status"]
         first = f" (first call {row['first_call_s']:.1f} s)" if "first_call_s" in row else ""
