@@ -89,22 +89,24 @@ def test_entropy_only_and_env_budget(monkeypatch):
     assert linear._chunk_rows(6, 257, 4, None) == 2
 
 
-@pytest.mark.parametrize("budget", ["all-tokens", "token-pieces"])
+@pytest.mark.parametrize("rows", [3, 2, 1], ids=["3-rows", "2-rows", "1-row"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
-def test_widened_half_head_is_float32_accurate(backend, dtype, budget, monkeypatch):
+def test_widened_half_head_is_float32_accurate(backend, dtype, rows, monkeypatch):
     # RLHF_FAST_WIDEN_GEMMS=1: a half-precision head's GEMMs run in float32 on converted blocks (ragged
     # 7-row weight blocks here), so the outputs carry float32 error, not the ~1e-2 of half-precision
-    # logits, and the gradients only their final rounding. "token-pieces" makes the vocabulary-outer dW
-    # pass convert the hidden states in pieces and accumulate dW over them.
+    # logits, and the gradients only their final rounding. Token chunks of 3 rows: the vocabulary-outer
+    # pass converts all the hidden states at once, and gives the per-token ops' backward dH and db too (no
+    # token pass); 2 rows: the same with the hidden states in pieces, over which dW accumulates; 1 row:
+    # pieces, and the per-token ops' backward takes the token pass first (a float32 dH would not fit).
     _skip_unavailable(backend)
     N, H, V = 23, 48, 1031
     monkeypatch.setenv(linear.WIDEN_ENV_VAR, "1")
     monkeypatch.setattr(linear, "_WIDE_BLOCK_BYTES", 7 * 4 * H)
     hidden, weight, b, labels = _inputs((N,), H, V, dtype, bias=True, seed=61)
-    chunk_bytes = 1 if budget == "token-pieces" else 3 * V * 12
-    if budget == "token-pieces":
-        assert linear._chunk_rows(N, V, 4, chunk_bytes) * V // H < N
+    chunk_bytes = rows * V * 12
+    assert linear._chunk_rows(N, V, 4, chunk_bytes) == rows
+    assert (rows * V // (2 * H) < N) == (rows < 3) and (N * H <= rows * V) == (rows > 1)
     kw = dict(bias=b, chunk_bytes=chunk_bytes, backend=backend)
     leaves = [hidden, weight, b]
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
@@ -128,6 +130,12 @@ def test_widened_half_head_is_float32_accurate(backend, dtype, budget, monkeypat
     lp, ent = rf.linear_token_logprobs_and_entropy(hidden, weight, labels, temperature=0.9, **kw)
     ref_lp, ref_ent = reference.token_logprobs_and_entropy(raw(), labels, temperature=0.9)
     check(lp + ent * w_h, ref_lp + ref_ent * w_h)
+    # the head alone (frozen hidden states): dW and db without dH
+    lp = rf.linear_token_logprobs(hidden.detach(), weight, labels, **kw)
+    ref_lp = reference.token_logprobs(raw(), labels)
+    for name, g, g64 in zip(["weight", "bias"], torch.autograd.grad((lp * w_h).sum(), leaves[1:]),
+                            torch.autograd.grad((ref_lp * w_h).sum(), leaves64[1:]), strict=True):  # fmt: skip
+        assert _rel(g, g64) < grad_tol, name
     q_hidden, q_weight, _, _ = _inputs((N,), 40, V, dtype, bias=False, seed=63)
     kl = rf.linear_kl_divergence(hidden, weight, q_hidden, q_weight, p_bias=b, chunk_bytes=chunk_bytes,
                                  backend=backend)  # fmt: skip

@@ -183,14 +183,18 @@ class _HeadGrads:
         if self.d_bias is not None:
             self.d_bias += g.float().sum(0)
 
-    def weight_by_vocab(self, hidden: Tensor, block_grad, buffer: Tensor, softcap: float | None) -> None:
+    def weight_by_vocab(
+        self, hidden: Tensor, block_grad, buffer: Tensor, softcap: float | None, with_hidden: bool = False
+    ) -> None:
         """``dW[c0:c1] = G[:, c0:c1]^T @ hidden`` by blocks of vocabulary columns whose logits fit ``buffer``
         (the token chunks' logits buffer, dead by now: ``rows * V`` elements). ``block_grad(block [1, n, w],
-        c0, token_slice)`` overwrites the block's logits with their gradient. No-op unless ``by_vocab``."""
+        c0, token_slice)`` overwrites the block's logits with their gradient. No-op unless ``by_vocab``.
+        ``with_hidden`` (widened heads only): ``dH`` and ``db`` too, instead of from token chunks."""
         if not self.by_vocab:
             return
         if buffer.dtype != self.weight.dtype:  # a widened head's float32 buffer
-            return self._weight_by_vocab_widened(hidden, block_grad, buffer.view(-1), softcap)
+            return self._weight_by_vocab_widened(hidden, block_grad, buffer.view(-1), softcap, with_hidden)
+        assert not with_hidden, "dH from the vocabulary-outer pass needs float32 GEMMs"
         N, V = hidden.shape[0], self.weight.shape[0]
         cols = max(1, min(V, buffer.numel() // max(N, 1)))
         if N * cols > buffer.numel():  # one column of all the tokens is more than a chunk
@@ -203,11 +207,11 @@ class _HeadGrads:
             block_grad(block, c0, slice(0, N))
             torch.mm(_raw_grad(block[0], t).T, hidden, out=self.d_weight[c0:c1])
 
-    def _weight_by_vocab_widened(self, hidden: Tensor, block_grad, buffer: Tensor, softcap: float | None) -> None:
+    def _weight_by_vocab_widened(self, hidden, block_grad, buffer: Tensor, softcap: float | None, with_hidden):
         """:meth:`weight_by_vocab` with float32 GEMMs. The hidden states are converted by token pieces of at
         most half the buffer's size (all at once when they fit); the buffer holds a block's logits for a
         piece, its weight rows in float32 and its ``dW`` rows, which accumulate over the pieces in float32
-        and are rounded once."""
+        and are rounded once. ``with_hidden``: ``dH`` accumulates over the blocks in float32 ``[N, H]``."""
         (N, H), V = hidden.shape, self.weight.shape[0]
         piece = max(1, min(N, buffer.numel() // (2 * H)))
         cols = max(1, min(V, buffer.numel() // (piece + 2 * H)))
@@ -215,6 +219,9 @@ class _HeadGrads:
             buffer = torch.empty(cols * (piece + 2 * H), dtype=torch.float32, device=hidden.device)
         logits, w_buf, d_w = buffer[: piece * cols], buffer[piece * cols :][: cols * H], buffer[-cols * H :]
         h32 = hidden.float() if piece == N else torch.empty(piece, H, dtype=torch.float32, device=hidden.device)
+        d_h = None
+        if with_hidden and self.d_hidden is not None:
+            d_h = torch.zeros(N, H, dtype=torch.float32, device=hidden.device)
         for c0, c1, w in _weight_blocks(self.weight, cols, w_buf):
             bias = None if self.bias is None else self.bias[c0:c1].float()
             acc = d_w[: (c1 - c0) * H].view(c1 - c0, H)
@@ -225,7 +232,13 @@ class _HeadGrads:
                 block_grad(block, c0, slice(r0, r1))
                 g = _raw_grad(block[0], t)
                 torch.mm(g.T, h, out=acc) if r0 == 0 else acc.addmm_(g.T, h)
+                if d_h is not None:
+                    d_h[r0:r1].addmm_(g, w)
+                if with_hidden and self.d_bias is not None:
+                    self.d_bias[c0:c1] += g.sum(0)
             self.d_weight[c0:c1] = acc
+        if d_h is not None:
+            self.d_hidden.copy_(d_h)
 
     def zero(self):
         """The gradients when no upstream gradient reaches the head."""
@@ -297,26 +310,30 @@ class _LinearTokenStats(torch.autograd.Function):
         # hidden: [N, H], weight: [V, H], bias: [V] or None, labels: [N] or None
         N = hidden.shape[0]
         outs = [torch.empty(N if w else 0, dtype=torch.float32, device=hidden.device) for w in wanted]
+        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
         chunk_logits = _ChunkLogits(weight, bias, softcap, min(rows, N), hidden)
         for r0 in range(0, N, rows):
             sl = slice(r0, min(r0 + rows, N))
             logits, _ = chunk_logits(hidden[sl])  # [1, n, V]
             lab = labels[sl] if labels is not None else None
-            logp, ent, _, mean_logp = _custom.token_stats_fwd(logits, lab, temperature, ignore_index, *wanted, backend)
+            logp, ent, lse[sl], mean_logp = _custom.token_stats_fwd(
+                logits, lab, temperature, ignore_index, *wanted, backend
+            )
             for out, val, w in zip(outs, (logp, ent, mean_logp), wanted, strict=True):
                 if w:
                     out[sl] = val
-        ctx.save_for_backward(hidden, weight, bias, labels)  # the backward's fused kernel recomputes the rest
+        # the backward recomputes the logits; lse and entropy let its vocabulary-outer form skip the token pass
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, outs[1])
         ctx.args = (temperature, ignore_index, wanted, rows, softcap, backend)
         ctx.mark_non_differentiable(*(o for o, w in zip(outs, wanted, strict=True) if not w))
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        hidden, weight, bias, labels = ctx.saved_tensors
+        hidden, weight, bias, labels, fwd_lse, fwd_entropy = ctx.saved_tensors
         temperature, ignore_index, wanted, rows, softcap, backend = ctx.args
         g_lp, g_h, g_u = (g if w and g is not None else None for g, w in zip(grads, wanted, strict=True))
-        N, V = hidden.shape[0], weight.shape[0]
+        (N, H), V = hidden.shape, weight.shape[0]
         head = _HeadGrads(hidden, weight, bias, ctx.needs_input_grad[:3], by_vocab=True)
         if (g_lp is None and g_h is None and g_u is None) or V == 1:  # V == 1: every output is constant 0
             return *head.zero(), None, None, None, None, None, None, None
@@ -329,6 +346,16 @@ class _LinearTokenStats(torch.autograd.Function):
         if labels is None:  # any valid label that is not ignore_index; its g_lp is 0
             labels = torch.full((N,), 0 if ignore_index != 0 else 1, dtype=torch.long, device=hidden.device)
         with_entropy = g_h is not None
+        if head.by_vocab and widen_gemms(weight.dtype, weight.device) and N * H <= rows * V:
+            # One vocabulary-outer pass from the forward's lse and entropy gives dW, dH (a float32 [N, H]
+            # accumulator, within a third of the budget) and db: three GEMMs, where a token pass first would
+            # add a fourth (its logits) to the dW pass's two.
+            block_grad = _block_grad(
+                labels, fwd_lse, fwd_entropy if with_entropy else None, coefs, V, temperature, ignore_index, backend
+            )
+            buffer = torch.empty(min(rows, N) * V, dtype=torch.float32, device=hidden.device)
+            head.weight_by_vocab(hidden, block_grad, buffer, softcap, with_hidden=True)
+            return *head.result(), None, None, None, None, None, None, None
         lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         chunk_logits = _ChunkLogits(weight, bias, softcap, min(rows, N), hidden)
