@@ -25,6 +25,9 @@ class Case:
     labels: object
     extra: dict = field(default_factory=dict)  # op-specific inputs (advantages, ref log-probs...)
     grad_out: object = None  # upstream gradient of the output; None for a 0-d loss
+    # whether the provider's LM head rounds 16-bit logits to their dtype, as a 16-bit GEMM does; rlhf_fast's
+    # chunked path on a CPU without bf16/fp16 dot products keeps them in float32 (``widen_gemms``)
+    head_rounds_logits: bool = True
 
     def __getitem__(self, name: str):
         return self.leaves[name]
@@ -37,7 +40,8 @@ class Case:
             return x.to(device) if isinstance(x, torch.Tensor) else x
 
         leaves = {k: v.detach().to(device).requires_grad_() for k, v in self.leaves.items()}
-        return Case(leaves, move(self.labels), {k: move(v) for k, v in self.extra.items()}, move(self.grad_out))
+        extra = {k: move(v) for k, v in self.extra.items()}
+        return Case(leaves, move(self.labels), extra, move(self.grad_out), self.head_rounds_logits)
 
 
 MODES = ("fwd", "bwd", "full")

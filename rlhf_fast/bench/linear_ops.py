@@ -198,8 +198,9 @@ def _check_linear_token_logprobs(case: Case, pristine, out, grads) -> dict:
 
 def _logits64(x, weight, low):
     """``x @ weight.T`` in float64, rounded to ``low`` (straight through, for the gradient) unless it is None:
-    with 16-bit inputs every provider's head rounds its logits, and the sequence-level losses amplify that
-    rounding past the 16-bit tolerance, so the reference must round them too."""
+    with 16-bit inputs a provider's head rounds its logits (all but rlhf_fast's widened float32 GEMMs, see
+    ``Case.head_rounds_logits``), and the sequence-level losses amplify that rounding past the 16-bit
+    tolerance, so the reference must round them too."""
     logits = x.double() @ weight.T
     if low is not None:
         logits = logits + (logits.to(low).double() - logits).detach()
@@ -314,7 +315,7 @@ def _check_linear_dpo_loss(case: Case, pristine, out, grads) -> dict:
     h, y = pristine["hidden"], case.labels
     w = pristine["weight"].double().requires_grad_()  # [V, H]
     s = h.shape[0]
-    low = h.dtype if h.dtype != torch.float32 else None
+    low = h.dtype if h.dtype != torch.float32 and case.head_rounds_logits else None
 
     def seq_logp(x, weight, i):  # x: [T, H] of sequence i
         return torch.log_softmax(_logits64(x, weight, low), -1).gather(-1, y[i, :, None]).sum()
@@ -434,7 +435,7 @@ def _check_linear_ppo_loss(case: Case, pristine, out, grads) -> dict:
     h, y, x = pristine["hidden"], case.labels, case.extra
     s, t = y.shape
     w = pristine["weight"].double().requires_grad_()  # [V, H]
-    low = h.dtype if h.dtype != torch.float32 else None
+    low = h.dtype if h.dtype != torch.float32 and case.head_rounds_logits else None
 
     def seq_loss(hs, weight, i):  # this sequence's share of the batch's token mean
         adv = x["advantages"][i].expand(t)

@@ -136,6 +136,10 @@ def check_case(spec: dict) -> CheckedCase | dict:
         return {**result, "status": "SKIP", "detail": fn}
 
     case = op.setup(spec)  # built on CPU with the seed's generator, so every device sees the same inputs
+    if spec["provider"].startswith("rf-") and device == "cpu":
+        from rlhf_fast.ops.linear import widen_gemms
+
+        case.head_rounds_logits = not widen_gemms(getattr(torch, spec["dtype"]), torch.device("cpu"))
     if device != "cpu":
         case = case.to(device)
     names, leaves = list(case.leaves), list(case.leaves.values())
