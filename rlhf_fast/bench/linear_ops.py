@@ -306,7 +306,8 @@ def _check_linear_dpo_loss(case: Case, pristine, out, grads) -> dict:
     sequence's summed log-prob first), ``dH`` on a sample of rows of the first and last sequences.
 
     With bfloat16 inputs the reference logits are rounded to bfloat16 (straight through, for the
-    gradient), as every provider's head does: the loss is a difference of sums of thousands of
+    gradient) when the provider's head rounds them (every one but widened float32 GEMMs): the loss is a
+    difference of sums of thousands of
     log-probs, so that rounding alone moves it by ~1e-2 at 4096 tokens, the same for every provider,
     and a float64 reference without it would fail them all or need a bound too loose to catch errors."""
     import torch
@@ -425,9 +426,9 @@ def _fn_linear_ppo_loss(provider: str):
 def _check_linear_ppo_loss(case: Case, pristine, out, grads) -> dict:
     """Loss and ``dW`` in float64 sequence by sequence through ``rlhf_fast.reference.ppo_loss`` (each
     sequence's token mean weighted by its share of the tokens), ``dH`` on a sample of rows of the first and
-    last sequences. With bfloat16 inputs the reference logits are rounded to bfloat16 (straight through) as
-    every provider's head rounds them: the ratio exp(logp - old) and the clip decisions amplify that
-    rounding far past the bfloat16 tolerance otherwise (dW 9.7e-2 off at 48 x 301 x 24)."""
+    last sequences. With bfloat16 inputs the reference logits are rounded to bfloat16 (straight through) when
+    the provider's head rounds them (``Case.head_rounds_logits``): the ratio exp(logp - old) and the clip
+    decisions amplify that rounding far past the bfloat16 tolerance otherwise (dW 9.7e-2 off at 48 x 301 x 24)."""
     import torch
 
     import rlhf_fast as rf
