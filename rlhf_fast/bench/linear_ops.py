@@ -307,9 +307,9 @@ def _check_linear_dpo_loss(case: Case, pristine, out, grads) -> dict:
 
     With bfloat16 inputs the reference logits are rounded to bfloat16 (straight through, for the
     gradient) when the provider's head rounds them (every one but widened float32 GEMMs): the loss is a
-    difference of sums of thousands of
-    log-probs, so that rounding alone moves it by ~1e-2 at 4096 tokens, the same for every provider,
-    and a float64 reference without it would fail them all or need a bound too loose to catch errors."""
+    difference of sums of thousands of log-probs, so that rounding alone moves it by ~1e-2 at 4096 tokens,
+    the same for every provider, and a float64 reference without it would fail them all or need a bound too
+    loose to catch errors."""
     import torch
     import torch.nn.functional as F
 
