@@ -346,34 +346,27 @@ class _LinearTokenStats(torch.autograd.Function):
         if labels is None:  # any valid label that is not ignore_index; its g_lp is 0
             labels = torch.full((N,), 0 if ignore_index != 0 else 1, dtype=torch.long, device=hidden.device)
         with_entropy = g_h is not None
+        # the dW pass takes each row's lse (and entropy) from the forward: the same chunks of the same logits
+        block_grad = _block_grad(
+            labels, fwd_lse, fwd_entropy if with_entropy else None, coefs, V, temperature, ignore_index, backend
+        )
         if head.by_vocab and widen_gemms(weight.dtype, weight.device) and N * H <= rows * V:
-            # One vocabulary-outer pass from the forward's lse and entropy gives dW, dH (a float32 [N, H]
-            # accumulator, within a third of the budget) and db: three GEMMs, where a token pass first would
-            # add a fourth (its logits) to the dW pass's two.
-            block_grad = _block_grad(
-                labels, fwd_lse, fwd_entropy if with_entropy else None, coefs, V, temperature, ignore_index, backend
-            )
+            # One vocabulary-outer pass gives dW, dH (a float32 [N, H] accumulator, within a third of the
+            # budget) and db: three GEMMs, where a token pass first would add a fourth (its logits) to the dW
+            # pass's two.
             buffer = torch.empty(min(rows, N) * V, dtype=torch.float32, device=hidden.device)
             head.weight_by_vocab(hidden, block_grad, buffer, softcap, with_hidden=True)
             return *head.result(), None, None, None, None, None, None, None
-        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        entropy = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         chunk_logits = _ChunkLogits(weight, bias, softcap, min(rows, N), hidden)
         for r0 in range(0, N, rows):
             sl = slice(r0, min(r0 + rows, N))
             logits, t = chunk_logits(hidden[sl])
-            _, ent, lse[sl], _ = _custom.token_stats_fused_(
+            _custom.token_stats_fused_(
                 logits, labels[sl], temperature, ignore_index, with_entropy, False, 0, coefs[:, sl].contiguous(),
                 [], backend,
             )  # fmt: skip
-            if with_entropy:
-                entropy[sl] = ent
             head.add(sl, hidden[sl], _raw_grad(logits[0], t))
-        head.weight_by_vocab(
-            hidden, _block_grad(labels, lse, entropy if with_entropy else None, coefs, V, temperature, ignore_index,
-                                backend),
-            chunk_logits.buffer, softcap,
-        )  # fmt: skip
+        head.weight_by_vocab(hidden, block_grad, chunk_logits.buffer, softcap)
         return *head.result(), None, None, None, None, None, None, None
 
 
