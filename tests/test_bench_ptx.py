@@ -26,9 +26,12 @@ from _aot import compiled  # noqa: E402
 from rlhf_fast.bench import ptx, run  # noqa: E402
 
 
-def _first(*, tiles: bool) -> aot.AotResult:
-    """A real result of a row kernel that writes a gradient (tiles=False) or of a tl.dot kernel."""
+def _first(*, tiles: bool, half: bool = False) -> aot.AotResult:
+    """A real result of a row kernel that writes a gradient (tiles=False) or of a tl.dot kernel (on
+    16-bit inputs with ``half``)."""
     for result in compiled().values():
+        if half and result.spec.dtype not in ("bf16", "fp16"):
+            continue
         if bool(result.spec.tiles_read) == tiles and (tiles or result.spec.rows_written):
             return result
     raise AssertionError("no such kernel among the AOT specs")
@@ -49,6 +52,7 @@ def test_report_of_every_compiled_kernel():
 @pytest.mark.parametrize(
     ("tiles", "change", "message"),
     [
+        (True, {"mma": "fma"}, "not on the tensor cores"),
         (False, {"spill_stores": 8, "spill_loads": 8}, "registers spill"),
         (False, {"local": 16}, "local memory"),
         (False, {"widest_load": 4}, "logits rows are read with scalar loads"),
@@ -59,7 +63,7 @@ def test_report_of_every_compiled_kernel():
     ],
 )
 def test_each_criterion_fails_the_report(tiles, change, message):
-    good = _first(tiles=tiles)
+    good = _first(tiles=tiles, half="mma" in change)
     assert aot.problems(good) == []
     bad = dataclasses.replace(good, **change)
     assert any(message in p for p in aot.problems(bad)), aot.problems(bad)
@@ -76,7 +80,7 @@ def test_exit_status(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(aot, "compile_all", lambda *args, **kwargs: results)
     assert run.main(["--ptx", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "widest ld B" in out and "wrote" in out
+    assert "widest ld B" in out and "wgmma" in out and "wrote" in out
     (json_path,) = tmp_path.glob("ptx-*.json")
     written = json.loads(json_path.read_text())
     assert [(r["kernel"], r["cc"], r["problems"]) for r in written] == [(r.name, r.cc, "") for r in results]

@@ -113,3 +113,19 @@ def test_every_switch_value_is_covered_per_dtype():
             for switch in specs[0].constexprs.keys() - {"BLOCK_N", "BLOCK_V", "BLOCK_H"}:
                 seen = {spec.constexprs[switch] for spec in specs}
                 assert seen == domains.get(switch, {False, True}), f"{name} {dtype}: {switch} compiled only as {seen}"
+
+
+def test_tensor_cores_carry_the_16_bit_products(compiled):
+    # aot.problems fails any 16-bit tl.dot kernel that falls back to FMA; beyond that, the kernels whose
+    # tiles are 64 tokens or more (all but the two-head KL backward's 16-token tiles, see linear_kl.py)
+    # must take sm_90's warpgroup MMA, and the exact float32 dot must stay off the (tf32) tensor cores.
+    for (index, cc), result in compiled.items():
+        spec = SPECS[index]
+        if not spec.tiles_read:
+            assert result.mma == "-"
+        elif spec.dtype == "fp32":
+            assert result.mma == "fma", (spec, cc)
+        elif cc == 90 and spec.config.block_n >= 64:
+            assert result.mma == "wgmma", (spec, cc)
+        else:
+            assert result.mma in ("mma", "wgmma"), (spec, cc)

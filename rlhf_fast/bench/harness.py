@@ -418,7 +418,8 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
             return "-"
         text = format(value, fmt)
         # "-0.0" from a rounding-level negative (e.g. a peak a few kB under the gradient's size)
-        return text[1:] if text.startswith("-") and float(text) == 0 else text
+        negative_zero = isinstance(value, (int, float)) and text.startswith("-") and float(text) == 0
+        return text[1:] if negative_zero else text
 
     body = [[cell(r, key, fmt) for _, key, fmt in columns] for r in rows]
     headers = [h for h, _, _ in columns]

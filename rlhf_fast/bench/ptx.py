@@ -4,10 +4,11 @@ Every Triton kernel specialization the launchers may JIT (``rlhf_fast.kernels.ao
 compiled ahead of time for sm_80 and sm_90 with the bundled ptxas, and one line per kernel, switches,
 config, dtype and target gives: registers per thread, spill bytes, static shared memory, local memory,
 and the widest global load (bytes per thread) on the stream that matters: the logits rows for the
-row kernels, the hidden and weight tiles for the fused-linear ``tl.dot`` kernels. The verdict of each
+row kernels, the hidden and weight tiles for the fused-linear ``tl.dot`` kernels, and for those the
+instruction their products run on (``wgmma``, ``mma.sync`` or plain FMA). The verdict of each
 line is :func:`rlhf_fast.kernels.aot.problems`, the same criteria as ``tests/test_triton_aot.py``;
 the command exits 1 if any line has one (a spill, local memory, or a streaming loop read or written
-with scalar accesses).
+with scalar accesses, or a 16-bit ``tl.dot`` that misses the tensor cores).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ COLUMNS = [
     ("stream", "stream", "s"),
     ("widest ld B", "vec_ld", "d"),
     ("widest st B", "vec_st", "d"),
+    ("mma", "mma", "s"),
 ]
 
 
@@ -62,7 +64,11 @@ def report(table_rows: Sequence[dict]) -> tuple[str, int]:
     kernels = len({r["kernel"] for r in table_rows})
     lines.append(
         f"{len(table_rows)} specializations of {kernels} kernels: "
-        + (f"{len(failing)} not ready" if failing else "no spills, no local memory, vector loads and stores")
+        + (
+            f"{len(failing)} not ready"
+            if failing
+            else "no spills, no local memory, vector loads and stores, 16-bit products on tensor cores"
+        )
     )
     return "\n".join(lines), len(failing)
 

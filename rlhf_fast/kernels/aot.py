@@ -72,6 +72,10 @@ class AotResult:
     widest_store: int  # bytes per thread of the widest vector st.global (0: none)
     vector_load_bytes: int  # bytes per thread moved by vector (.v2/.v4) ld.global in the PTX
     vector_store_bytes: int
+    # the instruction the tl.dot kernels' products run on: "wgmma" (sm_90 warpgroup MMA), "mma" (mma.sync),
+    # "fma" (no tensor-core instruction: the exact float32 dot, or a 16-bit dot that missed the tensor
+    # cores); "-" for kernels without tl.dot
+    mma: str = "-"
 
     @property
     def name(self) -> str:
@@ -87,7 +91,7 @@ class AotResult:
             "kernel": self.name, "variant": self.spec.variant, "dtype": self.spec.dtype,
             "cc": self.cc, "config": str(self.spec.config), "regs": self.registers,
             "spill_st": self.spill_stores, "spill_ld": self.spill_loads, "shared": self.shared,
-            "local": self.local, "vec_ld": self.widest_load, "vec_st": self.widest_store,
+            "local": self.local, "vec_ld": self.widest_load, "vec_st": self.widest_store, "mma": self.mma,
         }  # fmt: skip
 
 
@@ -99,6 +103,8 @@ def problems(result: AotResult) -> list[str]:
       row stream the kernel reads per step, and gradient rows are written the same way;
     * a ``tl.dot`` kernel (no logits) reads its hidden and weight tiles with vector loads (16-byte
       ``cp.async`` to shared memory on the tensor-core path) covering one H step of both tiles;
+    * a ``tl.dot`` kernel on 16-bit inputs runs its products on the tensor cores (``mma.sync`` or, on
+      sm_90, ``wgmma``), not on FMA units;
     * ptxas reports no spill stores or loads, and the cubin uses no local memory.
     """
     spec, found = result.spec, []
@@ -110,6 +116,8 @@ def problems(result: AotResult) -> list[str]:
             found.append("hidden/weight tiles are read with scalar loads")
         elif result.vector_load_bytes < step:
             found.append(f"vector loads cover {result.vector_load_bytes} B/thread, an H step of the tiles needs {step}")
+        if _ITEMSIZE[spec.dtype] == 2 and result.mma == "fma":
+            found.append("the 16-bit tl.dot runs on FMA units, not on the tensor cores")
     elif result.widest_load < 8:
         found.append("logits rows are read with scalar loads")
     elif result.vector_load_bytes < spec.rows_read * block:
@@ -171,6 +179,7 @@ def compile_spec(spec: AotSpec, cc: int, ptx_dir: str | None = None) -> AotResul
         widest_load=max((w for w, vec in loads if vec), default=0),
         widest_store=max((w for w, vec in stores if vec), default=0),
         vector_load_bytes=sum(w for w, vec in loads if vec), vector_store_bytes=sum(w for w, vec in stores if vec),
+        mma=mma_kind(ptx) if spec.tiles_read else "-",
     )  # fmt: skip
 
 
@@ -191,6 +200,14 @@ def global_access_widths(ptx: str, op: str) -> list[tuple[int, bool]]:
 _ASYNC_COPY = re.compile(
     r"\bcp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s*\[[^]]*\],\s*\[[^]]*\],\s*(0x[0-9a-fA-F]+|\d+)"
 )
+
+
+def mma_kind(ptx: str) -> str:
+    """The matrix instruction of a ``tl.dot`` kernel's PTX: ``wgmma`` if any product is a warpgroup MMA
+    (``wgmma.mma_async``, sm_90), else ``mma`` for ``mma.sync``, else ``fma``."""
+    if re.search(r"\bwgmma\.mma_async\b", ptx):
+        return "wgmma"
+    return "mma" if re.search(r"\bmma\.sync\b", ptx) else "fma"
 
 
 def async_copy_widths(ptx: str) -> list[tuple[int, bool]]:
