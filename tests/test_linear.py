@@ -229,20 +229,24 @@ def _softcap_forms(hidden, weight, b, labels, kw):
 
 @pytest.mark.parametrize("form", ["token_logprobs", "token_entropy", "token_logprobs_and_entropy", "cross_entropy",
                                   "ppo_loss", "dpo_loss"])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_softcap_reaches_every_linear_form(backend, form):
+def test_softcap_reaches_every_linear_form(backend, form, dtype):
     # Gemma 2's final soft cap changes every output; a form that dropped it would match the uncapped logits.
+    # A capped half-precision head takes the chunked path on every backend, whose weight gradient comes
+    # from the vocabulary-outer pass (on Triton too: it once had no block gradient there and raised).
     _skip_unavailable(backend)
-    hidden, weight, b, labels = _inputs((2, 7), 24, 257, torch.float32, bias=True, seed=51)
+    hidden, weight, b, labels = _inputs((2, 7), 24, 257, dtype, bias=True, seed=51)
     kw = dict(softcap=1.5, chunk_bytes=3 * 257 * 12, backend=backend)
     ours, ref = _softcap_forms(hidden, weight, b, labels, kw)[form]
     loss = ours(hidden, weight, b)
     leaves64 = [t.detach().double().requires_grad_() for t in (hidden, weight, b)]
     raw = leaves64[0] @ leaves64[1].T + leaves64[2]
     ref_loss = ref(1.5 * torch.tanh(raw / 1.5))
-    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * max(1.0, abs(ref_loss.item())), (loss, ref_loss)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert abs(loss.item() - ref_loss.item()) <= tol * max(1.0, abs(ref_loss.item())), (loss, ref_loss)
     assert abs(ref_loss.item() - ref(raw).item()) > 1e-2  # the cap matters
-    _grads_vs_float64(loss, ref_loss, [hidden, weight, b], leaves64, torch.float32)
+    _grads_vs_float64(loss, ref_loss, [hidden, weight, b], leaves64, dtype)
 
 
 def test_bad_inputs_name_the_argument():

@@ -372,12 +372,16 @@ class _LinearTokenStats(torch.autograd.Function):
 
 def _block_grad(labels, lse, entropy, coefs, vocab, temperature, ignore_index, backend):
     """``block_grad`` of :meth:`_HeadGrads.weight_by_vocab` for per-token upstream gradients ``coefs [3, N]``
-    (``(g_lp, g_H, g_u)``), with the whole rows' ``lse`` (and ``entropy`` for the ``g_H`` term)."""
+    (``(g_lp, g_H, g_u)``), with the whole rows' ``lse`` (and ``entropy`` for the ``g_H`` term).
+
+    The Triton backend reaches this pass only on a soft-capped half-precision head (the chunked path); it
+    has no kernel for a block of columns, so the ``torch`` implementation does that step on the device."""
+    impl = "torch" if backend == "triton" else backend
 
     def block_grad(block, c0, sl):
         _custom.token_stats_block_grad_(
             block, labels[sl], lse[sl], None if entropy is None else entropy[sl], coefs[:, sl].contiguous(), c0,
-            vocab, temperature, ignore_index, backend,
+            vocab, temperature, ignore_index, impl,
         )  # fmt: skip
 
     return block_grad
