@@ -107,7 +107,25 @@ def as_rows(logits: Tensor, *, allow_copy: bool = True) -> Tensor:
         logits = copied(logits)
         groups = [math.prod(groups)]
     shape = [1] * (2 - len(groups)) + groups
-    return logits.view(shape[0], shape[1], V)
+    rows = logits.view(shape[0], shape[1], V)
+    if not allow_copy and _rows_overlap(rows):
+        raise ValueError(
+            "inplace_backward=True needs logits whose rows do not share memory (an expand()ed or other "
+            f"overlapping view would get one row's gradient for all); got shape {tuple(logits.shape)} and "
+            f"strides {logits.stride()}"
+        )
+    return rows
+
+
+def _rows_overlap(rows: Tensor) -> bool:
+    """Whether two rows of ``[A, B, V]`` (contiguous last dim) share an element: the two leading dims,
+    innermost stride first, must each step past everything the dims inside them span."""
+    extent = rows.shape[-1]
+    for stride, size in sorted((rows.stride(d), rows.shape[d]) for d in (0, 1) if rows.shape[d] > 1):
+        if stride < extent:
+            return True
+        extent += stride * (size - 1)
+    return False
 
 
 def as_rows_pair(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:

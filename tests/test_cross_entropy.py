@@ -360,6 +360,30 @@ def test_inplace_backward_needs_a_row_view(backend):
         rf.cross_entropy(logits, labels, inplace_backward=True, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_inplace_backward_refuses_rows_that_share_memory(backend):
+    # An expand()ed row (stride 0), or rows that overlap, would each write their gradient over the same
+    # memory: the backward would return one row's gradient for all of them. Refuse.
+    base = make_logits((1, 5, 37), torch.float32).requires_grad_()
+    labels = make_labels((4, 5), 37)
+    with pytest.raises(ValueError, match="share memory"):
+        rf.cross_entropy((base * 1.0).expand(4, 5, 37), labels, inplace_backward=True, backend=backend)
+    flat = make_logits((200,), torch.float32)
+    overlapping = flat.as_strided((4, 37), (20, 1)).requires_grad_()  # row r starts 20 elements after r - 1
+    with pytest.raises(ValueError, match="share memory"):
+        rf.cross_entropy(overlapping, labels[:, 0], inplace_backward=True, backend=backend)
+    # [T, B, V] seen through a permute of a [B, T, V] buffer: rows are disjoint, the in-place path takes it
+    buffer = make_logits((3, 5, 37), torch.float32)
+    permuted = buffer.clone().permute(1, 0, 2).requires_grad_()
+    expected = permuted.detach().clone().requires_grad_()
+    scaled = permuted * 1.0  # keeps the permuted strides
+    assert scaled.stride() == permuted.stride()
+    loss = rf.cross_entropy(scaled, labels[:3].T, inplace_backward=True, backend=backend)
+    loss.backward()
+    rf.cross_entropy(expected, labels[:3].T, backend=backend).backward()
+    torch.testing.assert_close(permuted.grad, expected.grad)
+
+
 # ------------------------------------------------------------------------------------------- rf.nn
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_module_equals_functional(backend):
