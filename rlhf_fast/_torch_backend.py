@@ -131,7 +131,7 @@ def ppo_coefs(logp, coefs, params):
     """(g_lp, g_H) of the PPO per-token loss; the formulas of the ``mode == 1`` interface."""
     old, adv, ref, w = coefs
     clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef = params
-    ratio = torch.exp(logp - old)
+    ratio = torch.exp(torch.where(adv == 0, 0.0, logp - old))  # A = 0: no pg gradient, even where exp overflows
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     # "not below" rather than ">=": a NaN advantage gives a NaN gradient, as autograd of torch.maximum does

@@ -116,7 +116,7 @@ def ppo_loss(
     logp, ent = token_logprobs_and_entropy(logits, labels, temperature=temperature, ignore_index=ignore_index)
     old = torch.where(valid, old_logprobs.to(logp.dtype), 0)
     adv = torch.where(valid, advantages.to(logp.dtype).expand(labels.shape), 0)
-    ratio = torch.exp(logp - old)
+    ratio = torch.exp(torch.where(adv == 0, 0.0, logp - old))  # A = 0: pg = 0, even where exp overflows
     high = clip_eps if clip_eps_high is None else clip_eps_high
     unclipped, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1 - clip_eps, 1 + high)
     pg = torch.maximum(unclipped, clipped)

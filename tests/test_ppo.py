@@ -262,6 +262,31 @@ def test_nan_advantage_gives_its_token_a_nan_gradient(backend, option):
         assert torch.isfinite(grad[rest]).all()
 
 
+@pytest.mark.parametrize("composed", [False, True], ids=["fused", "composed"])
+@pytest.mark.parametrize("option", ["default", "kl-entropy", "dual-clip"])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_zero_advantage_with_an_overflowing_ratio(backend, option, composed):
+    # A GRPO group whose rewards are equal gets advantage 0: pg = -0 * ratio is 0 whatever the ratio, also
+    # where exp(logp - old_logp) overflows float32 (an old log-prob of -200); -0 * inf once made the loss
+    # and every gradient NaN on all backends.
+    inputs = make_ppo_inputs()
+    inputs.labels[0, 2] = 4
+    inputs.old_logprobs[0, 2] = -200.0
+    inputs.advantages[0, 2] = 0.0
+    inputs.advantages.requires_grad_(composed)  # a side input with grad takes the composed path
+    fn = ppo_fn(inputs, **OPTIONS[option])
+    loss, _ = fn(rf, inputs.logits, backend=backend)
+    loss.backward()
+    ref_logits = inputs.logits.detach().double().requires_grad_()
+    ref_loss, _ = fn(rf.reference, ref_logits)
+    ref_loss.backward()
+    assert math.isfinite(ref_loss.item())
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(inputs.logits.grad.double(), ref_logits.grad, rtol=1e-4, atol=1e-6)
+    if composed:
+        assert torch.isfinite(inputs.advantages.grad).all()
+
+
 # --------------------------------------------------------------------------- gradient in the forward
 @pytest.mark.parametrize("option", ["default", "everything"])
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)

@@ -303,7 +303,9 @@ void bwd_rows(const TokenStatsBwdArgs& args, int64_t begin, int64_t end) {
 // The same formulas as rlhf_fast._torch_backend._ppo_coefs.
 void ppo_coefs(const PpoParams& pp, float logp, float old_logp, float adv, float ref_logp, float w, float& g_lp,
                float& g_h) {
-  const float ratio = std::exp(logp - old_logp);
+  // An advantage of 0 (a GRPO group with equal rewards) gives no pg gradient whatever the ratio; ratio 1
+  // keeps an overflowing exp from making -0 * inf = NaN.
+  const float ratio = adv == 0.0f ? 1.0f : std::exp(logp - old_logp);
   const float unclipped = -adv * ratio;
   const float clipped = -adv * std::clamp(ratio, pp.ratio_low, pp.ratio_high);
   // The clipped branch is flat in logp; a NaN advantage takes the other one and gives NaN, as in autograd.

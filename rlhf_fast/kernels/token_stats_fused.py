@@ -109,7 +109,8 @@ def _token_stats_fused_kernel(
     else:
         adv = tl.load(coef1_ptr + row)
         w = tl.load(coef3_ptr + row)
-        ratio = tl.exp(logp - tl.load(coef0_ptr + row))
+        # advantage 0: no pg gradient, also where the ratio overflows (-0 * inf would be NaN)
+        ratio = tl.exp(tl.where(adv == 0.0, 0.0, logp - tl.load(coef0_ptr + row)))
         unclipped = -adv * ratio
         clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
         # d max(unclipped, clipped) / d logp; at a tie (ratio inside the clip range) the ratio's own

@@ -218,7 +218,10 @@ class PPOSetup:
         """The loss and stats from the per-token log-probs and entropies (differentiable or not)."""
         adv, mask = self.advantages, self.mask
         log_ratio = logp - self.old_logprobs
-        ratio = torch.exp(log_ratio)
+        # A token with advantage 0 (every token of a GRPO group whose rewards are equal) has pg = 0 whatever
+        # its ratio; taken as ratio 1, so that a ratio that overflows float32 does not make -0 * inf = NaN
+        # (and the where comes before the exp: its backward would also meet 0 * inf).
+        ratio = torch.exp(torch.where(adv == 0, 0.0, log_ratio))
         pg_unclipped = -adv * ratio
         pg_clipped = -adv * torch.clamp(ratio, 1.0 - self.clip_low, 1.0 + self.clip_high)
         per_token = torch.maximum(pg_unclipped, pg_clipped)
