@@ -361,6 +361,25 @@ def test_inplace_backward_needs_a_row_view(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_second_backward_through_the_forward_gradient(backend):
+    # The gradient made in the forward is scaled in place by the first backward's incoming gradient (loss
+    # scaling, gradient accumulation): a second backward through the graph is refused with an explanation,
+    # not autograd's "modified by an inplace operation". Unscaled (an incoming 1 on CPU) it may run again.
+    logits = make_logits((2, 5, 37), torch.float32).requires_grad_()
+    labels = make_labels((2, 5), 37)
+    loss = rf.cross_entropy(logits, labels, backend=backend)
+    (loss * 0.5).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        (loss * 0.5).backward()
+    once = logits.grad.clone()
+    logits.grad = None
+    loss = rf.cross_entropy(logits, labels, backend=backend)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(logits.grad, 4 * once)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_inplace_backward_refuses_rows_that_share_memory(backend):
     # An expand()ed row (stride 0), or rows that overlap, would each write their gradient over the same
     # memory: the backward would return one row's gradient for all of them. Refuse.

@@ -249,6 +249,23 @@ def test_softcap_reaches_every_linear_form(backend, form, dtype):
     _grads_vs_float64(loss, ref_loss, [hidden, weight, b], leaves64, dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_backward_of_linear_cross_entropy(backend):
+    # cpp/torch compute the head's gradients in the forward and scale them in place in the backward: a
+    # second backward is refused with that explanation. Triton's kernels recompute in the backward: it runs.
+    _skip_unavailable(backend)
+    hidden, weight, _, labels = _inputs((5,), 8, 33, torch.float32, bias=False, seed=3)
+    loss = rf.linear_cross_entropy(hidden, weight, labels, backend=backend) * 0.5
+    loss.backward(retain_graph=True)
+    if backend == "triton":
+        once = weight.grad.clone()
+        loss.backward()
+        torch.testing.assert_close(weight.grad, 2 * once)
+    else:
+        with pytest.raises(RuntimeError, match="retain_graph=True"):
+            loss.backward()
+
+
 def test_bad_inputs_name_the_argument():
     hidden, weight, b, labels = _inputs((4,), 8, 33, torch.float32, bias=True, seed=1)
     with pytest.raises(ValueError, match="weight"):

@@ -26,22 +26,32 @@ class _AttachGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        (grad,) = ctx.saved_tensors
-        scale_in_place((grad,), grad_output)
+        (grad,) = forward_gradients(ctx, grad_output)
         return grad, None, None
 
 
-def scale_in_place(grads: tuple[Tensor | None, ...], grad_output: Tensor) -> None:
-    """Multiply gradients computed in the forward pass by the 0-d ``grad_output``, in place.
+def forward_gradients(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    """The gradients a forward pass computed and saved, scaled in place by the 0-d ``grad_output``.
 
     In place because the buffers are ours (or the caller gave up the logits for them): a scaled copy
     would hold a second gradient at the peak. Skipping the pass when ``grad_output == 1`` needs its
-    value: free on CPU, a sync on GPU, so only on CPU.
+    value: free on CPU, a sync on GPU, so only on CPU. Once scaled, the buffers were handed to autograd
+    as they are, so a second backward through the same graph (``retain_graph=True``) is refused with
+    this explanation rather than autograd's message about a tensor modified in place.
     """
+    if getattr(ctx, "scaled", False):
+        raise RuntimeError(
+            "this rlhf_fast loss computed its gradient in the forward pass, and the first backward scaled "
+            "that buffer in place by its incoming gradient (no second [tokens, vocab] copy), so a second "
+            "backward through the same graph (retain_graph=True) cannot reuse it: compute the loss again"
+        )
+    grads = ctx.saved_tensors
     if torch.compiler.is_compiling() or grad_output.device.type != "cpu" or grad_output.item() != 1.0:
+        ctx.scaled = True
         for grad in grads:
             if grad is not None:
                 grad.mul_(grad_output)  # in float32, rounded once to the gradient dtype
+    return grads
 
 
 def stats_with_gradient(

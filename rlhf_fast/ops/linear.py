@@ -29,7 +29,7 @@ from rlhf_fast import _dispatch, _torch_backend
 from rlhf_fast import _validate as v
 from rlhf_fast.ops import _custom
 from rlhf_fast.ops.cross_entropy import REDUCTIONS, smoothed_nll
-from rlhf_fast.ops.fused import scale_in_place
+from rlhf_fast.ops.fused import forward_gradients
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 CHUNK_ENV_VAR = "RLHF_FAST_CHUNK_BYTES"
@@ -491,8 +491,7 @@ class _AttachLinearGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grads = ctx.saved_tensors
-        scale_in_place(grads, grad_output)  # a scaled copy would hold a second dW [V, H] and dH at the peak
+        grads = forward_gradients(ctx, grad_output)  # in place: a copy would hold a second dW and dH at the peak
         return None, None, None, None, *grads
 
 
