@@ -45,13 +45,20 @@ def check_same_device(t: Tensor, ref: Tensor, name: str, ref_name: str = "logits
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
+# The kernels scale by 1 / T in float32: both must be comfortably inside its range.
+TEMPERATURE_RANGE = (1e-30, 1e30)
+
+
 def check_temperature(temperature) -> float:
-    if isinstance(temperature, Tensor) or not isinstance(temperature, (int, float)):
+    if isinstance(temperature, (Tensor, bool)) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
     # Comparisons rather than math.isfinite: under torch.compile a temperature that changes between
     # calls arrives as a symbolic float, which comparisons handle and math.isfinite does not.
-    if not (0 < temperature < math.inf):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    low, high = TEMPERATURE_RANGE
+    if not (low <= temperature <= high):
+        raise ValueError(
+            f"temperature must be a number in [{low:g}, {high:g}] (1/T is taken in float32), got {temperature}"
+        )
     return temperature
 
 
@@ -59,16 +66,27 @@ def check_float(name: str, value, low: float, high: float | None = None, *, high
     """A Python number in ``[low, high)`` (``[low, high]`` with ``high_inclusive``; no upper bound if None)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    below_high = high is None or value < high or (high_inclusive and value == high)
+    below_high = value < math.inf if high is None else value < high or (high_inclusive and value == high)
     if not (value >= low and below_high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}{']' if high_inclusive else ')'}"
+        bound = f"finite and >= {low}" if high is None else f"in [{low}, {high}{']' if high_inclusive else ')'}"
         raise ValueError(f"{name} must be {bound}, got {value}")
+    return float(value)
+
+
+def check_coef(name: str, value) -> float:
+    """A finite Python number of either sign (a loss term's weight)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (-math.inf < value < math.inf):
+        raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
 
 
 def check_ignore_index(ignore_index) -> int:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not (-(2**63) <= ignore_index < 2**63):
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     return ignore_index
 
 

@@ -201,6 +201,9 @@ BAD_OPTIONS = [
     ({"label_smoothing": -0.1}, "label_smoothing"),
     ({"label_smoothing": 0.5, "loss_type": "robust"}, "label_smoothing"),
     ({"nll_coef": -1.0}, "nll_coef"),
+    ({"nll_coef": float("inf")}, "nll_coef"),
+    ({"beta": float("inf")}, "beta"),
+    ({"beta": float("nan")}, "beta"),
 ]
 
 

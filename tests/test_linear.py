@@ -87,6 +87,10 @@ def test_entropy_only_and_env_budget(monkeypatch):
     ent = rf.linear_token_entropy(hidden, weight, backend="torch")
     torch.testing.assert_close(ent, reference.token_entropy(hidden @ weight.T), rtol=1e-5, atol=1e-6)
     assert linear._chunk_rows(6, 257, 4, None) == 2
+    for bad in ("64MiB", "-5", "0", ""):
+        monkeypatch.setenv(linear.CHUNK_ENV_VAR, bad)
+        with pytest.raises(ValueError, match=linear.CHUNK_ENV_VAR):
+            rf.linear_token_entropy(hidden, weight, backend="torch")
 
 
 @pytest.mark.parametrize("rows", [3, 2, 1], ids=["3-rows", "2-rows", "1-row"])
@@ -284,6 +288,15 @@ def test_bad_inputs_name_the_argument():
         rf.linear_token_entropy(hidden, weight, temperature=0.0)
     with pytest.raises(TypeError, match="hidden"):
         rf.linear_token_entropy(hidden.long(), weight)
+    with pytest.raises(ValueError, match="softcap"):
+        rf.linear_token_logprobs(hidden, weight, labels, softcap=float("inf"))
+    # the two heads of the KL name their own arguments
+    with pytest.raises(ValueError, match="q_bias"):
+        rf.linear_kl_divergence(hidden, weight, hidden, weight, q_bias=b[:5])
+    with pytest.raises(ValueError, match="q_weight"):
+        rf.linear_kl_divergence(hidden, weight, hidden, weight[:, :7])
+    with pytest.raises(ValueError, match="p_weight"):
+        rf.linear_kl_divergence(hidden, weight[:, :7], hidden, weight)
 
 
 def _grads_vs_float64(loss, ref_loss, leaves, leaves64, dtype, baseline=None):

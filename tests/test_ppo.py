@@ -346,7 +346,18 @@ BAD_OPTIONS = [
     ({"clip_eps": 1.5}, "clip_eps"),
     ({"clip_eps_high": -0.2}, "clip_eps_high"),
     ({"dual_clip": 0.5}, "dual_clip"),
+    ({"dual_clip": float("inf")}, "dual_clip"),
     ({"kl_coef": 0.1, "ref_logprobs": None}, "ref_logprobs"),
+    # finite hyper-parameters only: a NaN or inf weight made a NaN or inf loss without a word
+    ({"kl_coef": float("nan")}, "kl_coef"),
+    ({"kl_coef": float("inf")}, "kl_coef"),
+    ({"entropy_coef": float("nan")}, "entropy_coef"),
+    ({"entropy_coef": -float("inf")}, "entropy_coef"),
+    # 1/T in float32: a temperature beyond [1e-30, 1e30] made NaN on cpp and Triton
+    ({"temperature": 1e-45}, "temperature"),
+    ({"temperature": 1e39}, "temperature"),
+    ({"temperature": 2**1024}, "temperature"),
+    ({"ignore_index": 2**64}, "ignore_index"),
 ]
 
 
@@ -357,6 +368,17 @@ def test_bad_options(backend, options, match):
     options = {"ref_logprobs": x.ref_logprobs, **options}
     with pytest.raises(ValueError, match=match):
         rf.ppo_loss(x.logits, x.labels, x.old_logprobs, x.advantages, backend=backend, **options)
+
+
+@pytest.mark.parametrize(
+    "options", [{"kl_coef": "0.1"}, {"entropy_coef": None}, {"temperature": True}, {"dual_clip": True}]
+)
+def test_hyper_parameters_of_the_wrong_type(options):
+    # a string was converted (kl_coef="0.1" ran), None failed inside float(), True ran as temperature 1
+    x = make_ppo_inputs()
+    (name,) = options
+    with pytest.raises((TypeError, ValueError), match=name):
+        rf.ppo_loss(x.logits, x.labels, x.old_logprobs, x.advantages, ref_logprobs=x.ref_logprobs, **options)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)

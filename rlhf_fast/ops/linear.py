@@ -20,6 +20,7 @@ float32 buffer right before the GEMM that reads it, which costs no measurable ti
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -69,7 +70,10 @@ def _chunk_rows(n_rows: int, vocab: int, elem_bytes: int, chunk_bytes: int | Non
     extra memory (0.16x PyTorch's own ``linear_cross_entropy``) at the peers' speed; a larger budget buys
     larger, faster GEMMs (see benchmarks/RESULTS.md)."""
     if chunk_bytes is None:
-        chunk_bytes = int(os.environ.get(CHUNK_ENV_VAR, DEFAULT_CHUNK_BYTES))
+        setting = os.environ.get(CHUNK_ENV_VAR, str(DEFAULT_CHUNK_BYTES))
+        if not setting.strip().isdigit() or int(setting) <= 0:
+            raise ValueError(f"{CHUNK_ENV_VAR} must be a positive int (bytes), got {setting!r}")
+        chunk_bytes = int(setting)
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
     per_row = vocab * (2 * elem_bytes + 4)
@@ -79,8 +83,8 @@ def _chunk_rows(n_rows: int, vocab: int, elem_bytes: int, chunk_bytes: int | Non
 def _check_softcap(softcap) -> float | None:
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
-        raise ValueError(f"softcap must be a float > 0 or None, got {softcap!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf:
+        raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap!r}")
     return float(softcap)
 
 
@@ -387,24 +391,27 @@ def _block_grad(labels, lse, entropy, coefs, vocab, temperature, ignore_index, b
     return block_grad
 
 
-def _prepare_linear(hidden, weight, labels, bias, temperature, ignore_index, chunk_bytes, backend):
+def _prepare_linear(hidden, weight, labels, bias, temperature, ignore_index, chunk_bytes, backend, head=""):
     """Validate the linear-form inputs; returns ``(hidden [N, H], labels [N] | None, T, ignore_index,
-    backend, rows per chunk)``."""
-    v.check_logits(hidden, "hidden")
+    backend, rows per chunk)``. ``head``: the prefix of the arguments' names in errors (``p_``, ``q_``)."""
+    h_name, w_name, b_name = (head + name for name in ("hidden", "weight", "bias"))
+    v.check_logits(hidden, h_name)
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {shape}")
+        raise ValueError(
+            f"{w_name} must have shape [V, H] with H = {h_name}.shape[-1] = {hidden.shape[-1]}, got {shape}"
+        )
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-    v.check_same_device(weight, hidden, "weight", "hidden")
+        raise TypeError(f"{w_name} must have the dtype of {h_name} ({hidden.dtype}), got {weight.dtype}")
+    v.check_same_device(weight, hidden, w_name, h_name)
     if bias is not None:
         if not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}]")
+            raise ValueError(f"{b_name} must have shape [V] = [{weight.shape[0]}]")
         if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
-        v.check_same_device(bias, hidden, "bias", "hidden")
+            raise TypeError(f"{b_name} must have the dtype of {h_name} ({hidden.dtype}), got {bias.dtype}")
+        v.check_same_device(bias, hidden, b_name, h_name)
     if weight.shape[0] == 0:
-        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+        raise ValueError(f"{w_name} has an empty vocabulary dimension (V = 0)")
     flat = None
     if labels is not None:
         v.check_labels(labels, hidden, ref_name="hidden")
@@ -828,9 +835,11 @@ def linear_kl_divergence(
     them. Returns ``[...]`` float32.
     """
     p2d, _, temperature, _, backend, _ = _prepare_linear(
-        p_hidden, p_weight, None, p_bias, temperature, -100, chunk_bytes, backend
+        p_hidden, p_weight, None, p_bias, temperature, -100, chunk_bytes, backend, head="p_"
     )
-    q2d, _, _, _, _, _ = _prepare_linear(q_hidden, q_weight, None, q_bias, temperature, -100, chunk_bytes, backend)
+    q2d, _, _, _, _, _ = _prepare_linear(
+        q_hidden, q_weight, None, q_bias, temperature, -100, chunk_bytes, backend, head="q_"
+    )
     if q_hidden.shape[:-1] != p_hidden.shape[:-1]:
         raise ValueError(
             f"q_hidden must have the leading shape of p_hidden {tuple(p_hidden.shape[:-1])}, "

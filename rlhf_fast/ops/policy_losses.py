@@ -7,6 +7,7 @@ call; everything after it is element-wise math on ``[B, T]`` numbers.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -179,14 +180,18 @@ class PPOSetup:
         labels, old_logprobs, advantages, ref_logprobs, clip_eps, clip_eps_high, dual_clip, kl_coef,
         kl_estimator, entropy_coef, ignore_index, loss_agg,
     ) -> PPOSetup:  # fmt: skip
+        ignore_index = v.check_ignore_index(ignore_index)
         old_logprobs = _per_token(old_logprobs, "old_logprobs", labels)
         advantages = _per_token(advantages, "advantages", labels)
         if ref_logprobs is not None:
             ref_logprobs = _per_token(ref_logprobs, "ref_logprobs", labels)
         clip_low = v.check_float("clip_eps", clip_eps, 0.0, 1.0)
         clip_high = clip_low if clip_eps_high is None else v.check_float("clip_eps_high", clip_eps_high, 0.0, None)
-        if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1.0):
-            raise ValueError(f"dual_clip must be a float > 1 or None, got {dual_clip!r}")
+        if dual_clip is not None and not (
+            isinstance(dual_clip, (int, float)) and not isinstance(dual_clip, bool) and 1.0 < dual_clip < math.inf
+        ):
+            raise ValueError(f"dual_clip must be a finite float > 1 or None, got {dual_clip!r}")
+        kl_coef, entropy_coef = v.check_coef("kl_coef", kl_coef), v.check_coef("entropy_coef", entropy_coef)
         if kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
         if loss_agg not in LOSS_AGGS:
@@ -201,7 +206,7 @@ class PPOSetup:
                   (old_logprobs, advantages, ref_logprobs)]  # fmt: skip
         return PPOSetup(
             *masked, mask, _aggregation_weights(mask, loss_agg), clip_low, clip_high, dual_clip,
-            float(kl_coef), kl_estimator, float(entropy_coef), side_grad,
+            kl_coef, kl_estimator, entropy_coef, side_grad,
         )  # fmt: skip
 
     def coefs(self) -> Tensor:
@@ -345,8 +350,8 @@ def dpo_from_token_logprobs(
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-        raise ValueError(f"beta must be a float > 0, got {beta!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < math.inf:
+        raise ValueError(f"beta must be a finite float > 0, got {beta!r}")
     ls = v.check_float("label_smoothing", label_smoothing, 0.0, 0.5)
     nll_coef = v.check_float("nll_coef", nll_coef, 0.0, None)
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
