@@ -83,6 +83,9 @@ def test_default_labels_ignore_padding():
         logp = lm_head_logprobs(model, input_ids, attention_mask, backend="torch")
     assert logp.shape == (2, 6)
     assert (logp[1, 3:] == 0).all() and (logp[0] < 0).all()
+    # labels are checked in the caller's shapes, not in the shifted ones the op would see
+    with pytest.raises(ValueError, match=r"labels must have the shape of input_ids \(2, 7\), got \(2, 6\)"):
+        lm_head_logprobs(model, input_ids, attention_mask, input_ids[:, 1:], backend="torch")
 
 
 def test_peft_lora_model_goes_through_its_adapters():

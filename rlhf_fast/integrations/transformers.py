@@ -70,6 +70,11 @@ def lm_head_logprobs(
     """
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
+    elif isinstance(labels, Tensor) and labels.shape != input_ids.shape:
+        # checked here, before the model runs, and in the caller's shapes (the op sees them shifted)
+        raise ValueError(
+            f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
+        )
     hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)[:, :-1]
     weight, bias, scale, softcap = lm_head(model)
     if scale is not None and scale != 1.0:
