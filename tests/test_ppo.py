@@ -276,10 +276,10 @@ def test_zero_advantage_with_an_overflowing_ratio(backend, option, composed):
     inputs.advantages.requires_grad_(composed)  # a side input with grad takes the composed path
     fn = ppo_fn(inputs, **OPTIONS[option])
     loss, _ = fn(rf, inputs.logits, backend=backend)
-    loss.backward()
+    (0.7 * loss).backward()  # an incoming gradient other than 1: the forward's gradient is scaled
     ref_logits = inputs.logits.detach().double().requires_grad_()
     ref_loss, _ = fn(rf.reference, ref_logits)
-    ref_loss.backward()
+    (0.7 * ref_loss).backward()
     assert math.isfinite(ref_loss.item())
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(inputs.logits.grad.double(), ref_logits.grad, rtol=1e-4, atol=1e-6)
