@@ -146,6 +146,48 @@ def test_widened_half_head_is_float32_accurate(backend, dtype, rows, monkeypatch
     check(kl, reference.kl_divergence(raw(), q_hidden.double() @ q_weight.double().T))
 
 
+@pytest.mark.parametrize("softcap", [None, 2.5], ids=["plain", "softcap"])
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_float32_logits_gemm_runs_in_weight_blocks(backend, softcap, monkeypatch):
+    # On CPU a float32 head's logits GEMM runs over blocks of weight rows, each writing a column slice of the
+    # chunk's logits buffer (ragged 7-row blocks here): the blocks must meet exactly, bias included.
+    _skip_unavailable(backend)
+    N, H, V = 19, 40, 1031
+    monkeypatch.setattr(linear, "_WIDE_BLOCK_BYTES", 7 * 4 * H)
+    widths = []
+    mm, addmm = torch.mm, torch.addmm
+
+    def spy(real):
+        def call(*args, out=None):
+            if out is not None and out.shape[-1] in (7, V % 7):
+                widths.append(out.shape[-1])
+            return real(*args, out=out)
+
+        return call
+
+    monkeypatch.setattr(torch, "mm", spy(mm))
+    monkeypatch.setattr(torch, "addmm", spy(addmm))
+    hidden, weight, b, labels = _inputs((N,), H, V, torch.float32, bias=True, seed=71)
+    kw = dict(bias=b, chunk_bytes=5 * V * 12, softcap=softcap, backend=backend)  # 5-token chunks
+    leaves = [hidden, weight, b]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    raw = leaves64[0] @ leaves64[1].T + leaves64[2]
+    logits64 = raw if softcap is None else softcap * torch.tanh(raw / softcap)
+    w_h = torch.randn(N, generator=torch.Generator().manual_seed(72), dtype=torch.float64)
+    for ours, truth in [
+        (rf.linear_cross_entropy(hidden, weight, labels, **kw),
+         torch.nn.functional.cross_entropy(logits64, labels)),
+        ((rf.linear_token_logprobs(hidden, weight, labels, **kw) * w_h).sum(),
+         (reference.token_logprobs(logits64, labels) * w_h).sum()),
+    ]:  # fmt: skip
+        assert _rel(ours, truth) < 1e-5
+        for name, g, g64 in zip(["hidden", "weight", "bias"], torch.autograd.grad(ours, leaves),
+                                torch.autograd.grad(truth, leaves64, retain_graph=True), strict=True):  # fmt: skip
+            assert _rel(g, g64) < 1e-5, name
+    # every chunk's logits (forward, and the recomputation in the token op's backward) came in 7-row blocks
+    assert widths.count(V % 7) >= 3 * (N // 5 + 1) and widths.count(7) == widths.count(V % 7) * (V // 7)
+
+
 def test_widen_gemms_setting(monkeypatch):
     monkeypatch.delenv(linear.WIDEN_ENV_VAR, raising=False)
     cpu, meta = torch.device("cpu"), torch.device("meta")
