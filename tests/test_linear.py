@@ -106,7 +106,7 @@ def test_widened_half_head_is_float32_accurate(backend, dtype, rows, monkeypatch
     _skip_unavailable(backend)
     N, H, V = 23, 48, 1031
     monkeypatch.setenv(linear.WIDEN_ENV_VAR, "1")
-    monkeypatch.setattr(linear, "_WIDE_BLOCK_BYTES", 7 * 4 * H)
+    monkeypatch.setattr(linear, "_WEIGHT_BLOCK_BYTES", 7 * 4 * H)
     hidden, weight, b, labels = _inputs((N,), H, V, dtype, bias=True, seed=61)
     chunk_bytes = rows * V * 12
     assert linear._chunk_rows(N, V, 4, chunk_bytes) == rows
@@ -153,7 +153,7 @@ def test_float32_logits_gemm_runs_in_weight_blocks(backend, softcap, monkeypatch
     # chunk's logits buffer (ragged 7-row blocks here): the blocks must meet exactly, bias included.
     _skip_unavailable(backend)
     N, H, V = 19, 40, 1031
-    monkeypatch.setattr(linear, "_WIDE_BLOCK_BYTES", 7 * 4 * H)
+    monkeypatch.setattr(linear, "_WEIGHT_BLOCK_BYTES", 7 * 4 * H)
     widths = []
     mm, addmm = torch.mm, torch.addmm
 

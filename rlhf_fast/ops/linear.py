@@ -40,7 +40,7 @@ WIDEN_ENV_VAR = "RLHF_FAST_WIDEN_GEMMS"
 # its GEMM. For a float32 head this also beats one GEMM over the whole vocabulary: at 174 tokens x H 1024 x
 # V 32000 (a 64 MiB chunk) on a Zen 4 EPYC the logits GEMMs of 4096 tokens took 1.6-1.8 s in 512-row blocks
 # against 2.1-2.3 s whole (MKL with a short M and a long N), and linear_cross_entropy 4.85 s against 5.49 s.
-_WIDE_BLOCK_BYTES = 2 * 2**20
+_WEIGHT_BLOCK_BYTES = 2 * 2**20
 
 
 def widen_gemms(dtype: torch.dtype, device: torch.device) -> bool:
@@ -93,22 +93,21 @@ def _check_softcap(softcap) -> float | None:
     return float(softcap)
 
 
-def _block_rows(H: int) -> int:
-    """Weight rows in a block of ``_WIDE_BLOCK_BYTES`` of float32."""
-    return max(1, _WIDE_BLOCK_BYTES // (4 * H))
-
-
 def _weight_blocks(weight: Tensor, rows: int | None = None, buffer: Tensor | None = None):
     """``(c0, c1, weight[c0:c1] in float32)`` over blocks of ``rows`` weight rows (default: a cache-sized
-    block), all converted into one float32 buffer (``rows * H`` elements, allocated when not given): each
-    block is dead once the next is asked for."""
+    block of ``_WEIGHT_BLOCK_BYTES``). A float32 weight's blocks are views of it; any other dtype's are all
+    converted into one float32 buffer (``rows * H`` elements, allocated when not given): each block is dead
+    once the next is asked for."""
     V, H = weight.shape
-    step = rows or _block_rows(H)
-    if buffer is None:
+    step = rows or max(1, _WEIGHT_BLOCK_BYTES // (4 * H))
+    if buffer is None and weight.dtype != torch.float32:
         buffer = torch.empty(min(step, V) * H, dtype=torch.float32, device=weight.device)
     for c0 in range(0, V, step):
         c1 = min(c0 + step, V)
-        yield c0, c1, buffer[: (c1 - c0) * H].view(c1 - c0, H).copy_(weight[c0:c1])
+        if weight.dtype == torch.float32:
+            yield c0, c1, weight[c0:c1]
+        else:
+            yield c0, c1, buffer[: (c1 - c0) * H].view(c1 - c0, H).copy_(weight[c0:c1])
 
 
 def _head_logits(h_chunk: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, out: Tensor):
@@ -116,33 +115,27 @@ def _head_logits(h_chunk: Tensor, weight: Tensor, bias: Tensor | None, softcap: 
     soft cap's derivative needs (or None).
 
     A float32 ``out`` for a half-precision head is the widened GEMM (:func:`widen_gemms`): the chunk's
-    hidden states and each block of weight rows are converted to float32 first. With ``softcap = c``
+    hidden states and each block of weight rows are converted to float32 first. A float32 head on CPU
+    takes the same blocks (views, no conversion): see ``_WEIGHT_BLOCK_BYTES``. 16-bit GEMMs (Zen 4
+    bfloat16: the same time either way) and other devices take one GEMM. With ``softcap = c``
     (Gemma 2's final logit soft-capping) the logits are ``c * tanh(raw / c)``, computed in float32 and
     stored in ``out``'s dtype.
     """
-    if out.dtype != weight.dtype:
-        raw, h32 = out, h_chunk.float()
-        for c0, c1, w in _weight_blocks(weight):
-            if bias is None:
-                torch.mm(h32, w.T, out=out[:, c0:c1])
-            else:
-                torch.addmm(bias[c0:c1].float(), h32, w.T, out=out[:, c0:c1])
+    widened = out.dtype != weight.dtype
+    h = h_chunk.float() if widened else h_chunk
+    if widened or (weight.dtype == torch.float32 and weight.device.type == "cpu"):
+        blocks = _weight_blocks(weight)
     else:
-        raw = out
-        V, H = weight.shape
-        # float32 on CPU in cache-sized blocks of weight rows (see _WIDE_BLOCK_BYTES); 16-bit GEMMs and other
-        # devices gain nothing from it (Zen 4 bfloat16: same time) and take one GEMM.
-        step = _block_rows(H) if weight.dtype == torch.float32 and weight.device.type == "cpu" else V
-        for c0 in range(0, V, step):
-            c1 = min(c0 + step, V)
-            if bias is None:
-                torch.mm(h_chunk, weight[c0:c1].T, out=out[:, c0:c1])
-            else:
-                torch.addmm(bias[c0:c1], h_chunk, weight[c0:c1].T, out=out[:, c0:c1])
+        blocks = [(0, weight.shape[0], weight)]
+    for c0, c1, w in blocks:
+        if bias is None:
+            torch.mm(h, w.T, out=out[:, c0:c1])
+        else:
+            torch.addmm(bias[c0:c1].to(out.dtype), h, w.T, out=out[:, c0:c1])
     if softcap is None:
-        return raw[None], None
-    t = torch.tanh(raw.float() / softcap)
-    return raw.copy_(t * softcap)[None], t
+        return out[None], None
+    t = torch.tanh(out.float() / softcap)
+    return out.copy_(t * softcap)[None], t
 
 
 class _ChunkLogits:
