@@ -3,9 +3,9 @@
 ``rlhf_fast._C`` is built for DEFAULT, AVX2, AVX512 and AVX512_BF16 and chooses at run time
 (``ATEN_CPU_CAPABILITY=default|avx2`` forces a lower one, ``RLHF_FAST_AVX512_BF16=0`` keeps AVX512 on a
 CPU with the bfloat16 instructions). Each variant runs in its own process, on the same inputs, through
-the fused forward+gradient path (cross_entropy, ppo_loss with entropy), the forward/backward pair
-(token_logprobs_and_entropy) and the KL kernels, in float32, bfloat16 and float16; the parent checks
-every result against the float64 reference.
+the fused forward+gradient path (cross_entropy, ppo_loss with and without an entropy bonus), the
+forward/backward pair (token_logprobs_and_entropy, some rows without an entropy gradient) and the KL
+kernels, in float32, bfloat16 and float16; the parent checks every result against the float64 reference.
 """
 
 import json
@@ -41,9 +41,12 @@ for name, x in data["logits"].items():
     loss, _ = rf.ppo_loss(a, labels, old, adv, ref_logprobs=ref, kl_coef=0.05, entropy_coef=0.01, backend="cpp")
     res["ppo"] = torch.autograd.grad(loss, a)[0]
     a = x.clone().requires_grad_()
+    loss, _ = rf.ppo_loss(a, labels, old, adv, ref_logprobs=ref, kl_coef=0.05, backend="cpp")
+    res["ppo_no_entropy_coef"] = torch.autograd.grad(loss, a)[0]
+    a = x.clone().requires_grad_()
     lp, ent = rf.token_logprobs_and_entropy(a, labels, backend="cpp")
     res["lp"], res["ent"] = lp.detach(), ent.detach()
-    res["lp_ent_grad"] = torch.autograd.grad((lp * g).sum() + (ent * g.flip(-1)).sum(), a)[0]
+    res["lp_ent_grad"] = torch.autograd.grad((lp * g).sum() + (ent * data["g_ent"]).sum(), a)[0]
     a = x.clone().requires_grad_()
     kl = rf.kl_divergence(a, data["q"][name], backend="cpp")
     res["kl"], res["kl_grad"] = kl.detach(), torch.autograd.grad((kl * g).sum(), a)[0]
@@ -70,6 +73,8 @@ def _inputs(shape):
         "adv": torch.randn(shape[:-1]),
         "ref": lp + 0.1 * torch.randn(shape[:-1]),
         "g": torch.randn(shape[:-1]),
+        # every third row without an entropy gradient: those rows take the gradient pass without the entropy term
+        "g_ent": torch.randn(shape[:-1]) * (torch.arange(shape[0] * shape[1]).view(shape[:-1]) % 3 != 0),
     }
 
 
@@ -85,9 +90,12 @@ def _references(data, name):
                                     entropy_coef=0.01)  # fmt: skip
     ref["ppo"] = torch.autograd.grad(loss, a)[0]
     a = x.clone().requires_grad_()
+    loss, _ = rf.reference.ppo_loss(a, labels, data["old"], data["adv"], ref_logprobs=data["ref"], kl_coef=0.05)
+    ref["ppo_no_entropy_coef"] = torch.autograd.grad(loss, a)[0]
+    a = x.clone().requires_grad_()
     lp, ent = rf.reference.token_logprobs_and_entropy(a, labels)
     ref["lp"], ref["ent"] = lp.detach(), ent.detach()
-    ref["lp_ent_grad"] = torch.autograd.grad((lp * g).sum() + (ent * g.flip(-1)).sum(), a)[0]
+    ref["lp_ent_grad"] = torch.autograd.grad((lp * g).sum() + (ent * data["g_ent"].double()).sum(), a)[0]
     a = x.clone().requires_grad_()
     kl = rf.reference.kl_divergence(a, data["q"][name].double())
     ref["kl"], ref["kl_grad"] = kl.detach(), torch.autograd.grad((kl * g).sum(), a)[0]
@@ -142,7 +150,7 @@ def test_variant_against_float64(data, env, expected, cpu_flag):
         for key, want in expected_results.items():
             got = results[name][key]
             assert torch.isfinite(got).all(), (name, key)
-            if key.endswith("grad") or key in ("ce", "ppo"):
+            if key.endswith("grad") or key.startswith(("ce", "ppo")):
                 assert got.dtype == inputs["logits"][name].dtype, (name, key)
             err = (got.double() - want).abs().max().item() / want.abs().max().item()
             assert err <= tol, f"{expected} {name} {key}: {err:.2e} > {tol:.0e}"

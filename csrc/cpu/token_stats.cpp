@@ -190,6 +190,28 @@ GradCoefs grad_coefs(const RowGrads& rg, float inv_temp, int64_t vocab) {
           plain_nan(g_u * inv_temp / static_cast<float>(vocab)), g_lp};
 }
 
+// Calls f.template operator()<kEntropy, kMean, kStream>() for a gradient row with coefficients c: the
+// entropy and mean terms switch on only where their coefficient is nonzero. A row whose g_H is 0 (PPO's
+// default entropy_coef = 0, where the entropy is still computed for its statistics) or whose g_u is 0 (cross
+// entropy without label smoothing) takes the cheaper pass; c1 = 0 makes the entropy term exactly 0 (its log p
+// is clamped, never -inf), and k = 0 adds nothing.
+template <typename F>
+inline void with_terms(const GradCoefs& c, bool stream, F&& f) {
+  auto by_stream = [&]<bool kEntropy, bool kMean>() {
+    if (stream) {
+      f.template operator()<kEntropy, kMean, true>();
+    } else {
+      f.template operator()<kEntropy, kMean, false>();
+    }
+  };
+  const bool entropy = c.c1 != 0.0f, mean = c.k != 0.0f;
+  if (entropy) {
+    mean ? by_stream.template operator()<true, true>() : by_stream.template operator()<true, false>();
+  } else {
+    mean ? by_stream.template operator()<false, true>() : by_stream.template operator()<false, false>();
+  }
+}
+
 // The gradient at the label, from its scaled logit, computed in float after the row is written. Its
 // log-prob term is taken as g_lp (1 - p) / T = -g_lp expm1(log p) / T: both g_lp - g_lp p and a g_lp / T
 // added to the rounded value cancel when p is close to 1 (a confident token), leaving only the rounding error.
@@ -248,20 +270,9 @@ void write_grad_row(const T* x, T* g, int64_t V, int64_t vocab, float inv_temp, 
                     float x_label, const RowGrads& rg, const T* next, bool stream = false) {
   const GradCoefs c = grad_coefs(rg, inv_temp, vocab);
   const int64_t plain_at = rg.has_lp && label >= 0 ? label / kStep * kStep : -1;
-  auto write = [&]<bool kStream>() {
-    if (rg.has_h) {
-      rg.has_u ? grad_row<T, true, true, kStream>(x, g, V, inv_temp, lse, c, next, plain_at)
-               : grad_row<T, true, false, kStream>(x, g, V, inv_temp, lse, c, next, plain_at);
-    } else {
-      rg.has_u ? grad_row<T, false, true, kStream>(x, g, V, inv_temp, lse, c, next, plain_at)
-               : grad_row<T, false, false, kStream>(x, g, V, inv_temp, lse, c, next, plain_at);
-    }
-  };
-  if (stream) {
-    write.template operator()<true>();
-  } else {
-    write.template operator()<false>();
-  }
+  with_terms(c, stream, [&]<bool kEntropy, bool kMean, bool kStream>() {
+    grad_row<T, kEntropy, kMean, kStream>(x, g, V, inv_temp, lse, c, next, plain_at);
+  });
   if (rg.has_lp && label >= 0) {
     g[label] = static_cast<T>(label_grad(c, x_label, lse, inv_temp));
   }
@@ -474,20 +485,9 @@ bool scratch_row(const TokenStatsFusedArgs& args, int64_t r, const T* x, T* g, c
 
   const GradCoefs c = grad_coefs(rg, inv_temp, V);
   const int64_t plain_at = label / kStep * kStep;  // the label's step takes plain stores (see write_grad_row)
-  auto write = [&]<bool kStream>() {
-    if (rg.has_h) {
-      rg.has_u ? scratch_grad_row<T, true, true, kStream>(x, sc, g, V, inv_temp, m, log_s, c, plain_at)
-               : scratch_grad_row<T, true, false, kStream>(x, sc, g, V, inv_temp, m, log_s, c, plain_at);
-    } else {
-      rg.has_u ? scratch_grad_row<T, false, true, kStream>(x, sc, g, V, inv_temp, m, log_s, c, plain_at)
-               : scratch_grad_row<T, false, false, kStream>(x, sc, g, V, inv_temp, m, log_s, c, plain_at);
-    }
-  };
-  if (stream_grad(g, x)) {
-    write.template operator()<true>();
-  } else {
-    write.template operator()<false>();
-  }
+  with_terms(c, stream_grad(g, x), [&]<bool kEntropy, bool kMean, bool kStream>() {
+    scratch_grad_row<T, kEntropy, kMean, kStream>(x, sc, g, V, inv_temp, m, log_s, c, plain_at);
+  });
   g[label] = static_cast<T>(label_grad(c, st.x_label, st.lse, inv_temp));
   return true;
 }
