@@ -80,6 +80,26 @@ def test_forward_and_backward_match_float64(n, v, with_bias, dtype):
     assert (grads[0][ignored] == 0).all()
 
 
+def test_default_16bit_backward_tiles_span_several_tiles():
+    # The launch configs of 16-bit inputs, not SMALL: the dH kernel's 64 x 128 and the dW kernel's 128 x 64
+    # tiles, each walking several tiles of the other dimension with a ragged last one (N = 150, V = 300).
+    from rlhf_fast.kernels.linear_token_stats import CONFIGS
+
+    _, dh_config, dw_config = CONFIGS[torch.bfloat16]
+    n, v = 150, 300
+    assert n > dw_config.block_n and n % dw_config.block_n and v > dh_config.block_v and v % dh_config.block_v
+    hidden, weight, bias, labels = _inputs(n, 40, v, torch.bfloat16, True)
+    logp, entropy, lse, _ = linear_token_stats_fwd(hidden, weight, bias, labels, TEMPERATURE, IGNORE, True, True)
+    ref_logp, ref_entropy, leaves = _reference(hidden, weight, bias, labels)
+    assert _rel_err(logp, ref_logp) < TOL[torch.bfloat16][0] and _rel_err(entropy, ref_entropy) < TOL[torch.bfloat16][0]
+    g_lp, g_h = torch.randn(n), torch.randn(n)
+    (ref_logp * g_lp + ref_entropy * g_h).sum().backward()
+    grads = linear_token_stats_bwd(hidden, weight, bias, labels, lse, entropy, g_lp, g_h, TEMPERATURE, IGNORE,
+                                   True, True, True)  # fmt: skip
+    for name, grad, leaf in zip(("hidden", "weight", "bias"), grads, leaves, strict=True):
+        assert _rel_err(grad, leaf.grad) < TOL[torch.bfloat16][1], name
+
+
 def test_entropy_only_and_single_gradients():
     # no labels (entropy alone), then its backward asking for one gradient at a time
     hidden, weight, bias, _ = _inputs(21, 40, 301, torch.float32, True)

@@ -52,6 +52,10 @@ class TileConfig:
     def constexprs(self) -> dict[str, int]:
         return {"BLOCK_N": self.block_n, "BLOCK_V": self.block_v, "BLOCK_H": self.block_h}
 
+    def launch(self) -> dict[str, int]:
+        """The block sizes, warps and stages: the keyword arguments of a launch."""
+        return {**self.constexprs(), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
 
 # Sized for H100/A100-class GPUs. 4096 columns over 8 warps is 16 values per thread per step:
 # two (bf16) or four (fp32) 16-byte loads in flight per thread and stream, one cross-warp max

@@ -322,7 +322,7 @@ def linear_kl_fwd(
         n_rows, p_hidden.shape[1], q_hidden.shape[1], vocab,
         1.0 / temperature,
         HAS_P_BIAS=p_bias is not None, HAS_Q_BIAS=q_bias is not None, UPCAST=upcast_dot(p_hidden),
-        **config.constexprs(), num_warps=config.num_warps, num_stages=config.num_stages,
+        **config.launch(),
     )  # fmt: skip
     return kl, lse_p, lse_q
 
@@ -372,7 +372,7 @@ def linear_kl_bwd(
         )  # fmt: skip
         scalars = (n_rows, h_p, h_q, vocab, 1.0 / temperature)
         launch = {"HAS_P_BIAS": p_bias is not None, "HAS_Q_BIAS": q_bias is not None, "UPCAST": upcast_dot(p_hidden)}
-        launch.update(config.constexprs(), num_warps=config.num_warps, num_stages=config.num_stages)
+        launch.update(config.launch())
         out = [g if n else kl for g, n in zip(grads, need, strict=True)]
         if need[0] or need[3]:
             _linear_kl_dh_kernel[(triton.cdiv(n_rows, config.block_n),)](

@@ -36,25 +36,30 @@ from ._linear_tile import dot, load_rows, logits_tile, upcast_dot
 
 __all__ = ["CONFIGS", "aot_specs", "linear_token_stats_bwd", "linear_token_stats_fwd"]
 
-# (forward, backward) tile configs per input dtype, sized for A100/H100 without register spills
+# (forward, dH, dW) tile configs per input dtype, sized for A100/H100 without register spills
 # (tests/test_triton_aot.py compiles each for sm_80 and sm_90 and checks). 16-bit inputs go through
 # the tensor cores (mma.sync / wgmma) fed by 16-byte cp.async copies; the forward keeps a 64 x 128
-# float32 logits tile (32 registers per thread over 8 warps), the backward a 64 x 64 logits tile, its
-# gradient and a 64 x 32 float32 slice of dH or dW (186-236 registers on sm_80 with H steps of 32;
-# steps of 64 hit the 255 cap). Float32 inputs take an exact ("ieee") FMA dot, whose operands live in
-# registers: small tiles (tf32 would miss the 1e-5 target; tf32x3 would be the faster exact-enough
-# choice on a GPU, not verifiable here).
+# float32 logits tile (32 registers per thread over 8 warps). Each backward kernel reads and writes a
+# BLOCK_N x BLOCK_H (dH) or BLOCK_V x BLOCK_H (dW) float32 slice of its accumulator in global memory once
+# per logits tile, for 4 * BLOCK_N * BLOCK_V * BLOCK_H FLOPs: BLOCK_V / 2 (dH) or BLOCK_N / 2 (dW) FLOPs per
+# accumulator byte. With H in the thousands the accumulator rows a GPU's programs hold at once (a
+# 64-token tile of dH at H 4096 is 1 MiB) outgrow its L2, so that traffic goes to HBM; each kernel
+# therefore takes the tile that is long along the dimension it walks: dH 64 tokens x 128 columns, dW 128
+# tokens x 64 columns, 8 warps (119-238 registers with H steps of 32, no spills; twice the FLOPs per
+# accumulator byte of a 64 x 64 tile, where 256-long tiles spill). Chosen from that arithmetic and the
+# register report: no GPU has timed them (nor the 64 x 64 tiles before them). Float32 inputs take an exact
+# ("ieee") FMA dot, whose operands live in registers: small tiles (tf32 would miss the 1e-5 target;
+# tf32x3 would be the faster exact-enough choice on a GPU, not verifiable here).
 _TILES_16BIT = (
     TileConfig(block_n=64, block_v=128, block_h=64, num_warps=8, num_stages=3),
-    TileConfig(block_n=64, block_v=64, block_h=32, num_warps=4, num_stages=3),
+    TileConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=3),
+    TileConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3),
 )
-CONFIGS: dict[torch.dtype, tuple[TileConfig, TileConfig]] = {
+_BWD_FP32 = TileConfig(block_n=32, block_v=32, block_h=16, num_warps=8, num_stages=2)
+CONFIGS: dict[torch.dtype, tuple[TileConfig, TileConfig, TileConfig]] = {
     torch.bfloat16: _TILES_16BIT,
     torch.float16: _TILES_16BIT,
-    torch.float32: (
-        TileConfig(block_n=32, block_v=64, block_h=16, num_warps=4, num_stages=2),
-        TileConfig(block_n=32, block_v=32, block_h=16, num_warps=8, num_stages=2),
-    ),
+    torch.float32: (TileConfig(block_n=32, block_v=64, block_h=16, num_warps=4, num_stages=2), _BWD_FP32, _BWD_FP32),
 }
 
 
@@ -387,8 +392,7 @@ def linear_token_stats_fwd(
         n_rows, hidden.shape[1], vocab,
         1.0 / temperature, ignore_index,
         HAS_BIAS=bias is not None, HAS_LABELS=labels is not None, WITH_LOGP=with_logp, WITH_ENTROPY=with_entropy,
-        WITH_MEAN=with_mean_logp, UPCAST=upcast_dot(hidden), **config.constexprs(), num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        WITH_MEAN=with_mean_logp, UPCAST=upcast_dot(hidden), **config.launch(),
     )  # fmt: skip
     return logp, entropy, lse, mean_logp
 
@@ -445,7 +449,7 @@ def linear_token_stats_bwd(
     d_bias = torch.zeros(vocab, dtype=dtype, device=device) if need_bias else empty_f32(device)
     active = n_rows > 0 and any(g is not None for g in (grad_logp, grad_entropy, grad_mean_logp))
     if active:
-        config = config or CONFIGS[dtype][1]
+        dh_config, dw_config = (config, config) if config else CONFIGS[dtype][1:]
         pointers = (
             hidden, weight, lse if bias is None else bias, lse if labels is None else labels, lse,
             lse if entropy is None else entropy, lse if grad_logp is None else grad_logp,
@@ -456,17 +460,16 @@ def linear_token_stats_bwd(
             "GRAD_LOGP": grad_logp is not None, "GRAD_ENTROPY": grad_entropy is not None,
             "GRAD_MEAN": grad_mean_logp is not None,
         }  # fmt: skip
-        launch = {"UPCAST": upcast_dot(hidden), **config.constexprs()}
-        launch.update(num_warps=config.num_warps, num_stages=config.num_stages)
+        upcast = upcast_dot(hidden)
         scalars = (n_rows, h_dim, vocab, 1.0 / temperature, ignore_index)
         if need_hidden:
-            _linear_dh_kernel[(triton.cdiv(n_rows, config.block_n),)](
-                *pointers, d_hidden, *scalars, **switches, **launch
+            _linear_dh_kernel[(triton.cdiv(n_rows, dh_config.block_n),)](
+                *pointers, d_hidden, *scalars, **switches, UPCAST=upcast, **dh_config.launch()
             )
         if need_weight or need_bias:
-            _linear_dw_kernel[(triton.cdiv(vocab, config.block_v),)](
+            _linear_dw_kernel[(triton.cdiv(vocab, dw_config.block_v),)](
                 *pointers, d_weight if need_weight else lse, d_bias if need_bias else lse, *scalars,
-                **switches, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, **launch,
+                **switches, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, UPCAST=upcast, **dw_config.launch(),
             )  # fmt: skip
     if need_hidden:
         d_hidden = d_hidden.to(dtype)
@@ -498,7 +501,7 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
          _FWD_SWITCHES),
         (_linear_dh_kernel, CONFIGS[dtype][1], ("HAS_BIAS", "HAS_LABELS", "GRAD_LOGP", "GRAD_ENTROPY", "GRAD_MEAN"),
          _DH_SWITCHES),
-        (_linear_dw_kernel, CONFIGS[dtype][1], ("HAS_BIAS", "HAS_LABELS", "GRAD_LOGP", "GRAD_ENTROPY", "GRAD_MEAN",
+        (_linear_dw_kernel, CONFIGS[dtype][2], ("HAS_BIAS", "HAS_LABELS", "GRAD_LOGP", "GRAD_ENTROPY", "GRAD_MEAN",
                                           "NEED_WEIGHT", "NEED_BIAS"), _DW_SWITCHES),
     ]  # fmt: skip
     specs = []
