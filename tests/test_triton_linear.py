@@ -80,6 +80,24 @@ def test_forward_and_backward_match_float64(n, v, with_bias, dtype):
     assert (grads[0][ignored] == 0).all()
 
 
+@pytest.mark.parametrize("splits", [2, 3, 40])
+def test_dh_over_vocabulary_splits(splits):
+    # The dH kernel's token tiles split over the vocabulary (what a GPU with more SMs than token tiles runs):
+    # 16 vocabulary tiles of 64 in 2 or 3 splits (the last one shorter), or in 40, clamped to one tile each.
+    n, v = 37, 1000
+    hidden, weight, bias, labels = _inputs(n, 40, v, torch.float32, True)
+    _, entropy, lse, _ = linear_token_stats_fwd(hidden, weight, bias, labels, TEMPERATURE, IGNORE, True, True)
+    ref_logp, ref_entropy, leaves = _reference(hidden, weight, bias, labels)
+    g_lp, g_h = torch.randn(n), torch.randn(n)
+    (ref_logp * g_lp + ref_entropy * g_h).sum().backward()
+    args = (hidden, weight, bias, labels, lse, entropy, g_lp, g_h, TEMPERATURE, IGNORE, True, False, False)
+    d_hidden, _, _ = linear_token_stats_bwd(*args, config=SMALL, dh_splits=splits)
+    whole, _, _ = linear_token_stats_bwd(*args, config=SMALL, dh_splits=1)
+    assert _rel_err(d_hidden, leaves[0].grad) < TOL[torch.float32][1]
+    assert _rel_err(whole, leaves[0].grad) < TOL[torch.float32][1]
+    assert (d_hidden[labels == IGNORE] == 0).all()
+
+
 def test_default_16bit_backward_tiles_span_several_tiles():
     # The launch configs of 16-bit inputs, not SMALL: the dH kernel's 64 x 128 and the dW kernel's 128 x 64
     # tiles, each walking several tiles of the other dimension with a ragged last one (N = 150, V = 300).

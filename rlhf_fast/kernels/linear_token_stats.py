@@ -13,9 +13,10 @@ Backward, with ``x`` the recomputed logits tile over ``T``, ``p = exp(x - lse)``
     d_hidden += g @ W_tile              d_weight_tile += g^T @ hidden_tile          d_bias += sum_n g
 
 Two kernels, both deterministic (no atomics): ``_linear_dh_kernel`` owns a tile of tokens and walks
-the vocabulary; ``_linear_dw_kernel`` owns a tile of the vocabulary and walks the tokens. Each
+the vocabulary (or one of a few splits of it, when there are fewer token tiles than SMs: see
+``_dh_splits``); ``_linear_dw_kernel`` owns a tile of the vocabulary and walks the tokens. Each
 accumulates into rows of a float32 buffer that only it touches (``H`` is too wide for registers),
-and the host casts once at the end: no bf16 accumulation. ``g`` is rounded to the inputs' dtype
+and the host sums the splits and casts once at the end: no bf16 accumulation. ``g`` is rounded to the inputs' dtype
 for the tensor-core dot, as the chunked path rounds its logits gradient.
 
 Padded vocabulary columns are ``-inf`` (no probability mass, zero gradient), padded and ignored
@@ -55,11 +56,15 @@ _TILES_16BIT = (
     TileConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=3),
     TileConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3),
 )
-_BWD_FP32 = TileConfig(block_n=32, block_v=32, block_h=16, num_warps=8, num_stages=2)
 CONFIGS: dict[torch.dtype, tuple[TileConfig, TileConfig, TileConfig]] = {
     torch.bfloat16: _TILES_16BIT,
     torch.float16: _TILES_16BIT,
-    torch.float32: (TileConfig(block_n=32, block_v=64, block_h=16, num_warps=4, num_stages=2), _BWD_FP32, _BWD_FP32),
+    torch.float32: (
+        TileConfig(block_n=32, block_v=64, block_h=16, num_warps=4, num_stages=2),
+        # single-staged: the vocabulary split's bounds cost the two-stage dH 8 B of spill on sm_80
+        TileConfig(block_n=32, block_v=32, block_h=16, num_warps=8, num_stages=1),
+        TileConfig(block_n=32, block_v=32, block_h=16, num_warps=8, num_stages=2),
+    ),
 }
 
 
@@ -218,11 +223,12 @@ def _linear_dh_kernel(
     grad_logp_ptr,  # [N] float32; unused unless GRAD_LOGP
     grad_entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
     grad_mean_ptr,  # [N] float32; unused unless GRAD_MEAN
-    dh_ptr,  # [N, H] float32 in/out, zero-initialized; only this program's rows are touched
+    dh_ptr,  # [splits, N, H] float32 in/out, zero-initialized; only this program's rows of its split are touched
     # sizes
     N,
     H,
     V,
+    v_per_split,  # vocabulary columns per split, a multiple of BLOCK_V
     # runtime scalars
     inv_temperature,
     ignore_index,
@@ -237,14 +243,19 @@ def _linear_dh_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
+    # program (i, s): token tile i against the columns [s * v_per_split, (s + 1) * v_per_split) of the vocabulary,
+    # into split s's own [N, H] slice of dh (the host sums the splits)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
     row_ok, lse, label, g_lp, g_h, entropy, g_m = _row_grads(
         labels_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr, rows, N,
         inv_temperature, ignore_index, HAS_LABELS, GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN,
     )  # fmt: skip
-    n_cols = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, V, 0)
+    v_start = split * v_per_split
+    v_end = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, tl.minimum(v_start + v_per_split, V), v_start)
+    dh_ptr += split.to(tl.int64) * N * H
     ks = tl.arange(0, BLOCK_H)
-    for v0 in range(0, n_cols, BLOCK_V):
+    for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_ok = cols < V
         x = logits_tile(
@@ -334,6 +345,19 @@ def _linear_dw_kernel(
         tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
 
 
+def _dh_splits(n_rows: int, vocab: int, config: TileConfig, device: torch.device) -> int:
+    """How many vocabulary splits the dH kernel's token tiles take: as many as keep one program per SM busy.
+
+    One program per token tile leaves most of a GPU idle when there are fewer tiles than SMs (2048 tokens
+    are 32 tiles of 64 against an H100's 132 SMs); program ``(i, s)`` then walks only split ``s`` of the
+    vocabulary, into its own float32 ``[N, H]`` partial, and the host sums the partials. The splits times
+    the tokens stay below SMs x BLOCK_N rows of partials, whatever ``N``. 1 off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(sms // triton.cdiv(n_rows, config.block_n), triton.cdiv(vocab, config.block_v)))
+
+
 def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int]:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)}, {tuple(weight.shape)}")
@@ -414,6 +438,7 @@ def linear_token_stats_bwd(
     *,
     grad_mean_logp: torch.Tensor | None = None,
     config: TileConfig | None = None,
+    dh_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_n g_lp[n] logp[n] + g_H[n] entropy[n] + g_m[n] mean_logp[n]`` w.r.t. ``hidden``,
     ``weight``, ``bias``.
@@ -430,6 +455,7 @@ def linear_token_stats_bwd(
             such term".
         need_hidden, need_weight, need_bias: which gradients to compute (``need_bias`` needs ``bias``).
         config: force the tile sizes (tests).
+        dh_splits: force the number of vocabulary splits of the dH kernel (tests; see :func:`_dh_splits`).
 
     Returns:
         ``(d_hidden [N, H], d_weight [V, H], d_bias [V])`` in the inputs' dtype; each is an empty
@@ -444,7 +470,6 @@ def linear_token_stats_bwd(
         raise ValueError("need_bias=True needs bias")
     device, dtype = hidden.device, hidden.dtype
     # float32 accumulators; for float32 inputs they are the outputs themselves
-    d_hidden = torch.zeros((n_rows, h_dim), dtype=torch.float32, device=device) if need_hidden else empty_f32(device)
     d_weight = torch.zeros((vocab, h_dim), dtype=torch.float32, device=device) if need_weight else empty_f32(device)
     d_bias = torch.zeros(vocab, dtype=dtype, device=device) if need_bias else empty_f32(device)
     active = n_rows > 0 and any(g is not None for g in (grad_logp, grad_entropy, grad_mean_logp))
@@ -461,17 +486,28 @@ def linear_token_stats_bwd(
             "GRAD_MEAN": grad_mean_logp is not None,
         }  # fmt: skip
         upcast = upcast_dot(hidden)
-        scalars = (n_rows, h_dim, vocab, 1.0 / temperature, ignore_index)
+        scalars = (1.0 / temperature, ignore_index)
         if need_hidden:
-            _linear_dh_kernel[(triton.cdiv(n_rows, dh_config.block_n),)](
-                *pointers, d_hidden, *scalars, **switches, UPCAST=upcast, **dh_config.launch()
-            )
+            splits = dh_splits or _dh_splits(n_rows, vocab, dh_config, device)
+            v_tiles = triton.cdiv(vocab, dh_config.block_v)
+            splits = min(splits, v_tiles)
+            v_per_split = triton.cdiv(v_tiles, splits) * dh_config.block_v
+            parts = torch.zeros((splits, n_rows, h_dim), dtype=torch.float32, device=device)
+            _linear_dh_kernel[(triton.cdiv(n_rows, dh_config.block_n), triton.cdiv(vocab, v_per_split))](
+                *pointers, parts, n_rows, h_dim, vocab, v_per_split, *scalars, **switches, UPCAST=upcast,
+                **dh_config.launch(),
+            )  # fmt: skip
+            d_hidden = parts[0] if splits == 1 else parts.sum(0)
         if need_weight or need_bias:
             _linear_dw_kernel[(triton.cdiv(vocab, dw_config.block_v),)](
-                *pointers, d_weight if need_weight else lse, d_bias if need_bias else lse, *scalars,
-                **switches, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, UPCAST=upcast, **dw_config.launch(),
+                *pointers, d_weight if need_weight else lse, d_bias if need_bias else lse, n_rows, h_dim, vocab,
+                *scalars, **switches, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, UPCAST=upcast, **dw_config.launch(),
             )  # fmt: skip
-    if need_hidden:
+    if not need_hidden:
+        d_hidden = empty_f32(device)
+    elif not active:
+        d_hidden = torch.zeros((n_rows, h_dim), dtype=dtype, device=device)
+    else:
         d_hidden = d_hidden.to(dtype)
     if need_weight:
         d_weight = d_weight.to(dtype)
