@@ -80,21 +80,40 @@ def test_forward_and_backward_match_float64(n, v, with_bias, dtype):
     assert (grads[0][ignored] == 0).all()
 
 
-@pytest.mark.parametrize("splits", [2, 3, 40])
-def test_dh_over_vocabulary_splits(splits):
-    # The dH kernel's token tiles split over the vocabulary (what a GPU with more SMs than token tiles runs):
-    # 16 vocabulary tiles of 64 in 2 or 3 splits (the last one shorter), or in 40, clamped to one tile each.
+@pytest.mark.parametrize("splits", [1, 2, 3, 40])
+def test_vocabulary_splits(splits):
+    # The token tiles split over the vocabulary (what a GPU with more SMs than token tiles runs): 16 vocabulary
+    # tiles of 64 in 2 or 3 splits (the last one shorter), or in 40, clamped to one tile each. The forward
+    # merges the splits' log-sum-exp states, dH sums their partials. Columns 0-191 are masked (-inf bias): with
+    # 40 splits the first three see only -inf, and merge as empty.
     n, v = 37, 1000
     hidden, weight, bias, labels = _inputs(n, 40, v, torch.float32, True)
-    _, entropy, lse, _ = linear_token_stats_fwd(hidden, weight, bias, labels, TEMPERATURE, IGNORE, True, True)
-    ref_logp, ref_entropy, leaves = _reference(hidden, weight, bias, labels)
+    bias[:192] = float("-inf")
+    labels[(labels < 192) & (labels != IGNORE)] += 192
+    logp, entropy, lse, mean_logp = linear_token_stats_fwd(
+        hidden, weight, bias, labels, TEMPERATURE, IGNORE, True, True, True, config=SMALL, splits=splits
+    )
+    leaves = [t.double().requires_grad_() for t in (hidden, weight)]
+    logits = (leaves[0] @ leaves[1].T + bias.double()) / TEMPERATURE
+    ref_logp, ref_entropy = ref.token_logprobs_and_entropy(logits, labels, ignore_index=IGNORE)
+    ref_lse = torch.logsumexp(logits, -1)
+    ok = labels != IGNORE
+    for got, want in ((logp, ref_logp), (entropy, ref_entropy), (lse[ok], ref_lse[ok])):
+        assert _rel_err(got, want.detach()) < 1e-5
+    assert not lse[~ok].any() and not mean_logp[~ok].any()
+    # and a finite one over the splits without the mask
+    *_, mean_logp = linear_token_stats_fwd(
+        hidden, weight, bias.clamp_min(0.0), labels, TEMPERATURE, IGNORE, False, False, True, config=SMALL,
+        splits=splits,
+    )  # fmt: skip
+    unmasked = (hidden.double() @ weight.double().T + bias.clamp_min(0.0).double()) / TEMPERATURE
+    ref_mean = torch.log_softmax(unmasked, -1).mean(-1)
+    assert _rel_err(mean_logp[ok], ref_mean[ok]) < 1e-5
     g_lp, g_h = torch.randn(n), torch.randn(n)
     (ref_logp * g_lp + ref_entropy * g_h).sum().backward()
     args = (hidden, weight, bias, labels, lse, entropy, g_lp, g_h, TEMPERATURE, IGNORE, True, False, False)
-    d_hidden, _, _ = linear_token_stats_bwd(*args, config=SMALL, dh_splits=splits)
-    whole, _, _ = linear_token_stats_bwd(*args, config=SMALL, dh_splits=1)
+    d_hidden, _, _ = linear_token_stats_bwd(*args, config=SMALL, splits=splits)
     assert _rel_err(d_hidden, leaves[0].grad) < TOL[torch.float32][1]
-    assert _rel_err(whole, leaves[0].grad) < TOL[torch.float32][1]
     assert (d_hidden[labels == IGNORE] == 0).all()
 
 

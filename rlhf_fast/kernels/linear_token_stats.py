@@ -14,7 +14,7 @@ Backward, with ``x`` the recomputed logits tile over ``T``, ``p = exp(x - lse)``
 
 Two kernels, both deterministic (no atomics): ``_linear_dh_kernel`` owns a tile of tokens and walks
 the vocabulary (or one of a few splits of it, when there are fewer token tiles than SMs: see
-``_dh_splits``); ``_linear_dw_kernel`` owns a tile of the vocabulary and walks the tokens. Each
+``_splits``); ``_linear_dw_kernel`` owns a tile of the vocabulary and walks the tokens. Each
 accumulates into rows of a float32 buffer that only it touches (``H`` is too wide for registers),
 and the host sums the splits and casts once at the end: no bf16 accumulation. ``g`` is rounded to the inputs' dtype
 for the tensor-core dot, as the chunked path rounds its logits gradient.
@@ -60,7 +60,8 @@ CONFIGS: dict[torch.dtype, tuple[TileConfig, TileConfig, TileConfig]] = {
     torch.bfloat16: _TILES_16BIT,
     torch.float16: _TILES_16BIT,
     torch.float32: (
-        TileConfig(block_n=32, block_v=64, block_h=16, num_warps=4, num_stages=2),
+        # 8 warps: over 4, the split bounds cost the forward with bias and entropy 8 B of spill on sm_90
+        TileConfig(block_n=32, block_v=64, block_h=16, num_warps=8, num_stages=2),
         # single-staged: the vocabulary split's bounds cost the two-stage dH 8 B of spill on sm_80
         TileConfig(block_n=32, block_v=32, block_h=16, num_warps=8, num_stages=1),
         TileConfig(block_n=32, block_v=32, block_h=16, num_warps=8, num_stages=2),
@@ -137,14 +138,17 @@ def _linear_fwd_kernel(
     weight_ptr,  # [V, H] contiguous
     bias_ptr,  # [V]; unused unless HAS_BIAS
     labels_ptr,  # [N] int64; unused unless HAS_LABELS
-    logp_ptr,  # [N] float32 out; unused unless WITH_LOGP
-    entropy_ptr,  # [N] float32 out; unused unless WITH_ENTROPY
-    mean_ptr,  # [N] float32 out, mean_v log p_v; unused unless WITH_MEAN
-    lse_ptr,  # [N] float32 out
+    # out, [splits, N] float32 each: the online log-sum-exp state of each split of the vocabulary
+    m_ptr,  # running max
+    s_ptr,  # sum exp(x - m)
+    t_ptr,  # sum exp(x - m) * (x - m); unused unless WITH_ENTROPY
+    x_label_ptr,  # the label's logit if it lies in the split, else 0; unused unless WITH_LOGP
+    x_sum_ptr,  # sum of the finite x; unused unless WITH_MEAN
     # sizes
     N,
     H,
     V,
+    v_per_split,  # vocabulary columns per split, a multiple of BLOCK_V
     # runtime scalars (never constexpr: each new value would recompile)
     inv_temperature,
     ignore_index,
@@ -159,14 +163,17 @@ def _linear_fwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
+    # program (i, s): token tile i against split s of the vocabulary (see _splits; the host merges the splits)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
     row_ok = rows < N
     label = tl.zeros([BLOCK_N], tl.int64)
     if HAS_LABELS:
         label = tl.load(labels_ptr + rows, mask=row_ok, other=0)
         row_ok &= label != ignore_index
     # a tile of ignored tokens is not computed: the vocabulary loop runs zero times
-    n_cols = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, V, 0)
+    v_start = split * v_per_split
+    v_end = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, tl.minimum(v_start + v_per_split, V), v_start)
 
     # Online log-sum-exp per token, as in _softmax_row.row_stats: m the running max; s = sum exp(x - m);
     # t = sum exp(x - m) * (x - m) (kept relative to m so that H = log s - t / s does not cancel two
@@ -176,7 +183,7 @@ def _linear_fwd_kernel(
     t = tl.zeros([BLOCK_N], tl.float32)
     x_label = tl.zeros([BLOCK_N], tl.float32)
     x_sum = tl.zeros([BLOCK_N], tl.float32)  # sum_v x_v, for mean_logp (label smoothing)
-    for v0 in range(0, n_cols, BLOCK_V):
+    for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         x = logits_tile(
             hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, cols < V, H, inv_temperature,
@@ -199,16 +206,43 @@ def _linear_fwd_kernel(
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
 
-    log_s = tl.log(s)
+    at = split.to(tl.int64) * N + rows
     in_range = rows < N
-    tl.store(lse_ptr + rows, tl.where(row_ok, m + log_s, 0.0), mask=in_range)
-    if WITH_LOGP:
-        # (x - m) - log_s: exact for a confident token, where x - lse would lose log_s ~ 0 to rounding
-        tl.store(logp_ptr + rows, tl.where(row_ok, (x_label - m) - log_s, 0.0), mask=in_range)
+    tl.store(m_ptr + at, m, mask=in_range)
+    tl.store(s_ptr + at, s, mask=in_range)
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + rows, tl.where(row_ok, log_s - t / s, 0.0), mask=in_range)
+        tl.store(t_ptr + at, t, mask=in_range)
+    if WITH_LOGP:
+        tl.store(x_label_ptr + at, x_label, mask=in_range)
     if WITH_MEAN:
-        tl.store(mean_ptr + rows, tl.where(row_ok, (x_sum / V - m) - log_s, 0.0), mask=in_range)
+        tl.store(x_sum_ptr + at, x_sum, mask=in_range)
+
+
+def _merge_splits(m, s, t, x_label, x_sum, row_ok, vocab: int):
+    """``(lse, logp, entropy, mean_logp)`` [N] from the per-split states ``[splits, N]`` of the forward kernel
+    (``t``, ``x_label``, ``x_sum`` None when not computed; their outputs are then None); 0 where not ``row_ok``.
+
+    Each split's sums are taken against its own max; rescaled to the row's max ``M`` they add up, as between the
+    vocabulary tiles of one program. A split whose columns are all ``-inf`` (a masked vocabulary) has ``m = -inf``
+    and ``s = t = 0``: its factor ``exp(m - M)`` is 0 and its shift is taken as 0 (not ``-inf * 0``)."""
+    big_m = m.amax(0)
+    ref = torch.where(big_m == float("-inf"), 0.0, big_m)
+    alpha = torch.exp(m - ref)
+    total = (alpha * s).sum(0)
+    log_s = torch.log(total)
+    zero = torch.zeros((), device=m.device)
+    lse = torch.where(row_ok, big_m + log_s, zero)
+    logp = entropy = mean_logp = None
+    if x_label is not None:
+        # (x - M) - log_s: exact for a confident token, where x - lse would lose log_s ~ 0 to rounding
+        logp = torch.where(row_ok, (x_label.sum(0) - big_m) - log_s, zero)
+    if t is not None:
+        shift = torch.where(m == float("-inf"), 0.0, m - ref)
+        t_all = (alpha * (t + shift * s)).sum(0)
+        entropy = torch.where(row_ok, log_s - t_all / total, zero)
+    if x_sum is not None:
+        mean_logp = torch.where(row_ok, (x_sum.sum(0) / vocab - big_m) - log_s, zero)
+    return lse, logp, entropy, mean_logp
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -345,17 +379,26 @@ def _linear_dw_kernel(
         tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
 
 
-def _dh_splits(n_rows: int, vocab: int, config: TileConfig, device: torch.device) -> int:
-    """How many vocabulary splits the dH kernel's token tiles take: as many as keep one program per SM busy.
+def _splits(n_rows: int, config: TileConfig, device: torch.device) -> int:
+    """How many splits of the vocabulary the forward and dH kernels' token tiles take: as many as keep one
+    program per SM busy.
 
     One program per token tile leaves most of a GPU idle when there are fewer tiles than SMs (2048 tokens
     are 32 tiles of 64 against an H100's 132 SMs); program ``(i, s)`` then walks only split ``s`` of the
-    vocabulary, into its own float32 ``[N, H]`` partial, and the host sums the partials. The splits times
-    the tokens stay below SMs x BLOCK_N rows of partials, whatever ``N``. 1 off CUDA (the interpreter)."""
+    vocabulary, and the host merges the splits (the forward's log-sum-exp states, the float32 ``[N, H]``
+    partials of dH). The splits times the tokens stay below SMs x BLOCK_N rows, whatever ``N``. 1 off CUDA
+    (the interpreter; tests force more)."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(sms // triton.cdiv(n_rows, config.block_n), triton.cdiv(vocab, config.block_v)))
+    return max(1, sms // triton.cdiv(n_rows, config.block_n))
+
+
+def _split_columns(vocab: int, splits: int, config: TileConfig) -> tuple[int, int]:
+    """``(splits, columns per split)``: at least one ``BLOCK_V`` tile per split, every split but the last full."""
+    v_tiles = triton.cdiv(vocab, config.block_v)
+    per_split = triton.cdiv(v_tiles, min(splits, v_tiles))
+    return triton.cdiv(v_tiles, per_split), per_split * config.block_v
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int]:
@@ -380,6 +423,7 @@ def linear_token_stats_fwd(
     with_mean_logp: bool = False,
     *,
     config: TileConfig | None = None,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token ``(logp, entropy, lse, mean_logp)`` of ``softmax(x)``, ``x = (hidden @ weight.T + bias) / T``.
 
@@ -393,6 +437,7 @@ def linear_token_stats_fwd(
             ``entropy = lse - sum_v softmax(x)_v x_v``; with_mean_logp: return
             ``mean_logp = sum_v x_v / V - lse`` (the label-smoothing term).
         config: force the tile sizes (tests use small ones so that several tiles occur).
+        splits: force the number of vocabulary splits of the token tiles (tests; see :func:`_splits`).
 
     Returns:
         ``(logp, entropy, lse, mean_logp)``, float32 ``[N]``; the optional ones are empty ``[0]`` when not
@@ -402,23 +447,30 @@ def linear_token_stats_fwd(
     if with_logp and labels is None:
         raise ValueError("with_logp=True needs labels")
     device = hidden.device
-    lse = torch.empty(n_rows, dtype=torch.float32, device=device)
-    logp = torch.empty(n_rows, dtype=torch.float32, device=device) if with_logp else empty_f32(device)
-    entropy = torch.empty(n_rows, dtype=torch.float32, device=device) if with_entropy else empty_f32(device)
-    mean_logp = torch.empty(n_rows, dtype=torch.float32, device=device) if with_mean_logp else empty_f32(device)
     if n_rows == 0:
-        return logp, entropy, lse, mean_logp
+        empty = empty_f32(device)
+        return empty, empty, empty, empty
     config = config or CONFIGS[hidden.dtype][0]
-    # switched-off pointers are never touched; lse stands in for them
-    _linear_fwd_kernel[(triton.cdiv(n_rows, config.block_n),)](
-        hidden, weight, lse if bias is None else bias, lse if labels is None else labels,
-        logp if with_logp else lse, entropy if with_entropy else lse, mean_logp if with_mean_logp else lse, lse,
-        n_rows, hidden.shape[1], vocab,
+    n_splits, v_per_split = _split_columns(vocab, splits or _splits(n_rows, config, device), config)
+    state = torch.empty((5, n_splits, n_rows), dtype=torch.float32, device=device)  # m, s, t, x_label, x_sum
+    m, s, t, x_label, x_sum = state
+    # switched-off pointers are never touched; m stands in for them
+    _linear_fwd_kernel[(triton.cdiv(n_rows, config.block_n), n_splits)](
+        hidden, weight, m if bias is None else bias, m if labels is None else labels, m, s, t, x_label, x_sum,
+        n_rows, hidden.shape[1], vocab, v_per_split,
         1.0 / temperature, ignore_index,
         HAS_BIAS=bias is not None, HAS_LABELS=labels is not None, WITH_LOGP=with_logp, WITH_ENTROPY=with_entropy,
         WITH_MEAN=with_mean_logp, UPCAST=upcast_dot(hidden), **config.launch(),
     )  # fmt: skip
-    return logp, entropy, lse, mean_logp
+    row_ok = labels != ignore_index if labels is not None else torch.ones(n_rows, dtype=torch.bool, device=device)
+    lse, logp, entropy, mean_logp = _merge_splits(
+        m, s, t if with_entropy else None, x_label if with_logp else None, x_sum if with_mean_logp else None,
+        row_ok, vocab,
+    )  # fmt: skip
+    empty = empty_f32(device)
+    return (
+        logp if with_logp else empty, entropy if with_entropy else empty, lse, mean_logp if with_mean_logp else empty
+    )
 
 
 def linear_token_stats_bwd(
@@ -438,7 +490,7 @@ def linear_token_stats_bwd(
     *,
     grad_mean_logp: torch.Tensor | None = None,
     config: TileConfig | None = None,
-    dh_splits: int | None = None,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_n g_lp[n] logp[n] + g_H[n] entropy[n] + g_m[n] mean_logp[n]`` w.r.t. ``hidden``,
     ``weight``, ``bias``.
@@ -455,7 +507,7 @@ def linear_token_stats_bwd(
             such term".
         need_hidden, need_weight, need_bias: which gradients to compute (``need_bias`` needs ``bias``).
         config: force the tile sizes (tests).
-        dh_splits: force the number of vocabulary splits of the dH kernel (tests; see :func:`_dh_splits`).
+        splits: force the number of vocabulary splits of the dH kernel's token tiles (tests; see :func:`_splits`).
 
     Returns:
         ``(d_hidden [N, H], d_weight [V, H], d_bias [V])`` in the inputs' dtype; each is an empty
@@ -488,16 +540,13 @@ def linear_token_stats_bwd(
         upcast = upcast_dot(hidden)
         scalars = (1.0 / temperature, ignore_index)
         if need_hidden:
-            splits = dh_splits or _dh_splits(n_rows, vocab, dh_config, device)
-            v_tiles = triton.cdiv(vocab, dh_config.block_v)
-            splits = min(splits, v_tiles)
-            v_per_split = triton.cdiv(v_tiles, splits) * dh_config.block_v
-            parts = torch.zeros((splits, n_rows, h_dim), dtype=torch.float32, device=device)
-            _linear_dh_kernel[(triton.cdiv(n_rows, dh_config.block_n), triton.cdiv(vocab, v_per_split))](
+            n_splits, v_per_split = _split_columns(vocab, splits or _splits(n_rows, dh_config, device), dh_config)
+            parts = torch.zeros((n_splits, n_rows, h_dim), dtype=torch.float32, device=device)
+            _linear_dh_kernel[(triton.cdiv(n_rows, dh_config.block_n), n_splits)](
                 *pointers, parts, n_rows, h_dim, vocab, v_per_split, *scalars, **switches, UPCAST=upcast,
                 **dh_config.launch(),
             )  # fmt: skip
-            d_hidden = parts[0] if splits == 1 else parts.sum(0)
+            d_hidden = parts[0] if n_splits == 1 else parts.sum(0)
         if need_weight or need_bias:
             _linear_dw_kernel[(triton.cdiv(vocab, dw_config.block_v),)](
                 *pointers, d_weight if need_weight else lse, d_bias if need_bias else lse, n_rows, h_dim, vocab,
