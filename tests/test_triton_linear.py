@@ -100,6 +100,8 @@ def test_vocabulary_splits(splits):
     ok = labels != IGNORE
     for got, want in ((logp, ref_logp), (entropy, ref_entropy), (lse[ok], ref_lse[ok])):
         assert _rel_err(got, want.detach()) < 1e-5
+    # the mean log-prob over a vocabulary with masked columns is -inf, as log_softmax(logits).mean(-1) is
+    assert (mean_logp[ok] == float("-inf")).all()
     assert not lse[~ok].any() and not mean_logp[~ok].any()
     # and a finite one over the splits without the mask
     *_, mean_logp = linear_token_stats_fwd(

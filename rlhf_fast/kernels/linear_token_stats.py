@@ -143,7 +143,7 @@ def _linear_fwd_kernel(
     s_ptr,  # sum exp(x - m)
     t_ptr,  # sum exp(x - m) * (x - m); unused unless WITH_ENTROPY
     x_label_ptr,  # the label's logit if it lies in the split, else 0; unused unless WITH_LOGP
-    x_sum_ptr,  # sum of the finite x; unused unless WITH_MEAN
+    x_sum_ptr,  # sum of x over the split's columns; unused unless WITH_MEAN
     # sizes
     N,
     H,
@@ -202,7 +202,9 @@ def _linear_fwd_kernel(
         if WITH_LOGP:
             x_label += tl.sum(tl.where(cols[None, :] == label[:, None], x, 0.0), axis=1)
         if WITH_MEAN:
-            x_sum += tl.sum(tl.where(x == float("-inf"), 0.0, x), axis=1)
+            # every real column, -inf ones included (a masked column makes the mean log-prob -inf, as in the
+            # logits forms and F.cross_entropy); padded columns are not part of the vocabulary
+            x_sum += tl.sum(tl.where((cols < V)[None, :], x, 0.0), axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
 
