@@ -1,10 +1,12 @@
 """Per-token log-probability, entropy and log-sum-exp of ``softmax((hidden @ weight.T + bias) / T)``,
 without ever holding the ``[N, V]`` logits.
 
-Forward: one program per tile of ``BLOCK_N`` tokens walks the vocabulary in tiles of ``BLOCK_V``
-columns; each logits tile is a ``tl.dot`` over ``H`` in ``BLOCK_H`` steps (float32 accumulator),
-scaled by ``1/T`` and merged into a per-token online log-sum-exp (and the entropy sums, and the
-label's logit). Only ``logp``, ``entropy``, ``lse`` ``[N]`` leave the kernel. Semantics are those of
+Forward: one program per tile of ``BLOCK_N`` tokens (and split of the vocabulary, when a GPU has more
+SMs than there are token tiles: see ``_splits``) walks the vocabulary in tiles of ``BLOCK_V`` columns;
+each logits tile is a ``tl.dot`` over ``H`` in ``BLOCK_H`` steps (float32 accumulator), scaled by
+``1/T`` and merged into a per-token online log-sum-exp (and the entropy sums, and the label's logit).
+Only those per-token states leave the kernel, one per split; the host merges them into ``logp``,
+``entropy``, ``lse`` ``[N]``. Semantics are those of
 ``token_stats.py`` applied to ``logits = hidden @ weight.T + bias``.
 
 Backward, with ``x`` the recomputed logits tile over ``T``, ``p = exp(x - lse)``::
