@@ -271,6 +271,19 @@ def test_linear_kl_matches_float64(n, v, p_bias, q_bias, dtype):
         assert _rel_err(grad, leaf.grad) < tol_grad, name
 
 
+@pytest.mark.parametrize("splits", [3, 40])
+def test_linear_kl_over_vocabulary_splits(splits):
+    # As test_vocabulary_splits, for the two-head KL forward: both heads' log-sum-exp states and the E_P sum
+    # merged over 3 splits, or one vocabulary tile each; P masks columns 0-191, so its first splits are empty.
+    heads = list(_kl_heads(37, 1000, torch.float32, True, False))
+    heads[2][:192] = float("-inf")
+    kl, lse_p, lse_q = linear_kl_fwd(*heads, TEMPERATURE, config=SMALL, splits=splits)
+    h_p, w_p, b_p, h_q, w_q, _ = (t.double() if t is not None else None for t in heads)
+    x_p, x_q = (h_p @ w_p.T + b_p) / TEMPERATURE, (h_q @ w_q.T) / TEMPERATURE
+    assert _rel_err(kl, ref.kl_divergence(x_p, x_q)) < 1e-5
+    assert _rel_err(lse_p, torch.logsumexp(x_p, -1)) < 1e-5 and _rel_err(lse_q, torch.logsumexp(x_q, -1)) < 1e-5
+
+
 def test_linear_kl_one_side_and_identical_heads():
     # gradients asked one at a time; and P == Q gives KL = 0 with zero gradient (p (log p - log q - 0) = 0, q - p = 0)
     heads = _kl_heads(21, 301, torch.float32, True, True)

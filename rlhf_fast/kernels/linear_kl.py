@@ -2,7 +2,8 @@
 ``Q = softmax((h_q @ W_q.T + b_q) / T)`` over a shared vocabulary, without ever holding either
 ``[N, V]`` logits tensor (a student head and a teacher or reference head).
 
-Forward: one program per tile of ``BLOCK_N`` tokens walks the vocabulary in tiles of ``BLOCK_V``
+Forward: one program per tile of ``BLOCK_N`` tokens (and split of the vocabulary, as in
+``linear_token_stats.py``; the host merges the splits) walks the vocabulary in tiles of ``BLOCK_V``
 columns; each step builds both logits tiles with ``tl.dot`` (``H_p`` and ``H_q`` may differ) and
 merges them into two online log-sum-exps and the running ``sum_v exp(x_p - m_p) (x_p - x_q)``:
 
@@ -30,6 +31,7 @@ import triton.language as tl
 
 from ._common import TRITON_DTYPE, AotSpec, TileConfig, aot_spec, empty_f32
 from ._linear_tile import dot, load_rows, logits_tile, upcast_dot
+from .linear_token_stats import split_columns, vocabulary_splits
 
 __all__ = ["CONFIGS", "aot_specs", "linear_kl_bwd", "linear_kl_fwd"]
 
@@ -38,7 +40,8 @@ __all__ = ["CONFIGS", "aot_specs", "linear_kl_bwd", "linear_kl_fwd"]
 # holds both tiles' gradients through the dH/dW dots, and ptxas spilled (16-64 B per thread on sm_80 or
 # sm_90) at every 32-token backward tile tried, whatever the warps or stages: 16 tokens x 64 columns with
 # H steps of 16 (bf16/fp16), 16 x 32 (float32, exact FMA dot) are the largest tiles found spill-free. The
-# float32 forward's 32 x 32 tile over 4 warps spilled too; 32 x 64 over 8 warps, single-staged, does not.
+# float32 forward's 32 x 32 tile over 4 warps spilled too; 32 x 64 over 8 warps does not (two-staged: single-staged,
+# the vocabulary split's bounds cost the variant with both biases 12 B of spill on sm_90).
 _TILES_16BIT = (
     TileConfig(block_n=64, block_v=64, block_h=64, num_warps=8, num_stages=3),
     TileConfig(block_n=16, block_v=64, block_h=16, num_warps=4, num_stages=2),
@@ -47,7 +50,7 @@ CONFIGS: dict[torch.dtype, tuple[TileConfig, TileConfig]] = {
     torch.bfloat16: _TILES_16BIT,
     torch.float16: _TILES_16BIT,
     torch.float32: (
-        TileConfig(block_n=32, block_v=64, block_h=16, num_warps=8, num_stages=1),
+        TileConfig(block_n=32, block_v=64, block_h=16, num_warps=8, num_stages=2),
         TileConfig(block_n=16, block_v=32, block_h=16, num_warps=8, num_stages=1),
     ),
 }
@@ -108,14 +111,18 @@ def _linear_kl_fwd_kernel(
     q_hidden_ptr,  # [N, H_Q] contiguous
     q_weight_ptr,  # [V, H_Q] contiguous
     q_bias_ptr,  # [V]; unused unless HAS_Q_BIAS
-    kl_ptr,  # [N] float32 out
-    lse_p_ptr,  # [N] float32 out
-    lse_q_ptr,  # [N] float32 out
+    # out, [splits, N] float32 each: each split's online log-sum-exp states (see below)
+    m_p_ptr,
+    s_p_ptr,
+    a_ptr,
+    m_q_ptr,
+    s_q_ptr,
     # sizes
     N,
     H_P,
     H_Q,
     V,
+    v_per_split,  # vocabulary columns per split, a multiple of BLOCK_V
     # runtime scalars
     inv_temperature,
     # constexpr: feature switches and block sizes
@@ -126,7 +133,9 @@ def _linear_kl_fwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
+    # program (i, s): token tile i against split s of the vocabulary (linear_token_stats.vocabulary_splits)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
     row_ok = rows < N
     # online log-sum-exp of each side (m the running max, s = sum exp(x - m)); a = sum exp(x_p - m_p) * d
     # with d = x_p - x_q, rescaled with s_p, so that E_P[d] = a / s_p at the end
@@ -135,7 +144,8 @@ def _linear_kl_fwd_kernel(
     s_p = tl.zeros([BLOCK_N], tl.float32)
     s_q = tl.zeros([BLOCK_N], tl.float32)
     a = tl.zeros([BLOCK_N], tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    v_start = split * v_per_split
+    for v0 in range(v_start, tl.minimum(v_start + v_per_split, V), BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         x_p, x_q = _both_tiles(
             p_hidden_ptr, p_weight_ptr, p_bias_ptr, q_hidden_ptr, q_weight_ptr, q_bias_ptr,
@@ -156,11 +166,29 @@ def _linear_kl_fwd_kernel(
         s_q = tl.exp(m_q - ref_q) * s_q + tl.sum(tl.exp(x_q - ref_q[:, None]), axis=1)
         m_q = m_q_new
 
-    lse_p = m_p + tl.log(s_p)
-    lse_q = m_q + tl.log(s_q)
-    tl.store(kl_ptr + rows, a / s_p - (lse_p - lse_q), mask=row_ok)
-    tl.store(lse_p_ptr + rows, lse_p, mask=row_ok)
-    tl.store(lse_q_ptr + rows, lse_q, mask=row_ok)
+    at = split.to(tl.int64) * N + rows
+    tl.store(m_p_ptr + at, m_p, mask=row_ok)
+    tl.store(s_p_ptr + at, s_p, mask=row_ok)
+    tl.store(a_ptr + at, a, mask=row_ok)
+    tl.store(m_q_ptr + at, m_q, mask=row_ok)
+    tl.store(s_q_ptr + at, s_q, mask=row_ok)
+
+
+def _rescaled(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M, exp(m - M))`` for the per-split maxima ``m [splits, N]``: the row max (``-inf`` if every split saw
+    only ``-inf``) and each split's factor to it (0 for a split that saw only ``-inf``)."""
+    big_m = m.amax(0)
+    return big_m, torch.exp(m - torch.where(big_m == float("-inf"), 0.0, big_m))
+
+
+def _merge_splits(m_p, s_p, a, m_q, s_q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kl, lse_p, lse_q)`` [N] from the forward kernel's per-split states ``[splits, N]``."""
+    big_p, alpha_p = _rescaled(m_p)
+    big_q, alpha_q = _rescaled(m_q)
+    total_p = (alpha_p * s_p).sum(0)
+    lse_p = big_p + torch.log(total_p)
+    lse_q = big_q + torch.log((alpha_q * s_q).sum(0))
+    return (alpha_p * a).sum(0) / total_p - (lse_p - lse_q), lse_p, lse_q
 
 
 @triton.jit
@@ -301,6 +329,7 @@ def linear_kl_fwd(
     temperature: float,
     *,
     config: TileConfig | None = None,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token ``(KL(P || Q), lse_p, lse_q)``, float32 ``[N]``.
 
@@ -309,22 +338,26 @@ def linear_kl_fwd(
             with its own ``H_Q``. All contiguous, one dtype (float32/bfloat16/float16).
         temperature: both heads' logits are divided by it.
         config: force the tile sizes (tests use small ones so that several tiles occur).
+        splits: force the number of vocabulary splits of the token tiles (tests; see
+            ``linear_token_stats.vocabulary_splits``).
     """
     n_rows, vocab = _check(p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias)
-    kl, lse_p, lse_q = (torch.empty(n_rows, dtype=torch.float32, device=p_hidden.device) for _ in range(3))
+    device = p_hidden.device
     if n_rows == 0:
-        return kl, lse_p, lse_q
+        return tuple(torch.empty(0, dtype=torch.float32, device=device) for _ in range(3))
     config = config or CONFIGS[p_hidden.dtype][0]
-    # switched-off pointers are never touched; kl stands in for them
-    _linear_kl_fwd_kernel[(triton.cdiv(n_rows, config.block_n),)](
-        p_hidden, p_weight, kl if p_bias is None else p_bias, q_hidden, q_weight, kl if q_bias is None else q_bias,
-        kl, lse_p, lse_q,
-        n_rows, p_hidden.shape[1], q_hidden.shape[1], vocab,
+    n_splits, v_per_split = split_columns(vocab, splits or vocabulary_splits(n_rows, config, device), config)
+    state = torch.empty((5, n_splits, n_rows), dtype=torch.float32, device=device)  # m_p, s_p, a, m_q, s_q
+    # switched-off pointers are never touched; the state stands in for them
+    _linear_kl_fwd_kernel[(triton.cdiv(n_rows, config.block_n), n_splits)](
+        p_hidden, p_weight, state if p_bias is None else p_bias,
+        q_hidden, q_weight, state if q_bias is None else q_bias, *state,
+        n_rows, p_hidden.shape[1], q_hidden.shape[1], vocab, v_per_split,
         1.0 / temperature,
         HAS_P_BIAS=p_bias is not None, HAS_Q_BIAS=q_bias is not None, UPCAST=upcast_dot(p_hidden),
         **config.launch(),
     )  # fmt: skip
-    return kl, lse_p, lse_q
+    return _merge_splits(*state)
 
 
 def linear_kl_bwd(

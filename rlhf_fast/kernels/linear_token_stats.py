@@ -2,8 +2,8 @@
 without ever holding the ``[N, V]`` logits.
 
 Forward: one program per tile of ``BLOCK_N`` tokens (and split of the vocabulary, when a GPU has more
-SMs than there are token tiles: see ``_splits``) walks the vocabulary in tiles of ``BLOCK_V`` columns;
-each logits tile is a ``tl.dot`` over ``H`` in ``BLOCK_H`` steps (float32 accumulator), scaled by
+SMs than there are token tiles: see ``vocabulary_splits``) walks the vocabulary in tiles of ``BLOCK_V``
+columns; each logits tile is a ``tl.dot`` over ``H`` in ``BLOCK_H`` steps (float32 accumulator), scaled by
 ``1/T`` and merged into a per-token online log-sum-exp (and the entropy sums, and the label's logit).
 Only those per-token states leave the kernel, one per split; the host merges them into ``logp``,
 ``entropy``, ``lse`` ``[N]``. Semantics are those of
@@ -16,7 +16,7 @@ Backward, with ``x`` the recomputed logits tile over ``T``, ``p = exp(x - lse)``
 
 Two kernels, both deterministic (no atomics): ``_linear_dh_kernel`` owns a tile of tokens and walks
 the vocabulary (or one of a few splits of it, when there are fewer token tiles than SMs: see
-``_splits``); ``_linear_dw_kernel`` owns a tile of the vocabulary and walks the tokens. Each
+``vocabulary_splits``); ``_linear_dw_kernel`` owns a tile of the vocabulary and walks the tokens. Each
 accumulates into rows of a float32 buffer that only it touches (``H`` is too wide for registers),
 and the host sums the splits and casts once at the end: no bf16 accumulation. ``g`` is rounded to the inputs' dtype
 for the tensor-core dot, as the chunked path rounds its logits gradient.
@@ -165,7 +165,7 @@ def _linear_fwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    # program (i, s): token tile i against split s of the vocabulary (see _splits; the host merges the splits)
+    # program (i, s): token tile i against split s of the vocabulary (see vocabulary_splits); the host merges them
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     row_ok = rows < N
@@ -383,7 +383,7 @@ def _linear_dw_kernel(
         tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
 
 
-def _splits(n_rows: int, config: TileConfig, device: torch.device) -> int:
+def vocabulary_splits(n_rows: int, config: TileConfig, device: torch.device) -> int:
     """How many splits of the vocabulary the forward and dH kernels' token tiles take: as many as keep one
     program per SM busy.
 
@@ -398,7 +398,7 @@ def _splits(n_rows: int, config: TileConfig, device: torch.device) -> int:
     return max(1, sms // triton.cdiv(n_rows, config.block_n))
 
 
-def _split_columns(vocab: int, splits: int, config: TileConfig) -> tuple[int, int]:
+def split_columns(vocab: int, splits: int, config: TileConfig) -> tuple[int, int]:
     """``(splits, columns per split)``: at least one ``BLOCK_V`` tile per split, every split but the last full."""
     v_tiles = triton.cdiv(vocab, config.block_v)
     per_split = triton.cdiv(v_tiles, min(splits, v_tiles))
@@ -441,7 +441,7 @@ def linear_token_stats_fwd(
             ``entropy = lse - sum_v softmax(x)_v x_v``; with_mean_logp: return
             ``mean_logp = sum_v x_v / V - lse`` (the label-smoothing term).
         config: force the tile sizes (tests use small ones so that several tiles occur).
-        splits: force the number of vocabulary splits of the token tiles (tests; see :func:`_splits`).
+        splits: force the number of vocabulary splits of the token tiles (tests; see :func:`vocabulary_splits`).
 
     Returns:
         ``(logp, entropy, lse, mean_logp)``, float32 ``[N]``; the optional ones are empty ``[0]`` when not
@@ -455,7 +455,7 @@ def linear_token_stats_fwd(
         empty = empty_f32(device)
         return empty, empty, empty, empty
     config = config or CONFIGS[hidden.dtype][0]
-    n_splits, v_per_split = _split_columns(vocab, splits or _splits(n_rows, config, device), config)
+    n_splits, v_per_split = split_columns(vocab, splits or vocabulary_splits(n_rows, config, device), config)
     state = torch.empty((5, n_splits, n_rows), dtype=torch.float32, device=device)  # m, s, t, x_label, x_sum
     m, s, t, x_label, x_sum = state
     # switched-off pointers are never touched; m stands in for them
@@ -511,7 +511,8 @@ def linear_token_stats_bwd(
             such term".
         need_hidden, need_weight, need_bias: which gradients to compute (``need_bias`` needs ``bias``).
         config: force the tile sizes (tests).
-        splits: force the number of vocabulary splits of the dH kernel's token tiles (tests; see :func:`_splits`).
+        splits: force the number of vocabulary splits of the dH kernel's token tiles (tests; see
+            :func:`vocabulary_splits`).
 
     Returns:
         ``(d_hidden [N, H], d_weight [V, H], d_bias [V])`` in the inputs' dtype; each is an empty
@@ -544,7 +545,8 @@ def linear_token_stats_bwd(
         upcast = upcast_dot(hidden)
         scalars = (1.0 / temperature, ignore_index)
         if need_hidden:
-            n_splits, v_per_split = _split_columns(vocab, splits or _splits(n_rows, dh_config, device), dh_config)
+            wanted = splits or vocabulary_splits(n_rows, dh_config, device)
+            n_splits, v_per_split = split_columns(vocab, wanted, dh_config)
             parts = torch.zeros((n_splits, n_rows, h_dim), dtype=torch.float32, device=device)
             _linear_dh_kernel[(triton.cdiv(n_rows, dh_config.block_n), n_splits)](
                 *pointers, parts, n_rows, h_dim, vocab, v_per_split, *scalars, **switches, UPCAST=upcast,
