@@ -284,6 +284,29 @@ def test_linear_kl_over_vocabulary_splits(splits):
     assert _rel_err(lse_p, torch.logsumexp(x_p, -1)) < 1e-5 and _rel_err(lse_q, torch.logsumexp(x_q, -1)) < 1e-5
 
 
+def test_linear_kl_default_16bit_backward_tiles_span_several_tiles():
+    # The launch configs of 16-bit inputs, not SMALL: dH on 32 x 128 and dW on 128 x 32 tiles, each walking
+    # several tiles of the other dimension with a ragged last one (N = 150, V = 300).
+    from rlhf_fast.kernels.linear_kl import CONFIGS
+
+    _, dh_config, dw_config = CONFIGS[torch.bfloat16]
+    n, v = 150, 300
+    assert n > dw_config.block_n and n % dw_config.block_n and v > dh_config.block_v and v % dh_config.block_v
+    heads = _kl_heads(n, v, torch.bfloat16, True, True)
+    kl, lse_p, lse_q = linear_kl_fwd(*heads, TEMPERATURE)
+    leaves = [t.double().requires_grad_() for t in heads]
+    x_p = (leaves[0] @ leaves[1].T + leaves[2]) / TEMPERATURE
+    x_q = (leaves[3] @ leaves[4].T + leaves[5]) / TEMPERATURE
+    ref_kl = ref.kl_divergence(x_p, x_q)
+    assert _rel_err(kl, ref_kl) < TOL[torch.bfloat16][0]
+    g = torch.randn(n)
+    (ref_kl * g).sum().backward()
+    grads = linear_kl_bwd(*heads, kl, lse_p, lse_q, g, TEMPERATURE, (True,) * 6)
+    names = ("p_hidden", "p_weight", "p_bias", "q_hidden", "q_weight", "q_bias")
+    for name, grad, leaf in zip(names, grads, leaves, strict=True):
+        assert _rel_err(grad, leaf.grad) < TOL[torch.bfloat16][1], name
+
+
 def test_linear_kl_one_side_and_identical_heads():
     # gradients asked one at a time; and P == Q gives KL = 0 with zero gradient (p (log p - log q - 0) = 0, q - p = 0)
     heads = _kl_heads(21, 301, torch.float32, True, True)

@@ -35,24 +35,26 @@ from .linear_token_stats import split_columns, vocabulary_splits
 
 __all__ = ["CONFIGS", "aot_specs", "linear_kl_bwd", "linear_kl_fwd"]
 
-# (forward, backward) tiles per dtype. Two heads double the live logits tiles of linear_token_stats.py:
-# the forward keeps two 64 x 64 float32 tiles (the registers of that file's one 64 x 128); the backward
-# holds both tiles' gradients through the dH/dW dots, and ptxas spilled (16-64 B per thread on sm_80 or
-# sm_90) at every 32-token backward tile tried, whatever the warps or stages: 16 tokens x 64 columns with
-# H steps of 16 (bf16/fp16), 16 x 32 (float32, exact FMA dot) are the largest tiles found spill-free. The
-# float32 forward's 32 x 32 tile over 4 warps spilled too; 32 x 64 over 8 warps does not (two-staged: single-staged,
-# the vocabulary split's bounds cost the variant with both biases 12 B of spill on sm_90).
+# (forward, dH, dW) tiles per dtype. Two heads double the live logits tiles of linear_token_stats.py: the
+# forward keeps two 64 x 64 float32 tiles (the registers of that file's one 64 x 128). The backward kernels
+# read and write their float32 accumulators once per logits tile, as there (see its CONFIGS): dH takes
+# 32 tokens x 128 columns, dW 128 tokens x 32 columns, each 8 warps, single-staged, H steps of 16 (bf16/fp16;
+# 89-145 registers, no spills on sm_80 and sm_90), 64 FLOPs per accumulator byte where the 16 x 64 tile both
+# used before gave dH 32 and dW 8; two-staged or with more columns (dH) or tokens (dW) they spill. Chosen by
+# that arithmetic and the register report, not timed (no GPU). float32 (exact FMA dot): 16 x 32 for both
+# backward kernels; the forward's 32 x 32 tile over 4 warps spilled; 32 x 64 over 8 warps does not
+# (two-staged: single-staged, the vocabulary split's bounds cost the variant with both biases 12 B of spill on
+# sm_90).
 _TILES_16BIT = (
     TileConfig(block_n=64, block_v=64, block_h=64, num_warps=8, num_stages=3),
-    TileConfig(block_n=16, block_v=64, block_h=16, num_warps=4, num_stages=2),
+    TileConfig(block_n=32, block_v=128, block_h=16, num_warps=8, num_stages=1),
+    TileConfig(block_n=128, block_v=32, block_h=16, num_warps=8, num_stages=1),
 )
-CONFIGS: dict[torch.dtype, tuple[TileConfig, TileConfig]] = {
+_BWD_FP32 = TileConfig(block_n=16, block_v=32, block_h=16, num_warps=8, num_stages=1)
+CONFIGS: dict[torch.dtype, tuple[TileConfig, TileConfig, TileConfig]] = {
     torch.bfloat16: _TILES_16BIT,
     torch.float16: _TILES_16BIT,
-    torch.float32: (
-        TileConfig(block_n=32, block_v=64, block_h=16, num_warps=8, num_stages=2),
-        TileConfig(block_n=16, block_v=32, block_h=16, num_warps=8, num_stages=1),
-    ),
+    torch.float32: (TileConfig(block_n=32, block_v=64, block_h=16, num_warps=8, num_stages=2), _BWD_FP32, _BWD_FP32),
 }
 
 
@@ -398,23 +400,23 @@ def linear_kl_bwd(
         for i, (shape, n) in enumerate(zip(shapes, need, strict=True))
     ]
     if n_rows > 0 and any(need):
-        config = config or CONFIGS[dtype][1]
+        dh_config, dw_config = (config, config) if config else CONFIGS[dtype][1:]
         heads = (
             p_hidden, p_weight, kl if p_bias is None else p_bias, q_hidden, q_weight, kl if q_bias is None else q_bias,
             kl, lse_p, lse_q, grad_kl,
         )  # fmt: skip
         scalars = (n_rows, h_p, h_q, vocab, 1.0 / temperature)
         launch = {"HAS_P_BIAS": p_bias is not None, "HAS_Q_BIAS": q_bias is not None, "UPCAST": upcast_dot(p_hidden)}
-        launch.update(config.launch())
         out = [g if n else kl for g, n in zip(grads, need, strict=True)]
         if need[0] or need[3]:
-            _linear_kl_dh_kernel[(triton.cdiv(n_rows, config.block_n),)](
-                *heads, out[0], out[3], *scalars, NEED_P=need[0], NEED_Q=need[3], **launch
+            _linear_kl_dh_kernel[(triton.cdiv(n_rows, dh_config.block_n),)](
+                *heads, out[0], out[3], *scalars, NEED_P=need[0], NEED_Q=need[3], **launch, **dh_config.launch()
             )
         if need[1] or need[2] or need[4] or need[5]:
-            _linear_kl_dw_kernel[(triton.cdiv(vocab, config.block_v),)](
+            _linear_kl_dw_kernel[(triton.cdiv(vocab, dw_config.block_v),)](
                 *heads, out[1], out[4], out[2], out[5], *scalars,
                 NEED_P_WEIGHT=need[1], NEED_Q_WEIGHT=need[4], NEED_P_BIAS=need[2], NEED_Q_BIAS=need[5], **launch,
+                **dw_config.launch(),
             )  # fmt: skip
     return tuple(g.to(dtype) if n and g.dtype != dtype else g for g, n in zip(grads, need, strict=True))
 
@@ -439,7 +441,7 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     cases = [
         (_linear_kl_fwd_kernel, CONFIGS[dtype][0], ("HAS_P_BIAS", "HAS_Q_BIAS"), _FWD_SWITCHES),
         (_linear_kl_dh_kernel, CONFIGS[dtype][1], ("HAS_P_BIAS", "HAS_Q_BIAS", "NEED_P", "NEED_Q"), _DH_SWITCHES),
-        (_linear_kl_dw_kernel, CONFIGS[dtype][1], ("HAS_P_BIAS", "HAS_Q_BIAS", "NEED_P_WEIGHT", "NEED_Q_WEIGHT",
+        (_linear_kl_dw_kernel, CONFIGS[dtype][2], ("HAS_P_BIAS", "HAS_Q_BIAS", "NEED_P_WEIGHT", "NEED_Q_WEIGHT",
                                                    "NEED_P_BIAS", "NEED_Q_BIAS"), _DW_SWITCHES),
     ]  # fmt: skip
     specs = []
