@@ -273,15 +273,23 @@ def test_linear_kl_matches_float64(n, v, p_bias, q_bias, dtype):
 
 @pytest.mark.parametrize("splits", [3, 40])
 def test_linear_kl_over_vocabulary_splits(splits):
-    # As test_vocabulary_splits, for the two-head KL forward: both heads' log-sum-exp states and the E_P sum
-    # merged over 3 splits, or one vocabulary tile each; P masks columns 0-191, so its first splits are empty.
+    # As test_vocabulary_splits, for the two-head KL: both heads' log-sum-exp states and the E_P sum merged
+    # over 3 splits, or one vocabulary tile each (P masks columns 0-191, so its first splits are empty), and
+    # both heads' dH partials summed.
     heads = list(_kl_heads(37, 1000, torch.float32, True, False))
     heads[2][:192] = float("-inf")
     kl, lse_p, lse_q = linear_kl_fwd(*heads, TEMPERATURE, config=SMALL, splits=splits)
-    h_p, w_p, b_p, h_q, w_q, _ = (t.double() if t is not None else None for t in heads)
+    h_p, w_p, b_p, h_q, w_q, _ = (t.double().requires_grad_() if t is not None else None for t in heads)
     x_p, x_q = (h_p @ w_p.T + b_p) / TEMPERATURE, (h_q @ w_q.T) / TEMPERATURE
-    assert _rel_err(kl, ref.kl_divergence(x_p, x_q)) < 1e-5
+    ref_kl = ref.kl_divergence(x_p, x_q)
+    assert _rel_err(kl, ref_kl) < 1e-5
     assert _rel_err(lse_p, torch.logsumexp(x_p, -1)) < 1e-5 and _rel_err(lse_q, torch.logsumexp(x_q, -1)) < 1e-5
+    # and both heads' dH summed over the same splits
+    g = torch.randn(37)
+    (ref_kl * g).sum().backward()
+    need = (True, False, False, True, False, False)
+    d_hp, _, _, d_hq, _, _ = linear_kl_bwd(*heads, kl, lse_p, lse_q, g, TEMPERATURE, need, config=SMALL, splits=splits)
+    assert _rel_err(d_hp, h_p.grad) < 1e-5 and _rel_err(d_hq, h_q.grad) < 1e-5
 
 
 def test_linear_kl_default_16bit_backward_tiles_span_several_tiles():

@@ -41,20 +41,23 @@ __all__ = ["CONFIGS", "aot_specs", "linear_kl_bwd", "linear_kl_fwd"]
 # 32 tokens x 128 columns, dW 128 tokens x 32 columns, each 8 warps, single-staged, H steps of 16 (bf16/fp16;
 # 89-145 registers, no spills on sm_80 and sm_90), 64 FLOPs per accumulator byte where the 16 x 64 tile both
 # used before gave dH 32 and dW 8; two-staged or with more columns (dH) or tokens (dW) they spill. Chosen by
-# that arithmetic and the register report, not timed (no GPU). float32 (exact FMA dot): 16 x 32 for both
-# backward kernels; the forward's 32 x 32 tile over 4 warps spilled; 32 x 64 over 8 warps does not
-# (two-staged: single-staged, the vocabulary split's bounds cost the variant with both biases 12 B of spill on
-# sm_90).
+# that arithmetic and the register report, not timed (no GPU). float32 (exact FMA dot): dH 32 x 32 (16 x 32
+# spilled 4 B on sm_90 once dH took vocabulary splits), dW 16 x 32; the forward's 32 x 32 tile over 4 warps
+# spilled; 32 x 64 over 8 warps does not (two-staged: single-staged, the vocabulary split's bounds cost the
+# variant with both biases 12 B of spill on sm_90).
 _TILES_16BIT = (
     TileConfig(block_n=64, block_v=64, block_h=64, num_warps=8, num_stages=3),
     TileConfig(block_n=32, block_v=128, block_h=16, num_warps=8, num_stages=1),
     TileConfig(block_n=128, block_v=32, block_h=16, num_warps=8, num_stages=1),
 )
-_BWD_FP32 = TileConfig(block_n=16, block_v=32, block_h=16, num_warps=8, num_stages=1)
 CONFIGS: dict[torch.dtype, tuple[TileConfig, TileConfig, TileConfig]] = {
     torch.bfloat16: _TILES_16BIT,
     torch.float16: _TILES_16BIT,
-    torch.float32: (TileConfig(block_n=32, block_v=64, block_h=16, num_warps=8, num_stages=2), _BWD_FP32, _BWD_FP32),
+    torch.float32: (
+        TileConfig(block_n=32, block_v=64, block_h=16, num_warps=8, num_stages=2),
+        TileConfig(block_n=32, block_v=32, block_h=16, num_warps=8, num_stages=1),
+        TileConfig(block_n=16, block_v=32, block_h=16, num_warps=8, num_stages=1),
+    ),
 }
 
 
@@ -224,10 +227,11 @@ def _linear_kl_dh_kernel(
     q_hidden_ptr, q_weight_ptr, q_bias_ptr,
     kl_ptr, lse_p_ptr, lse_q_ptr,  # [N] float32 from the forward
     grad_ptr,  # [N] float32 incoming gradient of the KL
-    dh_p_ptr,  # [N, H_P] float32 in/out, zero-initialized; unused unless NEED_P
-    dh_q_ptr,  # [N, H_Q] float32 in/out, zero-initialized; unused unless NEED_Q
+    dh_p_ptr,  # [splits, N, H_P] float32 in/out, zero-initialized; unused unless NEED_P
+    dh_q_ptr,  # [splits, N, H_Q] float32 in/out, zero-initialized; unused unless NEED_Q
     # sizes
     N, H_P, H_Q, V,
+    v_per_split,  # vocabulary columns per split, a multiple of BLOCK_V
     # runtime scalars
     inv_temperature,
     # constexpr: feature switches and block sizes
@@ -236,9 +240,14 @@ def _linear_kl_dh_kernel(
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
+    # program (i, s): token tile i against split s of the vocabulary, into split s's own partials (the host sums them)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
     row_ok, lse_p, lse_q, kl, g = _row_inputs(lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr, rows, N, inv_temperature)
-    for v0 in range(0, V, BLOCK_V):
+    dh_p_ptr += split.to(tl.int64) * N * H_P
+    dh_q_ptr += split.to(tl.int64) * N * H_Q
+    v_start = split * v_per_split
+    for v0 in range(v_start, tl.minimum(v_start + v_per_split, V), BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_ok = cols < V
         x_p, x_q = _both_tiles(
@@ -377,6 +386,7 @@ def linear_kl_bwd(
     need: tuple[bool, bool, bool, bool, bool, bool],
     *,
     config: TileConfig | None = None,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of ``sum_n grad_kl[n] KL[n]`` w.r.t. ``(p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias)``.
 
@@ -384,6 +394,8 @@ def linear_kl_bwd(
         the heads and ``temperature``: as in :func:`linear_kl_fwd`; kl, lse_p, lse_q: its outputs.
         grad_kl: ``[N]`` float32 incoming gradient.
         need: which of the six gradients to compute (a bias's needs that bias).
+        config: force the tile sizes (tests); splits: force the vocabulary splits of the dH kernel's token tiles
+            (tests; see ``linear_token_stats.vocabulary_splits``).
 
     Returns:
         six tensors in the inputs' dtype, each an empty float32 ``[0]`` when not asked for.
@@ -394,11 +406,13 @@ def linear_kl_bwd(
     device, dtype = p_hidden.device, p_hidden.dtype
     h_p, h_q = p_hidden.shape[1], q_hidden.shape[1]
     shapes = ((n_rows, h_p), (vocab, h_p), (vocab,), (n_rows, h_q), (vocab, h_q), (vocab,))
-    # float32 accumulators (the biases' are written once, in their dtype)
+    # float32 accumulators (the biases' are written once, in their dtype); dH comes from the dH kernel's partials
     grads = [
-        torch.zeros(shape, dtype=dtype if i in (2, 5) else torch.float32, device=device) if n else empty_f32(device)
+        empty_f32(device) if not n
+        else None if i in (0, 3) and n_rows > 0
+        else torch.zeros(shape, dtype=dtype if i in (2, 5) else torch.float32, device=device)
         for i, (shape, n) in enumerate(zip(shapes, need, strict=True))
-    ]
+    ]  # fmt: skip
     if n_rows > 0 and any(need):
         dh_config, dw_config = (config, config) if config else CONFIGS[dtype][1:]
         heads = (
@@ -409,9 +423,17 @@ def linear_kl_bwd(
         launch = {"HAS_P_BIAS": p_bias is not None, "HAS_Q_BIAS": q_bias is not None, "UPCAST": upcast_dot(p_hidden)}
         out = [g if n else kl for g, n in zip(grads, need, strict=True)]
         if need[0] or need[3]:
-            _linear_kl_dh_kernel[(triton.cdiv(n_rows, dh_config.block_n),)](
-                *heads, out[0], out[3], *scalars, NEED_P=need[0], NEED_Q=need[3], **launch, **dh_config.launch()
-            )
+            wanted = splits or vocabulary_splits(n_rows, dh_config, device)
+            n_splits, v_per_split = split_columns(vocab, wanted, dh_config)
+            parts = [torch.zeros((n_splits, n_rows, h), dtype=torch.float32, device=device) if n else kl
+                     for h, n in ((h_p, need[0]), (h_q, need[3]))]  # fmt: skip
+            _linear_kl_dh_kernel[(triton.cdiv(n_rows, dh_config.block_n), n_splits)](
+                *heads, *parts, n_rows, h_p, h_q, vocab, v_per_split, 1.0 / temperature,
+                NEED_P=need[0], NEED_Q=need[3], **launch, **dh_config.launch(),
+            )  # fmt: skip
+            for i, part, n in ((0, parts[0], need[0]), (3, parts[1], need[3])):
+                if n:
+                    grads[i] = part[0] if n_splits == 1 else part.sum(0)
         if need[1] or need[2] or need[4] or need[5]:
             _linear_kl_dw_kernel[(triton.cdiv(vocab, dw_config.block_v),)](
                 *heads, out[1], out[4], out[2], out[5], *scalars,
