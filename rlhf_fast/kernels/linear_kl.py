@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._common import TRITON_DTYPE, AotSpec, TileConfig, aot_spec, empty_f32
 from ._linear_tile import dot, load_rows, logits_tile, upcast_dot
-from .linear_token_stats import split_columns, vocabulary_splits
+from .linear_token_stats import rescale_splits, vocabulary_splits
 
 __all__ = ["CONFIGS", "aot_specs", "linear_kl_bwd", "linear_kl_fwd"]
 
@@ -179,17 +179,10 @@ def _linear_kl_fwd_kernel(
     tl.store(s_q_ptr + at, s_q, mask=row_ok)
 
 
-def _rescaled(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(M, exp(m - M))`` for the per-split maxima ``m [splits, N]``: the row max (``-inf`` if every split saw
-    only ``-inf``) and each split's factor to it (0 for a split that saw only ``-inf``)."""
-    big_m = m.amax(0)
-    return big_m, torch.exp(m - torch.where(big_m == float("-inf"), 0.0, big_m))
-
-
 def _merge_splits(m_p, s_p, a, m_q, s_q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(kl, lse_p, lse_q)`` [N] from the forward kernel's per-split states ``[splits, N]``."""
-    big_p, alpha_p = _rescaled(m_p)
-    big_q, alpha_q = _rescaled(m_q)
+    big_p, alpha_p = rescale_splits(m_p)
+    big_q, alpha_q = rescale_splits(m_q)
     total_p = (alpha_p * s_p).sum(0)
     lse_p = big_p + torch.log(total_p)
     lse_q = big_q + torch.log((alpha_q * s_q).sum(0))
@@ -357,7 +350,7 @@ def linear_kl_fwd(
     if n_rows == 0:
         return tuple(torch.empty(0, dtype=torch.float32, device=device) for _ in range(3))
     config = config or CONFIGS[p_hidden.dtype][0]
-    n_splits, v_per_split = split_columns(vocab, splits or vocabulary_splits(n_rows, config, device), config)
+    n_splits, v_per_split = vocabulary_splits(n_rows, vocab, config, device, splits)
     state = torch.empty((5, n_splits, n_rows), dtype=torch.float32, device=device)  # m_p, s_p, a, m_q, s_q
     # switched-off pointers are never touched; the state stands in for them
     _linear_kl_fwd_kernel[(triton.cdiv(n_rows, config.block_n), n_splits)](
@@ -423,8 +416,7 @@ def linear_kl_bwd(
         launch = {"HAS_P_BIAS": p_bias is not None, "HAS_Q_BIAS": q_bias is not None, "UPCAST": upcast_dot(p_hidden)}
         out = [g if n else kl for g, n in zip(grads, need, strict=True)]
         if need[0] or need[3]:
-            wanted = splits or vocabulary_splits(n_rows, dh_config, device)
-            n_splits, v_per_split = split_columns(vocab, wanted, dh_config)
+            n_splits, v_per_split = vocabulary_splits(n_rows, vocab, dh_config, device, splits)
             parts = [torch.zeros((n_splits, n_rows, h), dtype=torch.float32, device=device) if n else kl
                      for h, n in ((h_p, need[0]), (h_q, need[3]))]  # fmt: skip
             _linear_kl_dh_kernel[(triton.cdiv(n_rows, dh_config.block_n), n_splits)](

@@ -229,9 +229,7 @@ def _merge_splits(m, s, t, x_label, x_sum, row_ok, vocab: int):
     Each split's sums are taken against its own max; rescaled to the row's max ``M`` they add up, as between the
     vocabulary tiles of one program. A split whose columns are all ``-inf`` (a masked vocabulary) has ``m = -inf``
     and ``s = t = 0``: its factor ``exp(m - M)`` is 0 and its shift is taken as 0 (not ``-inf * 0``)."""
-    big_m = m.amax(0)
-    ref = torch.where(big_m == float("-inf"), 0.0, big_m)
-    alpha = torch.exp(m - ref)
+    big_m, alpha = rescale_splits(m)
     total = (alpha * s).sum(0)
     log_s = torch.log(total)
     zero = torch.zeros((), device=m.device)
@@ -241,7 +239,7 @@ def _merge_splits(m, s, t, x_label, x_sum, row_ok, vocab: int):
         # (x - M) - log_s: exact for a confident token, where x - lse would lose log_s ~ 0 to rounding
         logp = torch.where(row_ok, (x_label.sum(0) - big_m) - log_s, zero)
     if t is not None:
-        shift = torch.where(m == float("-inf"), 0.0, m - ref)
+        shift = torch.where(m == float("-inf"), 0.0, m - big_m)  # a finite m makes M finite
         t_all = (alpha * (t + shift * s)).sum(0)
         entropy = torch.where(row_ok, log_s - t_all / total, zero)
     if x_sum is not None:
@@ -383,26 +381,35 @@ def _linear_dw_kernel(
         tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
 
 
-def vocabulary_splits(n_rows: int, config: TileConfig, device: torch.device) -> int:
-    """How many splits of the vocabulary the forward and dH kernels' token tiles take: as many as keep one
-    program per SM busy.
+def vocabulary_splits(
+    n_rows: int, vocab: int, config: TileConfig, device: torch.device, forced: int | None = None
+) -> tuple[int, int]:
+    """``(splits, columns per split)`` of the vocabulary for the forward and dH kernels' token tiles: as many
+    splits as keep one program per SM busy (or ``forced``, tests), each at least one ``BLOCK_V`` tile, every
+    split but the last full.
 
     One program per token tile leaves most of a GPU idle when there are fewer tiles than SMs (2048 tokens
     are 32 tiles of 64 against an H100's 132 SMs); program ``(i, s)`` then walks only split ``s`` of the
     vocabulary, and the host merges the splits (the forward's log-sum-exp states, the float32 ``[N, H]``
     partials of dH). The splits times the tokens stay below SMs x BLOCK_N rows, whatever ``N``. 1 off CUDA
     (the interpreter; tests force more)."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, sms // triton.cdiv(n_rows, config.block_n))
-
-
-def split_columns(vocab: int, splits: int, config: TileConfig) -> tuple[int, int]:
-    """``(splits, columns per split)``: at least one ``BLOCK_V`` tile per split, every split but the last full."""
+    wanted = forced
+    if not wanted:
+        wanted = 1
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            wanted = max(1, sms // triton.cdiv(n_rows, config.block_n))
     v_tiles = triton.cdiv(vocab, config.block_v)
-    per_split = triton.cdiv(v_tiles, min(splits, v_tiles))
+    per_split = triton.cdiv(v_tiles, min(wanted, v_tiles))
     return triton.cdiv(v_tiles, per_split), per_split * config.block_v
+
+
+def rescale_splits(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M, exp(m - M))`` for the per-split maxima ``m [splits, N]`` of an online log-sum-exp: the row max
+    (``-inf`` if every split saw only ``-inf``) and each split's factor to it (0 for a split that saw only
+    ``-inf``, whose sums are 0)."""
+    big_m = m.amax(0)
+    return big_m, torch.exp(m - torch.where(big_m == float("-inf"), 0.0, big_m))
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int]:
@@ -455,7 +462,7 @@ def linear_token_stats_fwd(
         empty = empty_f32(device)
         return empty, empty, empty, empty
     config = config or CONFIGS[hidden.dtype][0]
-    n_splits, v_per_split = split_columns(vocab, splits or vocabulary_splits(n_rows, config, device), config)
+    n_splits, v_per_split = vocabulary_splits(n_rows, vocab, config, device, splits)
     state = torch.empty((5, n_splits, n_rows), dtype=torch.float32, device=device)  # m, s, t, x_label, x_sum
     m, s, t, x_label, x_sum = state
     # switched-off pointers are never touched; m stands in for them
@@ -545,8 +552,7 @@ def linear_token_stats_bwd(
         upcast = upcast_dot(hidden)
         scalars = (1.0 / temperature, ignore_index)
         if need_hidden:
-            wanted = splits or vocabulary_splits(n_rows, dh_config, device)
-            n_splits, v_per_split = split_columns(vocab, wanted, dh_config)
+            n_splits, v_per_split = vocabulary_splits(n_rows, vocab, dh_config, device, splits)
             parts = torch.zeros((n_splits, n_rows, h_dim), dtype=torch.float32, device=device)
             _linear_dh_kernel[(triton.cdiv(n_rows, dh_config.block_n), n_splits)](
                 *pointers, parts, n_rows, h_dim, vocab, v_per_split, *scalars, **switches, UPCAST=upcast,
