@@ -1,7 +1,8 @@
 """The registered custom ops: the kernel interface itself, ``opcheck``, and ``torch.compile``.
 
-``torch.ops.rlhf_fast.{token_stats_fwd, token_stats_bwd, kl_fwd, kl_bwd}`` take the interface's
-arguments plus a trailing backend name. Logits reach them as ``[A, B, V]`` views with a contiguous
+``torch.ops.rlhf_fast.{token_stats_fwd, token_stats_bwd, token_stats_fused, kl_fwd, kl_bwd}`` take the
+interface's arguments plus a trailing backend name (``token_stats_fused`` returns its gradient instead of
+taking a ``grad`` buffer). Logits reach them as ``[A, B, V]`` views with a contiguous
 last dim and free leading strides; per-row tensors are contiguous ``[N]``.
 """
 
@@ -185,9 +186,19 @@ def _kl_bwd_samples(backend):
         yield p, q, lse_p, lse_q, kl, torch.randn(N), temperature, need_p, need_q, backend
 
 
+def _token_stats_fused_samples(backend):
+    # mode 0: upstream gradients (g_lp, g_H, g_u) per row; mode 1: PPO's [old_logp, adv, ref_logp, weight]
+    # with [clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef]
+    yield _view(torch.float32), _labels(), 0.7, IGNORE_INDEX, True, True, 0, torch.randn(3, N), [], backend
+    ppo = torch.stack([-torch.rand(N), torch.randn(N), -torch.rand(N), torch.full((N,), 1.0 / N)])
+    params = [0.2, 0.28, 3.0, 0.05, 3.0, 0.01]
+    yield _view(torch.bfloat16), _labels(), 1.0, IGNORE_INDEX, True, False, 1, ppo, params, backend
+
+
 SAMPLES = {
     "token_stats_fwd": _token_stats_fwd_samples,
     "token_stats_bwd": _token_stats_bwd_samples,
+    "token_stats_fused": _token_stats_fused_samples,
     "kl_fwd": _kl_fwd_samples,
     "kl_bwd": _kl_bwd_samples,
 }

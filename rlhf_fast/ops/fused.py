@@ -82,21 +82,10 @@ def stats_with_gradient(
             )
             grad = logits.detach()
         else:
-            grad = _custom.empty_gradient(rows, backend)
-            outputs = _custom.token_stats_fused(
-                rows,
-                labels,
-                temperature,
-                ignore_index,
-                with_entropy,
-                with_mean_logp,
-                mode,
-                coefs,
-                params,
-                grad,
-                backend,
+            *outputs, grad = _custom.token_stats_fused(
+                rows, labels, temperature, ignore_index, with_entropy, with_mean_logp, mode, coefs, params, backend
             )
-            grad = grad.view(logits.shape)
+            outputs, grad = tuple(outputs), grad.view(logits.shape)
     return outputs, grad
 
 
