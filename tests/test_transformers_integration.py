@@ -32,7 +32,38 @@ def _gemma2():  # final logit soft-capping
     return transformers.Gemma2ForCausalLM(config)
 
 
-MODELS = {"llama": _llama, "gpt2": _gpt2, "gemma2": _gemma2}
+_SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+
+
+def _granite():  # logits / logits_scaling
+    return transformers.GraniteForCausalLM(transformers.GraniteConfig(**_SMALL, logits_scaling=3.0))
+
+
+def _hyperclovax():  # logits * logits_scaling: Granite's attribute, inverted
+    return transformers.HyperCLOVAXForCausalLM(transformers.HyperCLOVAXConfig(**_SMALL, logits_scaling=3.0))
+
+
+def _cohere():  # logits * logit_scale
+    return transformers.CohereForCausalLM(transformers.CohereConfig(**_SMALL, logit_scale=0.5))
+
+
+def _mpt():  # declares logit_scale, never applies it
+    config = transformers.MptConfig(
+        vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2, max_seq_len=64, logit_scale=0.5
+    )  # fmt: skip
+    return transformers.MptForCausalLM(config)
+
+
+def _llama4_text():  # base_model_prefix names no attribute: base_model is the model itself
+    config = transformers.Llama4TextConfig(**_SMALL, intermediate_size_mlp=64, head_dim=8, num_local_experts=2)
+    return transformers.Llama4ForCausalLM(config)
+
+
+MODELS = {
+    "llama": _llama, "gpt2": _gpt2, "gemma2": _gemma2, "granite": _granite, "hyperclovax": _hyperclovax,
+    "cohere": _cohere, "mpt": _mpt, "llama4_text": _llama4_text,
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
@@ -44,6 +75,8 @@ def test_matches_the_models_own_logits(name, backend):
         pytest.skip(rf.backends()[backend].detail)
     torch.manual_seed(0)
     model = MODELS[name]().float().eval()  # no dropout: both forwards must see the same network
+    with torch.no_grad():  # logits of a few units (not ~0.01), so that a scale or cap left out shows
+        model.get_output_embeddings().weight.normal_(0.0, 0.5)
     g = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, VOCAB, (3, 12), generator=g)
     attention_mask = torch.ones_like(input_ids)
@@ -72,7 +105,8 @@ def test_matches_the_models_own_logits(name, backend):
         if theirs is None:
             assert ours is None or not ours.any()
             continue
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+        # float32 sums in another order: error relative to the gradient's scale
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * max(1.0, theirs.abs().max().item()))
 
 
 def test_default_labels_ignore_padding():
@@ -111,3 +145,41 @@ def test_peft_lora_model_goes_through_its_adapters():
     with model.disable_adapter():
         base = lm_head_logprobs(model, input_ids, backend="torch")
     assert (base - logp).abs().max() > 1e-3  # the adapters changed the model, and disabling them shows it
+
+
+def _bert_decoder():  # BERT's LM head runs dense + gelu + LayerNorm before the projection
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        is_decoder=True,
+    )  # fmt: skip
+    return transformers.BertLMHeadModel(config)
+
+
+def _granite_unknown():  # a scaling this module does not know: Granite's forward, another model_type
+    model = _granite()
+    model.config.model_type = "granite_unknown"
+    return model
+
+
+@pytest.mark.parametrize("make", [_bert_decoder, _granite_unknown], ids=["bert", "unknown-scaling"])
+def test_a_head_that_cannot_be_reproduced_is_refused(make):
+    torch.manual_seed(0)
+    model = make()
+    input_ids = torch.randint(0, VOCAB, (2, 7))
+    with pytest.raises(ValueError, match=f"cannot reproduce the logits of {type(model).__name__}"):
+        lm_head_logprobs(model, input_ids, backend="torch")
+
+
+def test_head_check_runs_once_and_leaves_the_model_and_rng_alone():
+    from rlhf_fast.integrations import transformers as integration
+
+    torch.manual_seed(0)
+    model = _llama().train()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    rng = torch.get_rng_state()
+    integration.lm_head(model)
+    integration.lm_head(model)
+    assert len(calls) == 1  # one probe forward, then cached
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.equal(torch.get_rng_state(), rng)

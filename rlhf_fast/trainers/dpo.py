@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import rlhf_fast as rf
-from rlhf_fast.integrations.transformers import final_hidden_states, lm_head
+from rlhf_fast.integrations.transformers import final_hidden_states, head_inputs, lm_head
 from rlhf_fast.ops.policy_losses import DPO_LOSS_TYPES
 from rlhf_fast.trainers import data
 from rlhf_fast.trainers.config import TrainConfig, as_config, option
@@ -96,11 +96,7 @@ def _targets(batch: Batch) -> Tensor:
 def _head(model, batch: Batch) -> tuple[Tensor, Tensor, Tensor | None, float | None]:
     """``(hidden [2B, T, H], weight [V, H], bias [V] | None, softcap)``: the inputs of a ``linear_*`` op
     that give the model's own logits (logit scale applied to ``hidden``), all in the hidden dtype."""
-    hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"], use_cache=False)
-    weight, bias, scale, softcap = lm_head(model)
-    if scale is not None and scale != 1.0:
-        hidden = hidden * scale
-    return hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype), softcap
+    return head_inputs(model, final_hidden_states(model, batch["input_ids"], batch["attention_mask"], use_cache=False))
 
 
 class DPOLoss:
@@ -249,6 +245,10 @@ class DPOTrainer:
                 self.ref_model = copy.deepcopy(model)
             if self.ref_model is not None:
                 self.ref_model.requires_grad_(False).eval()
+        if cfg.fused:  # refuse a head the fused path cannot reproduce, here rather than mid-step under DDP/FSDP
+            for m in (model, self.ref_model):
+                if m is not None:
+                    lm_head(m)
         self.loop = TrainLoop(
             model, cfg, DPOLoss(cfg), self.train_pairs, partial(collate_pairs, pad_id=self.pad_id),
             eval_examples=self.eval_pairs, save_extras=self._save_extras,

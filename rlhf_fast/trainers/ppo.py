@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import rlhf_fast as rf
-from rlhf_fast.integrations.transformers import final_hidden_states
+from rlhf_fast.integrations.transformers import final_hidden_states, head_inputs, lm_head
 from rlhf_fast.ops.elementwise import KL_ESTIMATORS
 from rlhf_fast.ops.policy_losses import LOSS_AGGS
 from rlhf_fast.trainers import data, rl
@@ -69,7 +69,6 @@ from rlhf_fast.trainers.rollout import (
     collate_prompts,
     critic_values,
     gather_positions,
-    head_inputs,
     prompt_examples,
     right_pad,
 )
@@ -320,6 +319,9 @@ class PPOTrainer:
             else:
                 critic = ValueHeadModel(copy.deepcopy(policy), seed=cfg.value_head_seed)
             critic.requires_grad_(True)
+        if cfg.fused:  # refuse a head the fused path cannot reproduce before any training
+            lm_head(policy)
+            lm_head(self.ref_model)
         self.objective = PPOLoss(cfg)
         self.loop = TrainLoop(
             PolicyAndCritic(policy, critic), cfg, self.objective, examples,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rlhf_fast.integrations.transformers import final_hidden_states, lm_head
+from rlhf_fast.integrations.transformers import final_hidden_states
 from rlhf_fast.trainers import data
 from rlhf_fast.trainers.loop import Batch
 from rlhf_fast.trainers.reward import _scalar_head
@@ -59,15 +59,6 @@ def collate_prompts(examples: Sequence[dict[str, list[int]]], pad_id: int) -> Ba
 def gather_positions(x: Tensor, index: Tensor) -> Tensor:
     """``x[b, index[b, t]]``: ``[N, T, D]`` and ``[N, R]`` -> ``[N, R, D]``."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def head_inputs(model: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor | None, float | None]:
-    """``(hidden * logit scale, weight, bias, softcap)`` of the model's LM head, in ``hidden``'s dtype."""
-    weight, bias, scale, softcap = lm_head(model)
-    if scale is not None and scale != 1.0:
-        hidden = hidden * scale
-    bias = None if bias is None else bias.to(hidden.dtype)
-    return hidden, weight.to(hidden.dtype), bias, softcap
 
 
 def critic_values(critic: nn.Module, input_ids: Tensor, attention_mask: Tensor, index: Tensor) -> Tensor:

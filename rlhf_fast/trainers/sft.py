@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import rlhf_fast as rf
-from rlhf_fast.integrations.transformers import final_hidden_states, lm_head
+from rlhf_fast.integrations.transformers import final_hidden_states, head_inputs, lm_head
 from rlhf_fast.trainers import data
 from rlhf_fast.trainers.config import TrainConfig, as_config, option
 from rlhf_fast.trainers.loop import Batch, TrainLoop
@@ -70,13 +70,11 @@ class SFTLoss:
             )
             return loss, {}
         hidden = final_hidden_states(model, batch["input_ids"], **inputs)  # [B, T, H]
-        weight, bias, scale, softcap = lm_head(model)
         # the head runs in the hidden states' dtype (bf16 under autocast), accumulating in float32
         with torch.autocast(hidden.device.type, enabled=False):
-            if scale is not None and scale != 1.0:
-                hidden = hidden * scale
+            hidden, weight, bias, softcap = head_inputs(model, hidden)
             loss = rf.linear_cross_entropy(
-                hidden, weight.to(hidden.dtype), targets, bias=None if bias is None else bias.to(hidden.dtype),
+                hidden, weight, targets, bias=bias,
                 reduction="sum", label_smoothing=cfg.label_smoothing, chunk_bytes=cfg.chunk_bytes, softcap=softcap,
                 backend=cfg.backend,
             )  # fmt: skip
@@ -118,6 +116,8 @@ class SFTTrainer:
             data.check_vocab(model, (ex["input_ids"] for ex in eval_examples), "eval_data")
         if cfg.packing:
             examples = data.pack(examples, cfg.max_length)
+        if cfg.fused:
+            lm_head(model)  # refuses a head the fused path cannot reproduce, here rather than mid-step under DDP/FSDP
         self.loop = TrainLoop(
             model, cfg, SFTLoss(cfg), examples, partial(data.collate, pad_id=data.pad_id_of(tokenizer)),
             eval_examples=eval_examples, eval_extras=_perplexity, save_extras=tokenizer.save_pretrained,
