@@ -296,3 +296,17 @@ def test_checkpoints_hold_no_pickled_objects(tmp_path):
 class _Smuggled:
     def __reduce__(self):
         return (print, ("this must never run",))
+
+
+def test_a_model_whose_head_the_fused_path_cannot_reproduce_is_refused_before_training(tmp_path):
+    # BERT's LM head transforms the hidden states before its projection; fused=False asks for logits
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=len(TOKENIZER), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        is_decoder=True,
+    )  # fmt: skip
+    model = transformers.BertLMHeadModel(config)
+    with pytest.raises(ValueError, match="cannot reproduce the logits of BertLMHeadModel"):
+        SFTTrainer(model, TOKENIZER, make_sft_dataset(4, 0), config=_config(tmp_path))
+    SFTTrainer(model, TOKENIZER, make_sft_dataset(4, 0), config=_config(tmp_path, fused=False, max_steps=1)).train()

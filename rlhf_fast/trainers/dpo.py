@@ -245,13 +245,9 @@ class DPOTrainer:
                 self.ref_model = copy.deepcopy(model)
             if self.ref_model is not None:
                 self.ref_model.requires_grad_(False).eval()
-        if cfg.fused:  # refuse a head the fused path cannot reproduce, here rather than mid-step under DDP/FSDP
-            for m in (model, self.ref_model):
-                if m is not None:
-                    lm_head(m)
         self.loop = TrainLoop(
             model, cfg, DPOLoss(cfg), self.train_pairs, partial(collate_pairs, pad_id=self.pad_id),
-            eval_examples=self.eval_pairs, save_extras=self._save_extras,
+            eval_examples=self.eval_pairs, save_extras=self._save_extras, prepare=lm_head if cfg.fused else None,
         )  # fmt: skip
         if self.uses_disabled_adapters and self.loop.dist.fsdp:
             raise ValueError(

@@ -293,6 +293,8 @@ class TrainLoop:
         batch_size: examples per batch of the training stream (default ``config.micro_batch_size``).
         batches_per_step: batches of the stream per step (default ``config.grad_accum_steps``); the
             step count of an epoch follows from both. PPO draws one batch of prompts per iteration.
+        prepare: called with the model once it is on its device, before any DDP/FSDP wrapping (the fused
+            trainers check there that their LM head reproduces the model's logits).
     """
 
     def __init__(
@@ -308,12 +310,15 @@ class TrainLoop:
         save_extras: Callable[[Path], None] | None = None,
         batch_size: int | None = None,
         batches_per_step: int | None = None,
+        prepare: Callable[[torch.nn.Module], None] | None = None,
     ):
         self.config, self.objective = config, objective
         self.device = local_device(resolve_device(config))
         self.dist = ProcessGroup.join(self.device)
         self.bf16 = use_bf16(config, self.device)
         self.model = model.to(self.device)
+        if prepare is not None:  # on its device, before any DDP/FSDP wrapping
+            prepare(self.model)
         self.batches_per_step = batches_per_step or config.grad_accum_steps
         self.train_batches = MicroBatches(
             train_examples, collate, batch_size or config.micro_batch_size, shuffle=config.shuffle, seed=config.seed,

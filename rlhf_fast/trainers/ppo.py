@@ -319,14 +319,12 @@ class PPOTrainer:
             else:
                 critic = ValueHeadModel(copy.deepcopy(policy), seed=cfg.value_head_seed)
             critic.requires_grad_(True)
-        if cfg.fused:  # refuse a head the fused path cannot reproduce before any training
-            lm_head(policy)
-            lm_head(self.ref_model)
         self.objective = PPOLoss(cfg)
         self.loop = TrainLoop(
             PolicyAndCritic(policy, critic), cfg, self.objective, examples,
             partial(collate_prompts, pad_id=self.pad_id), eval_examples=eval_examples,
             save_extras=self._save_extras, batch_size=cfg.prompts_per_iteration, batches_per_step=1,
+            prepare=(lambda m: lm_head(m.policy)) if cfg.fused else None,
         )  # fmt: skip
         if self.loop.dist.distributed:
             raise ValueError("PPOTrainer runs in a single process; launch it without accelerate/torchrun")

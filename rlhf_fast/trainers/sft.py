@@ -116,11 +116,10 @@ class SFTTrainer:
             data.check_vocab(model, (ex["input_ids"] for ex in eval_examples), "eval_data")
         if cfg.packing:
             examples = data.pack(examples, cfg.max_length)
-        if cfg.fused:
-            lm_head(model)  # refuses a head the fused path cannot reproduce, here rather than mid-step under DDP/FSDP
         self.loop = TrainLoop(
             model, cfg, SFTLoss(cfg), examples, partial(data.collate, pad_id=data.pad_id_of(tokenizer)),
             eval_examples=eval_examples, eval_extras=_perplexity, save_extras=tokenizer.save_pretrained,
+            prepare=lm_head if cfg.fused else None,
         )  # fmt: skip
 
     @property
