@@ -126,6 +126,16 @@ def test_last_dim_not_contiguous_is_accepted(backend, op):
     )
 
 
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_vocabulary_of_one_with_a_strided_last_dim(backend, op):
+    # [.., 1] every other column of a wider tensor: stride(-1) == 2 on a dim nothing steps along (PyTorch calls
+    # it contiguous there), so it reaches the kernels uncopied
+    leaves, _ = make_inputs(OPS[op], (3, 5, 2), torch.float32)
+    labels = torch.zeros(3, 5, dtype=torch.long) if OPS[op].labels else None
+    check_against_reference(OPS[op], backend, leaves, labels, build=lambda *xs: tuple(x[..., ::2] for x in xs))
+
+
 # ------------------------------------------------------------------------------ ignored labels
 @pytest.mark.parametrize("dtype", _dtype_params(F32_BF16))
 @pytest.mark.parametrize("op", ["logprobs", "logprobs_and_entropy"])

@@ -103,8 +103,9 @@ def pick_config(vocab: int, block_v: int | None = None) -> KernelConfig:
 
 
 def check_rows(name: str, logits: torch.Tensor) -> tuple[int, int, int]:
-    """(A, B, V) of a ``[A, B, V]`` logits view; the kernels rely on a contiguous last dim."""
-    if logits.dim() != 3 or logits.stride(2) != 1:
+    """(A, B, V) of a ``[A, B, V]`` logits view; the kernels rely on a contiguous last dim (any stride when
+    V == 1: they never step along it, and PyTorch calls such a view contiguous)."""
+    if logits.dim() != 3 or (logits.stride(2) != 1 and logits.shape[2] > 1):
         raise ValueError(
             f"{name} must be a 3-D [A, B, V] view with stride(2) == 1, "
             f"got shape {tuple(logits.shape)} strides {logits.stride()}"
