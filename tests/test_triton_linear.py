@@ -235,6 +235,30 @@ def test_mean_logprob_term(dtype):
             assert _rel_err(grad, leaf.grad) < tol_grad, name
 
 
+def test_mean_logprob_gradient_over_a_masked_vocabulary():
+    # d mean_logp / d x_v = (1/V - p_v) / T on every real column: 1/V / T on a -inf one (p = 0), as on cpp and
+    # torch, and 0 only on the padding of the last tile (the loss itself is -inf: a masked column has log p = -inf)
+    hidden, weight, bias, labels = _inputs(13, 40, 301, torch.float32, True)
+    bias[::7] = float("-inf")
+    _, _, lse, mean_logp = linear_token_stats_fwd(
+        hidden, weight, bias, labels, TEMPERATURE, IGNORE, False, False, True, config=SMALL
+    )
+    valid = labels != IGNORE
+    assert (mean_logp[valid] == float("-inf")).all()
+    leaves = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    logits = (leaves[0] @ leaves[1].T + leaves[2]) / TEMPERATURE
+    g_m = torch.randn(13)
+    (torch.where(valid, torch.log_softmax(logits, -1).mean(-1), 0.0) * g_m).sum().backward()
+    grads = linear_token_stats_bwd(
+        hidden, weight, bias, labels, lse, None, None, None, TEMPERATURE, IGNORE, True, True, True,
+        grad_mean_logp=g_m, config=SMALL,
+    )  # fmt: skip
+    for name, grad, leaf in zip(("hidden", "weight", "bias"), grads, leaves, strict=True):
+        assert _rel_err(grad, leaf.grad) < 1e-5, name
+    d_bias = grads[2]
+    assert d_bias[::7].abs().min() > 0
+
+
 def _kl_heads(n, v, dtype, p_bias, q_bias):
     """A student head (H = 40) and a teacher head of another width (H = 24) over one vocabulary."""
     p = _inputs(n, 40, v, dtype, p_bias)[:3]

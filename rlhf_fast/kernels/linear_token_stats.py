@@ -75,6 +75,7 @@ CONFIGS: dict[torch.dtype, tuple[TileConfig, TileConfig, TileConfig]] = {
 def _grad_tile(
     x,  # [BLOCK_N, BLOCK_V] float32 logits / T, -inf in padded columns
     cols,  # [BLOCK_V]
+    col_ok,  # [BLOCK_V] real (not padded) columns
     row_ok,  # [BLOCK_N] rows that get a gradient
     lse,  # [BLOCK_N] float32
     label,  # [BLOCK_N] int64; used if GRAD_LOGP
@@ -98,8 +99,8 @@ def _grad_tile(
         # p = 0 where x = -inf: zero log p there so that p * log p is 0, not 0 * -inf
         g -= g_h[:, None] * p * (tl.where(x == float("-inf"), 0.0, logp) + entropy[:, None])
     if GRAD_MEAN:
-        # mean_logp = sum_v x_v / V - lse: d/dx_v = 1/V - p_v on real columns, 0 on padded ones
-        g += g_m[:, None] * tl.where(x == float("-inf"), 0.0, inv_vocab - p)
+        # mean_logp = sum_v x_v / V - lse: d/dx_v = 1/V - p_v on real columns (-inf ones too: 1/V), 0 on padded ones
+        g += g_m[:, None] * tl.where(col_ok[None, :], inv_vocab - p, 0.0)
     # masked rows were computed from zero hidden states and a made-up lse: discard, whatever they hold
     return tl.where(row_ok[:, None], g, 0.0)
 
@@ -299,8 +300,9 @@ def _linear_dh_kernel(
             HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
         g = _grad_tile(
-            x, cols, row_ok, lse, label, g_lp, g_h, entropy, g_m, 1.0 / V, GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN
-        )
+            x, cols, col_ok, row_ok, lse, label, g_lp, g_h, entropy, g_m, 1.0 / V,
+            GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN,
+        )  # fmt: skip
         g = g.to(weight_ptr.dtype.element_ty)
         # d_hidden[rows] += g @ weight[cols], H in BLOCK_H slices (an [N, H] accumulator would not fit)
         for k0 in range(0, H, BLOCK_H):
@@ -363,8 +365,9 @@ def _linear_dw_kernel(
                 HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
             )  # fmt: skip
             g = _grad_tile(
-                x, cols, row_ok, lse, label, g_lp, g_h, entropy, g_m, 1.0 / V, GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN
-            )
+                x, cols, col_ok, row_ok, lse, label, g_lp, g_h, entropy, g_m, 1.0 / V,
+                GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN,
+            )  # fmt: skip
             if NEED_BIAS:
                 db += tl.sum(g, axis=0)
             if NEED_WEIGHT:
