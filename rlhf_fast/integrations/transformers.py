@@ -72,7 +72,9 @@ def _check_head(model, weight: Tensor, bias: Tensor | None, scale: float | None,
     """Raise unless ``softcap(scale * (h @ weight.T + bias))``, with ``h`` from :func:`final_hidden_states`,
     is the model's own logits on PROBE_TOKENS fixed tokens (two forwards in eval mode, without autocast;
     the global RNG is not touched)."""
-    vocab_in = model.get_input_embeddings().weight.shape[0]
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    # ids the input embedding takes (its size may differ from the head's)
+    vocab_in = embedding.weight.shape[0] if isinstance(getattr(embedding, "weight", None), Tensor) else weight.shape[0]
     ids = (torch.arange(PROBE_TOKENS, device=weight.device) * 7919 % vocab_in)[None]  # [1, P]
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     training = model.training
