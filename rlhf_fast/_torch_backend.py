@@ -35,21 +35,30 @@ def _p_times(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _row_stats(x, lab, ignore_index, with_entropy, with_mean_logp):
-    """(lse, logp, entropy, mean_logp, valid) of one chunk of scaled rows ``x: [rows, V]``."""
-    lse = torch.logsumexp(x, dim=-1)
+    """(lse, logp, entropy, mean_logp, valid) of one chunk of scaled rows ``x: [rows, V]``.
+
+    Everything is taken relative to the row's max ``m`` (``lse = m + log_s``, ``log p = (x - m) - log_s``), as
+    the compiled kernels do: ``x - lse`` would round ``log_s`` away next to a large ``m``."""
+    m = x.amax(-1)
+    m = torch.where(torch.isfinite(m), m, 0.0)  # all -inf, +inf or NaN rows: their results are -inf/NaN anyway
+    d = x - m[:, None]
+    log_s = torch.exp(d).sum(-1).log()  # d <= 0: no overflow
+    lse = m + log_s
     ent = mean_logp = logp = None
     valid = None
     if with_entropy:
-        # -sum p log p with log p = x - lse formed first: lse - sum p x would cancel catastrophically
+        # -sum p log p with log p = (x - m) - log_s formed first: lse - sum p x would cancel catastrophically
         # for large logits.
-        log_p = x - lse[:, None]
+        log_p = d - log_s[:, None]
         ent = -_p_times(torch.exp(log_p), log_p).sum(-1)
     if with_mean_logp:
-        mean_logp = x.mean(-1) - lse
+        # each term divided by V before the sum: x.mean(-1) sums the logits first and overflows float32 once
+        # sum |x| > 3.4e38, every logit finite
+        mean_logp = d.mul_(1.0 / x.shape[-1]).sum(-1) - log_s
     if lab is not None:
         valid = lab != ignore_index
         picked = x.gather(1, torch.where(valid, lab, 0)[:, None]).squeeze(1)
-        logp = torch.where(valid, picked - lse, 0.0)
+        logp = torch.where(valid, (picked - m) - log_s, 0.0)
         lse, ent, mean_logp = (None if t is None else torch.where(valid, t, 0.0) for t in (lse, ent, mean_logp))
     return lse, logp, ent, mean_logp, valid
 

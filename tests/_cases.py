@@ -85,6 +85,14 @@ def shape_id(shape) -> str:
     return "x".join(map(str, shape))
 
 
+def overflowing_sum_rows(V):
+    """Rows of finite logits whose float32 sum overflows (sum |x| > 3.4e38): all equal (a uniform softmax),
+    alternating signs (vector lanes of +inf and of -inf, NaN once added) and spread positive values."""
+    g = torch.Generator().manual_seed(5)
+    signs = torch.tensor([1.0, -1.0]).repeat(V // 2 + 1)[:V]
+    return torch.stack([torch.full((V,), 6e36), 3e37 * signs, 6e36 + 2e36 * torch.rand(V, generator=g)])
+
+
 def backend_shape_params(dtypes=DTYPES):
     """pytest params (backend, dtype, shape) for the accuracy matrix, with readable ids."""
     params = []

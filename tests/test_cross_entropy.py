@@ -27,6 +27,7 @@ from _cases import (
     leaf_grad_slack,
     make_labels,
     make_logits,
+    overflowing_sum_rows,
     rescaled_grad_slack,
     row_slack,
     shape_id,
@@ -155,6 +156,20 @@ def test_fully_ignored_batch(backend, reduction, label_smoothing):
     (loss * torch.randn(loss.shape)).sum().backward()
     assert torch.count_nonzero(loss) == 0 and bool(torch.isfinite(loss).all())
     assert torch.count_nonzero(logits.grad) == 0 and bool(torch.isfinite(logits.grad).all())
+
+
+@pytest.mark.parametrize("dtype", _dtype_params(F32_BF16))
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_label_smoothing_where_the_sum_of_the_logits_overflows(backend, dtype):
+    # The smoothing term's mean of the logits must not come from a float32 sum of the raw logits: that is
+    # -inf or NaN on these rows, whose losses (4.2, 5.7e37, ~1e36) F.cross_entropy gets in float64.
+    logits = overflowing_sum_rows(67).to(dtype).requires_grad_()
+    labels = torch.tensor([3, 3, 40])
+    loss = rf.cross_entropy(logits, labels, reduction="none", label_smoothing=0.1, backend=backend)
+    ref = F.cross_entropy(logits.detach().double(), labels, reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-4)
+    loss.sum().backward()
+    assert bool(torch.isfinite(logits.grad).all())
 
 
 # --------------------------------------------------------------------------- gradient in the forward

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from _cases import overflowing_sum_rows
 
 import rlhf_fast as rf
 from rlhf_fast import reference
@@ -377,6 +378,19 @@ def test_linear_cross_entropy_matches_float64(backend, dtype, reduction, smoothi
     assert _rel(loss, ref) < REL_TOL[dtype]
     grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) - 0.5
     _grads_vs_float64((loss * grad_out).sum(), (ref * grad_out).sum(), [hidden, weight, b], leaves64, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_label_smoothing_where_the_sum_of_the_logits_overflows(backend):
+    # The linear form of test_cross_entropy's test of the same name: logits = I @ X (each hidden row picks one
+    # row of X), finite, whose float32 sum overflows.
+    _skip_unavailable(backend)
+    x = overflowing_sum_rows(67)
+    hidden, weight = torch.eye(3).requires_grad_(), x.T.contiguous().requires_grad_()
+    labels = torch.tensor([3, 3, 40])
+    loss = rf.linear_cross_entropy(hidden, weight, labels, reduction="none", label_smoothing=0.1, backend=backend)
+    ref = torch.nn.functional.cross_entropy(x.double(), labels, reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])

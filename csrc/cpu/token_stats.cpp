@@ -134,6 +134,22 @@ struct RowStats {
   float x_label;  // x at the label, kept so the gradient pass may overwrite the row
 };
 
+// mean_v log p_v = sum_x / V - lse. The float32 running sum of the logits overflows once sum_v |x_v| passes
+// 3.4e38 (logits of 3e33 at V = 128256), every x_v finite: +-inf, or NaN where lanes overflowed both ways.
+// Such a row sums again in double, which cannot overflow on float32 inputs; a masked (-inf) logit still
+// makes it -inf, a NaN one NaN. Costs nothing on rows whose sum is finite.
+template <typename T>
+float mean_logp_of(const T* x, int64_t V, float inv_temp, float m, float log_s, float sum_x) {
+  if (std::isfinite(sum_x) || !std::isfinite(m)) {
+    return (sum_x / static_cast<float>(V) - m) - log_s;
+  }
+  double sum = 0.0;
+  for (int64_t v = 0; v < V; ++v) {
+    sum += static_cast<double>(static_cast<float>(x[v])) * inv_temp;
+  }
+  return static_cast<float>((sum / static_cast<double>(V) - m) - log_s);
+}
+
 template <typename T>
 RowStats row_stats(const T* x, int64_t V, float inv_temp, int64_t label, const T* next, bool entropy,
                    bool mean_logp) {
@@ -145,7 +161,7 @@ RowStats row_stats(const T* x, int64_t V, float inv_temp, int64_t label, const T
   // (x - m) - log s: never subtracts two large numbers.
   st.logp = (st.x_label - acc.m) - log_s;
   if (entropy) st.entropy = log_s - acc.t / acc.s;
-  if (mean_logp) st.mean_logp = (acc.sum_x / static_cast<float>(V) - acc.m) - log_s;
+  if (mean_logp) st.mean_logp = mean_logp_of(x, V, inv_temp, acc.m, log_s, acc.sum_x);
   return st;
 }
 
@@ -480,7 +496,7 @@ bool scratch_row(const TokenStatsFusedArgs& args, int64_t r, const T* x, T* g, c
   st.x_label = static_cast<float>(x[label]) * inv_temp;
   st.logp = (st.x_label - m) - log_s;
   if (entropy) st.entropy = log_s - acc.t / acc.s;
-  if (mean_logp) st.mean_logp = (acc.sum_x / static_cast<float>(V) - m) - log_s;
+  if (mean_logp) st.mean_logp = mean_logp_of(x, V, inv_temp, m, log_s, acc.sum_x);
   fused_coefs(args, r, st, rg);
 
   const GradCoefs c = grad_coefs(rg, inv_temp, V);

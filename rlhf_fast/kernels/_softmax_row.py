@@ -47,15 +47,17 @@ def row_stats(
     cols = tl.arange(0, BLOCK_V)
     # Running max m is one scalar per row (a cross-warp max per block), so the per-lane sums
     # share one reference point and are only reduced once, after the loop:
-    #   s_acc[i] = sum exp(x - m),   t_acc[i] = sum exp(x - m) * (x - m),   u_acc[i] + u_shift = sum (x - m)
-    # t and u are kept relative to m so that H = log s - t / s and mean_logp = u / V - log s do not
+    #   s_acc[i] = sum exp(x - m),   t_acc[i] = sum exp(x - m) * (x - m),   u_acc[i] + u_shift = sum (x - m) / V
+    # t and u are kept relative to m so that H = log s - t / s and mean_logp = u - log s do not
     # cancel two numbers of the size of the logits (a 1e4 logit next to O(1) ones gives H ~ 0, not
-    # 1e4 - 1e4 in float32).
+    # 1e4 - 1e4 in float32); u's terms are divided by V before they are added, so that the sum cannot
+    # overflow where mean_logp itself is in range (sum |x - m| > 3.4e38 with every logit finite).
     m = tl.full((), float("-inf"), tl.float32)
     s_acc = tl.zeros([BLOCK_V], tl.float32)
     t_acc = tl.zeros([BLOCK_V], tl.float32)
     u_acc = tl.zeros([BLOCK_V], tl.float32)
     u_shift = tl.zeros((), tl.float32)
+    inv_v = 1.0 / V
     for start in range(0, n_read, BLOCK_V):
         offs = start + cols
         mask = offs < V
@@ -75,9 +77,9 @@ def row_stats(
             t_acc = alpha * (t_acc + shift * s_acc) + tl.where(x == float("-inf"), 0.0, e * d)
         if WITH_MEAN_LOGP:
             # every block before this one was full: `start` values have been summed so far
-            u_shift += start * shift
+            u_shift += shift * (start / V)
             # a -inf logit makes the sum (and mean_logp) -inf, as it should; padding adds nothing
-            u_acc += tl.where(mask, d, 0.0)
+            u_acc += tl.where(mask, d * inv_v, 0.0)
         s_acc = alpha * s_acc + e
         m = m_new
 
@@ -88,7 +90,7 @@ def row_stats(
     if WITH_ENTROPY:
         entropy = log_s - tl.sum(t_acc, axis=0) / s
     if WITH_MEAN_LOGP:
-        mean_logp = (tl.sum(u_acc, axis=0) + u_shift) / V - log_s
+        mean_logp = (tl.sum(u_acc, axis=0) + u_shift) - log_s
     return m, log_s, entropy, mean_logp
 
 

@@ -146,7 +146,7 @@ def _linear_fwd_kernel(
     s_ptr,  # sum exp(x - m)
     t_ptr,  # sum exp(x - m) * (x - m); unused unless WITH_ENTROPY
     x_label_ptr,  # the label's logit if it lies in the split, else 0; unused unless WITH_LOGP
-    x_sum_ptr,  # sum of x over the split's columns; unused unless WITH_MEAN
+    x_sum_ptr,  # sum of x / V over the split's columns; unused unless WITH_MEAN
     # sizes
     N,
     H,
@@ -185,7 +185,10 @@ def _linear_fwd_kernel(
     s = tl.zeros([BLOCK_N], tl.float32)
     t = tl.zeros([BLOCK_N], tl.float32)
     x_label = tl.zeros([BLOCK_N], tl.float32)
-    x_sum = tl.zeros([BLOCK_N], tl.float32)  # sum_v x_v, for mean_logp (label smoothing)
+    # sum_v x_v / V, for mean_logp (label smoothing); each term divided by V first, so that the sum cannot
+    # overflow float32 where the mean is in range (sum |x| > 3.4e38 with every logit finite)
+    x_sum = tl.zeros([BLOCK_N], tl.float32)
+    inv_v = 1.0 / V
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         x = logits_tile(
@@ -207,7 +210,7 @@ def _linear_fwd_kernel(
         if WITH_MEAN:
             # every real column, -inf ones included (a masked column makes the mean log-prob -inf, as in the
             # logits forms and F.cross_entropy); padded columns are not part of the vocabulary
-            x_sum += tl.sum(tl.where((cols < V)[None, :], x, 0.0), axis=1)
+            x_sum += tl.sum(tl.where((cols < V)[None, :], x * inv_v, 0.0), axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
 
@@ -223,7 +226,7 @@ def _linear_fwd_kernel(
         tl.store(x_sum_ptr + at, x_sum, mask=in_range)
 
 
-def _merge_splits(m, s, t, x_label, x_sum, row_ok, vocab: int):
+def _merge_splits(m, s, t, x_label, x_sum, row_ok):
     """``(lse, logp, entropy, mean_logp)`` [N] from the per-split states ``[splits, N]`` of the forward kernel
     (``t``, ``x_label``, ``x_sum`` None when not computed; their outputs are then None); 0 where not ``row_ok``.
 
@@ -244,7 +247,7 @@ def _merge_splits(m, s, t, x_label, x_sum, row_ok, vocab: int):
         t_all = (alpha * (t + shift * s)).sum(0)
         entropy = torch.where(row_ok, log_s - t_all / total, zero)
     if x_sum is not None:
-        mean_logp = torch.where(row_ok, (x_sum.sum(0) / vocab - big_m) - log_s, zero)
+        mean_logp = torch.where(row_ok, (x_sum.sum(0) - big_m) - log_s, zero)
     return lse, logp, entropy, mean_logp
 
 
@@ -479,7 +482,7 @@ def linear_token_stats_fwd(
     row_ok = labels != ignore_index if labels is not None else torch.ones(n_rows, dtype=torch.bool, device=device)
     lse, logp, entropy, mean_logp = _merge_splits(
         m, s, t if with_entropy else None, x_label if with_logp else None, x_sum if with_mean_logp else None,
-        row_ok, vocab,
+        row_ok,
     )  # fmt: skip
     empty = empty_f32(device)
     return (
