@@ -134,8 +134,8 @@ float checked_inv_temp(double temperature) {
 
 // ------------------------------------------------------------------------------ outputs
 
-Tensor per_row(int64_t n, const Tensor& like) {
-  return at::empty({n}, like.options().dtype(at::kFloat));
+Tensor per_row(int64_t n, const Tensor& like, at::ScalarType dtype = at::kFloat) {
+  return at::empty({n}, like.options().dtype(dtype));
 }
 
 // A contiguous gradient like `logits`, from the buffer cache when it is large (buffer_cache.h).
@@ -161,7 +161,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_stats_fwd(const Tensor& logits,
 
   Tensor logp = per_row(with_logp ? n : 0, logits);
   Tensor entropy = per_row(with_entropy ? n : 0, logits);
-  Tensor lse = per_row(n, logits);
+  Tensor lse = per_row(n, logits, at::kDouble);
   Tensor mean_logp = per_row(with_mean_logp ? n : 0, logits);
   const k::TokenStatsFwdArgs args{rows,
                                   label_data,
@@ -169,7 +169,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_stats_fwd(const Tensor& logits,
                                   checked_inv_temp(temperature),
                                   with_logp ? logp.data_ptr<float>() : nullptr,
                                   with_entropy ? entropy.data_ptr<float>() : nullptr,
-                                  lse.data_ptr<float>(),
+                                  lse.data_ptr<double>(),
                                   with_mean_logp ? mean_logp.data_ptr<float>() : nullptr};
   const auto kernel = kernels().token_stats_fwd;
   at::parallel_for(0, n, grain(rows.V), [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
@@ -183,14 +183,14 @@ Tensor token_stats_bwd(const Tensor& logits, const OptTensor& labels, const Tens
   const int64_t n = logits.size(0) * logits.size(1);
   TORCH_CHECK(!grad_logp.has_value() || labels.has_value(), "grad_logp needs labels");
   TORCH_CHECK(!grad_entropy.has_value() || entropy.has_value(), "grad_entropy needs entropy");
-  check_per_row(lse, n, at::kFloat, "lse");
+  check_per_row(lse, n, at::kDouble, "lse");
 
   Tensor grad = empty_grad(logits);
   const k::TokenStatsBwdArgs args{rows,
                                   checked_labels(labels, n, rows.V, ignore_index),
                                   ignore_index,
                                   checked_inv_temp(temperature),
-                                  lse.const_data_ptr<float>(),
+                                  lse.const_data_ptr<double>(),
                                   optional_f32(grad_entropy.has_value() ? entropy : std::nullopt, n, "entropy"),
                                   optional_f32(grad_logp, n, "grad_logp"),
                                   optional_f32(grad_entropy, n, "grad_entropy"),
@@ -217,13 +217,13 @@ void token_stats_block_grad_(const Tensor& block, const Tensor& labels, const Te
   TORCH_CHECK(coefs.dim() == 2 && coefs.size(0) == 3 && coefs.size(1) == n && coefs.is_contiguous() &&
                   coefs.scalar_type() == at::kFloat,
               "coefs must be a contiguous float32 [3, ", n, "] tensor, got ", coefs.sizes());
-  check_per_row(lse, n, at::kFloat, "lse");
+  check_per_row(lse, n, at::kDouble, "lse");
   const float* c = coefs.const_data_ptr<float>();
   const k::TokenStatsBwdArgs args{rows,
                                   checked_labels(labels, n, vocab, ignore_index),
                                   ignore_index,
                                   checked_inv_temp(temperature),
-                                  lse.const_data_ptr<float>(),
+                                  lse.const_data_ptr<double>(),
                                   optional_f32(entropy, n, "entropy"),
                                   c,
                                   entropy.has_value() ? c + n : nullptr,
@@ -268,7 +268,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_stats_fused(const Tensor& logit
 
   Tensor logp = per_row(n, logits);
   Tensor entropy = per_row(with_entropy ? n : 0, logits);
-  Tensor lse = per_row(n, logits);
+  Tensor lse = per_row(n, logits, at::kDouble);
   Tensor mean_logp = per_row(with_mean_logp ? n : 0, logits);
   const k::TokenStatsFusedArgs args{rows,
                                     label_data,
@@ -280,7 +280,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_stats_fused(const Tensor& logit
                                     ppo,
                                     logp.data_ptr<float>(),
                                     with_entropy ? entropy.data_ptr<float>() : nullptr,
-                                    lse.data_ptr<float>(),
+                                    lse.data_ptr<double>(),
                                     with_mean_logp ? mean_logp.data_ptr<float>() : nullptr,
                                     grad.data_ptr(),
                                     grad.stride(0),
@@ -305,14 +305,14 @@ std::tuple<Tensor, Tensor, Tensor> kl_fwd(const Tensor& p_logits, const Tensor& 
   const int64_t n = p_logits.size(0) * p_logits.size(1);
 
   Tensor kl = per_row(n, p_logits);
-  Tensor lse_p = per_row(n, p_logits);
-  Tensor lse_q = per_row(n, p_logits);
+  Tensor lse_p = per_row(n, p_logits, at::kDouble);
+  Tensor lse_q = per_row(n, p_logits, at::kDouble);
   const k::KlFwdArgs args{p,
                           q,
                           checked_inv_temp(temperature),
                           kl.data_ptr<float>(),
-                          lse_p.data_ptr<float>(),
-                          lse_q.data_ptr<float>()};
+                          lse_p.data_ptr<double>(),
+                          lse_q.data_ptr<double>()};
   const auto kernel = kernels().kl_fwd;
   // Two rows are read per row index.
   at::parallel_for(0, n, grain(2 * p.V), [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
@@ -326,8 +326,8 @@ std::tuple<Tensor, Tensor> kl_bwd(const Tensor& p_logits, const Tensor& q_logits
   const k::Rows q = checked_rows(q_logits, "q_logits");
   check_same_rows(p_logits, q_logits);
   const int64_t n = p_logits.size(0) * p_logits.size(1);
-  check_per_row(lse_p, n, at::kFloat, "lse_p");
-  check_per_row(lse_q, n, at::kFloat, "lse_q");
+  check_per_row(lse_p, n, at::kDouble, "lse_p");
+  check_per_row(lse_q, n, at::kDouble, "lse_q");
   check_per_row(kl, n, at::kFloat, "kl");
   check_per_row(grad_kl, n, at::kFloat, "grad_kl");
 
@@ -337,8 +337,8 @@ std::tuple<Tensor, Tensor> kl_bwd(const Tensor& p_logits, const Tensor& q_logits
   const k::KlBwdArgs args{p,
                           q,
                           checked_inv_temp(temperature),
-                          lse_p.const_data_ptr<float>(),
-                          lse_q.const_data_ptr<float>(),
+                          lse_p.const_data_ptr<double>(),
+                          lse_q.const_data_ptr<double>(),
                           kl.const_data_ptr<float>(),
                           grad_kl.const_data_ptr<float>(),
                           need_p ? grad_p.data_ptr() : nullptr,

@@ -34,16 +34,33 @@ def _p_times(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(p == 0, torch.zeros_like(p), p * x)
 
 
-def _row_stats(x, lab, ignore_index, with_entropy, with_mean_logp):
-    """(lse, logp, entropy, mean_logp, valid) of one chunk of scaled rows ``x: [rows, V]``.
-
-    Everything is taken relative to the row's max ``m`` (``lse = m + log_s``, ``log p = (x - m) - log_s``), as
-    the compiled kernels do: ``x - lse`` would round ``log_s`` away next to a large ``m``."""
+def _shifted(x):
+    """``(m, d, log_s)`` of scaled rows ``x: [rows, V]``: the row max, ``d = x - m`` and ``log sum exp(d)``, so
+    that ``log p = d - log_s`` and ``lse = m + log_s``. Everything is taken relative to ``m``, as the compiled
+    kernels do: ``x - lse`` with a float32 ``lse`` would round ``log_s`` away next to a large ``m``."""
     m = x.amax(-1)
     m = torch.where(torch.isfinite(m), m, 0.0)  # all -inf, +inf or NaN rows: their results are -inf/NaN anyway
     d = x - m[:, None]
-    log_s = torch.exp(d).sum(-1).log()  # d <= 0: no overflow
-    lse = m + log_s
+    return m, d, torch.exp(d).sum(-1).log()  # d <= 0: no overflow
+
+
+def _lse64(m, log_s):
+    """The saved ``lse = m + log_s`` in float64 (the kernel interface's), exact for float32 parts."""
+    return m.double() + log_s.double()
+
+
+def _minus_lse(x, lse):
+    """``x - lse`` for float32 rows and their float64 ``lse``: against its float32 part ``hi``, exact next to
+    the max, then the rest ``lo`` (as the kernels' ``SplitLse``)."""
+    hi = lse.float()
+    lo = torch.where(torch.isfinite(hi), (lse - hi.double()).float(), 0.0)
+    return (x - hi[:, None]).sub_(lo[:, None])
+
+
+def _row_stats(x, lab, ignore_index, with_entropy, with_mean_logp):
+    """(lse, logp, entropy, mean_logp, valid) of one chunk of scaled rows ``x: [rows, V]`` (see ``_shifted``)."""
+    m, d, log_s = _shifted(x)
+    lse = _lse64(m, log_s)
     ent = mean_logp = logp = None
     valid = None
     if with_entropy:
@@ -67,7 +84,8 @@ def _outputs(N, like, with_logp, with_entropy, with_mean_logp):
     def f32(wanted):
         return torch.empty(N if wanted else 0, dtype=torch.float32, device=like.device)
 
-    return f32(with_logp), f32(with_entropy), f32(True), f32(with_mean_logp)
+    lse = torch.empty(N, dtype=torch.float64, device=like.device)
+    return f32(with_logp), f32(with_entropy), lse, f32(with_mean_logp)
 
 
 def token_stats_fwd(logits, labels, temperature, ignore_index, with_logp, with_entropy, with_mean_logp):
@@ -88,7 +106,7 @@ def token_stats_fwd(logits, labels, temperature, ignore_index, with_logp, with_e
 def _grad_rows(x, lab, lse, ent, g_lp, g_h, g_u, ignore_index, temperature, col0=0, vocab=None):
     """d/d logits of ``g_lp*logp + g_H*H + g_u*u`` for one chunk of scaled rows ``x: [rows, V]``, or for
     its columns ``[col0, col0 + V)`` out of ``vocab`` (then ``lse`` and ``ent`` are the whole rows')."""
-    log_p = x - lse[:, None]
+    log_p = _minus_lse(x, lse)
     p = torch.exp(log_p)
     g = torch.zeros_like(x)
     if g_lp is not None:
@@ -186,16 +204,16 @@ def kl_fwd(p_logits, q_logits, temperature):
     A, B, _ = p_logits.shape
     N = A * B
     kl = torch.empty(N, dtype=torch.float32, device=p_logits.device)
-    lse_p = torch.empty_like(kl)
-    lse_q = torch.empty_like(kl)
+    lse_p = torch.empty(N, dtype=torch.float64, device=p_logits.device)
+    lse_q = torch.empty_like(lse_p)
     for a, b0, b1 in _row_chunks(p_logits):
         r0, r1 = a * B + b0, a * B + b1
-        x = p_logits[a, b0:b1].float() / temperature
-        y = q_logits[a, b0:b1].float() / temperature
-        lx, ly = torch.logsumexp(x, -1), torch.logsumexp(y, -1)
-        p = torch.exp(x - lx[:, None])
-        kl[r0:r1] = _p_times(p, (x - lx[:, None]) - (y - ly[:, None])).sum(-1)
-        lse_p[r0:r1], lse_q[r0:r1] = lx, ly
+        mx, log_p, log_sx = _shifted(p_logits[a, b0:b1].float() / temperature)
+        my, log_q, log_sy = _shifted(q_logits[a, b0:b1].float() / temperature)
+        log_p.sub_(log_sx[:, None])
+        log_q.sub_(log_sy[:, None])
+        kl[r0:r1] = _p_times(torch.exp(log_p), log_p - log_q).sum(-1)
+        lse_p[r0:r1], lse_q[r0:r1] = _lse64(mx, log_sx), _lse64(my, log_sy)
     return kl, lse_p, lse_q
 
 
@@ -207,8 +225,8 @@ def kl_bwd(p_logits, q_logits, lse_p, lse_q, kl, grad_kl, temperature, need_p, n
     for a, b0, b1 in _row_chunks(p_logits):
         r0, r1 = a * B + b0, a * B + b1
         g = grad_kl[r0:r1, None] / temperature
-        log_p = p_logits[a, b0:b1].float() / temperature - lse_p[r0:r1, None]
-        log_q = q_logits[a, b0:b1].float() / temperature - lse_q[r0:r1, None]
+        log_p = _minus_lse(p_logits[a, b0:b1].float() / temperature, lse_p[r0:r1])
+        log_q = _minus_lse(q_logits[a, b0:b1].float() / temperature, lse_q[r0:r1])
         p = torch.exp(log_p)
         if need_p:
             grad_p[a, b0:b1] = g * _p_times(p, log_p - log_q - kl[r0:r1, None])

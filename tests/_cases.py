@@ -206,6 +206,18 @@ def assert_close(actual, expected, *, dtype, kind, slack=0.0, baseline=None, wha
         pytest.fail(f"{what}: {len(bad)} of {err.numel()} elements out of tolerance, max |err| {worst:.3g}; {detail}")
 
 
+def assert_rows_close(actual, expected, *, rtol, what="output"):
+    """Normwise along the last dim: ``max_v |actual - expected| <= rtol * max_v |expected|`` in every row
+    (``expected`` float64 truth). For cases whose error would hide under ``assert_close``'s ulp term:
+    rows of large logits, which are exact floats however large, and whose ``x - max`` are too."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual - expected).abs().amax(-1)
+    scale = expected.abs().amax(-1)
+    worst = (err / scale.clamp(min=torch.finfo(torch.float64).tiny)).max().item()
+    assert bool((err <= rtol * scale).all()), f"{what}: normwise row error {worst:.3g} > {rtol:g}"
+
+
 def dtype_ulp(t: torch.Tensor, dtype) -> torch.Tensor:
     """Spacing of ``dtype`` numbers at ``|t|`` (normal range; the smallest subnormal below it)."""
     finfo = torch.finfo(dtype)

@@ -23,6 +23,7 @@ from _cases import (
     RecordOps,
     TokenTerm,
     assert_close,
+    assert_rows_close,
     dtype_ulp,
     leaf_grad_slack,
     make_labels,
@@ -170,6 +171,28 @@ def test_label_smoothing_where_the_sum_of_the_logits_overflows(backend, dtype):
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-4)
     loss.sum().backward()
     assert bool(torch.isfinite(logits.grad).all())
+
+
+@pytest.mark.parametrize(("reduction", "inplace"), [("none", False), ("sum", False), ("sum", True)])
+@pytest.mark.parametrize("label_smoothing", SMOOTHING)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_large_offsets_lose_nothing(backend, label_smoothing, reduction, inplace):
+    # Logits of 1e4 + 3 randn are exact floats, and so is each x - max: the losses (the smoothing term's
+    # mean of the logits included) and the gradient written in the forward can be as accurate as at offset
+    # 0 (see test_token_ops' test of the saved lse).
+    logits = make_logits(LOSS_SHAPE, torch.float32).mul_(0.75).add_(1e4)
+    labels = make_labels(LOSS_SHAPE[:-1], LOSS_SHAPE[-1], ignore_frac=0.1)
+    x = logits.clone().requires_grad_()
+    kw = {"reduction": reduction, "label_smoothing": label_smoothing}
+    loss = rf.cross_entropy(x, labels, backend=backend, inplace_backward=inplace, **kw)
+    go = torch.randn(loss.shape)
+    (loss * go).sum().backward()
+    x64 = logits.double().requires_grad_()
+    ref = F.cross_entropy(x64.flatten(0, -2), labels.flatten(), **kw).view(loss.shape)
+    (ref * go.double()).sum().backward()
+    torch.testing.assert_close(loss.detach().double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    valid = labels != IGNORE_INDEX
+    assert_rows_close(x.grad[valid], x64.grad[valid], rtol=1e-5, what="gradient")
 
 
 # --------------------------------------------------------------------------- gradient in the forward

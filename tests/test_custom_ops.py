@@ -71,7 +71,9 @@ def test_token_stats_interface(backend, with_logp, with_entropy, with_mean_logp,
     valid = labels != IGNORE_INDEX if with_logp else torch.ones(N, dtype=torch.bool)
     slack = row_slack(logits.reshape(N, V), temperature=temperature)
     wanted = ((logp, with_logp), (ent, with_entropy), (mean_logp, with_mean_logp))
-    for t in (lse, *(t for t, w in wanted if w)):
+    # lse is float64: the backward needs it finer than float32 next to large logits
+    assert lse.shape == (N,) and lse.dtype == torch.float64 and lse.is_contiguous()
+    for t in (t for t, w in wanted if w):
         assert t.shape == (N,) and t.dtype == torch.float32 and t.is_contiguous()
     assert all((not w) == _empty(t) for t, w in wanted)
     # ignored rows are skipped: logp = entropy = lse = 0 there
@@ -125,8 +127,9 @@ def test_kl_interface(backend, need_p, need_q, dtype):
     log_p, log_q = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
     want_kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     slack = row_slack(x, y)
-    for t in (kl, lse_p, lse_q):
-        assert t.shape == (N,) and t.dtype == torch.float32 and t.is_contiguous()
+    assert kl.shape == (N,) and kl.dtype == torch.float32 and kl.is_contiguous()
+    for t in (lse_p, lse_q):
+        assert t.shape == (N,) and t.dtype == torch.float64 and t.is_contiguous()
     assert_close(lse_p, torch.logsumexp(x, -1), dtype=dtype, kind="out", slack=slack, what="lse_p")
     assert_close(lse_q, torch.logsumexp(y, -1), dtype=dtype, kind="out", slack=slack, what="lse_q")
     assert_close(kl, want_kl, dtype=dtype, kind="out", slack=slack, what="kl")

@@ -518,6 +518,67 @@ def test_linear_kl_gradient_to_one_side_only():
         rf.linear_kl_divergence(p_hidden, p_weight, teacher_h[:3], teacher_w)
 
 
+def _exact_head(n, H, V, offset, seed):
+    """A float32 head whose logits ``offset + O(3)``, ``4096 < |offset| < 8000``, are exact: entries on dyadic grids
+    (h on 2**-3, W on 2**-8, the bias on 2**-11), so that every partial sum of the GEMM lies on the 2**-11 grid
+    that float32 holds below 8192. The float64 reference then sees the very logits the kernels do: what differs is
+    the kernels' own error."""
+    g = torch.Generator().manual_seed(seed)
+
+    def on_grid(t, bits):
+        return (torch.round(t * 2**bits) / 2**bits).requires_grad_()
+
+    hidden = on_grid(torch.randn(n, H, generator=g), 3)
+    weight = on_grid(torch.randn(V, H, generator=g) * 3 / H**0.5, 8)
+    return hidden, weight, on_grid(offset + torch.randn(V, generator=g), 11)
+
+
+@pytest.mark.parametrize("form", ["token_logprobs", "token_entropy", "cross_entropy", "kl_divergence"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_gradients_at_a_large_logit_offset(backend, form):
+    # Logits 6000 + O(3) (P) and -5000 + O(3) (Q), exact in float32 (see _exact_head). A float32 lse is off by up
+    # to half its ulp there, 2.4e-4, and so is every p = exp(x - lse) a backward recomputes from it: 7e-5 to 4e-4
+    # normwise gradient errors (Triton, and the chunked KL). With the float64 lse they are below 1e-6, as at
+    # offset 0; so is the KL itself, which x_p - x_q (rounded to 1e-3 at 11000) would spoil.
+    _skip_unavailable(backend)
+    n, H, V = 16, 24, 301
+    p_head = _exact_head(n, H, V, 6000.0, seed=81)
+    labels = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(82))
+    labels[::4] = -100
+    grad_out = torch.randn(n, generator=torch.Generator().manual_seed(83), dtype=torch.float64)
+    leaves = list(p_head)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+
+    def logits(h, w, b):
+        return h @ w.T + b
+
+    if form == "token_logprobs":
+        out = rf.linear_token_logprobs(*p_head[:2], labels, bias=p_head[2], backend=backend)
+        ref = reference.token_logprobs(logits(*leaves64), labels)
+    elif form == "token_entropy":
+        out = rf.linear_token_entropy(*p_head[:2], bias=p_head[2], backend=backend)
+        ref = reference.token_entropy(logits(*leaves64))
+    elif form == "cross_entropy":
+        out = rf.linear_cross_entropy(*p_head[:2], labels, bias=p_head[2], label_smoothing=0.1, backend=backend)
+        ref = torch.nn.functional.cross_entropy(logits(*leaves64), labels, label_smoothing=0.1)
+        grad_out = torch.ones((), dtype=torch.float64)
+    else:
+        q_head = _exact_head(n, 16, V, -5000.0, seed=84)  # another H
+        leaves += q_head
+        leaves64 += [t.detach().double().requires_grad_() for t in q_head]
+        out = rf.linear_kl_divergence(
+            p_head[0], p_head[1], q_head[0], q_head[1], p_bias=p_head[2], q_bias=q_head[2], backend=backend
+        )
+        ref = reference.kl_divergence(logits(*leaves64[:3]), logits(*leaves64[3:]))
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad((out * grad_out.float()).sum(), leaves)
+    truths = torch.autograd.grad((ref * grad_out).sum(), leaves64)
+    names = ["p_hidden", "p_weight", "p_bias", "q_hidden", "q_weight", "q_bias"]
+    for name, ours, truth in zip(names, grads, truths, strict=False):
+        err = _rel(ours, truth)
+        assert err <= 2e-5, f"{name}: max |err| / max |truth| = {err:.3g}"
+
+
 _PEAK_MEMORY_SCRIPT = """
 import ctypes, gc, json, sys, torch
 import rlhf_fast as rf

@@ -16,6 +16,7 @@ from _cases import (
     LOSS_SHAPE,
     RecordLargeTensors,
     RecordOps,
+    assert_rows_close,
     check_loss_against_reference,
     make_labels,
     make_logits,
@@ -110,6 +111,29 @@ def test_matches_reference(backend, option):
     assert torch.count_nonzero(res.grads[0][inputs.labels == IGNORE_INDEX]) == 0
     if option == "default":  # the inputs do exercise the clip
         assert 0.1 < res.stats["clip_frac"].item() < 0.9
+
+
+@pytest.mark.parametrize("option", ["default", "kl-entropy"])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_large_offsets_lose_nothing(backend, option):
+    # Logits of 1e4 + 3 randn are exact floats, and so is each x - max: the loss and the gradient written in
+    # the forward can be as accurate as at offset 0 (see test_token_ops' test of the saved lse). The shift
+    # leaves every log-prob, and so the old and reference ones made from it, as they were.
+    inputs = make_ppo_inputs()
+    with torch.no_grad():
+        inputs.logits.mul_(0.75).add_(1e4)
+        logp = rf.reference.token_logprobs(inputs.logits.double(), inputs.labels).float()
+        inputs.old_logprobs.copy_(logp + 0.6 * torch.randn(logp.shape))
+        inputs.ref_logprobs.copy_(logp + 0.3 * torch.randn(logp.shape))
+    fn = ppo_fn(inputs, **OPTIONS[option])
+    loss, _ = fn(rf, inputs.logits, backend=backend)
+    (grad,) = torch.autograd.grad(loss, inputs.logits)
+    logits64 = inputs.logits.detach().double().requires_grad_()
+    ref_loss, _ = fn(rf.reference, logits64)
+    (ref_grad,) = torch.autograd.grad(ref_loss, logits64)
+    torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    valid = inputs.labels != IGNORE_INDEX
+    assert_rows_close(grad[valid], ref_grad[valid], rtol=1e-5, what="gradient")
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(d, id=n) for n, d in DTYPES.items()])

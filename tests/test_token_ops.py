@@ -17,6 +17,7 @@ from _cases import (
     ULPS,
     RecordOps,
     assert_close,
+    assert_rows_close,
     backend_shape_params,
     check_against_reference,
     make_inputs,
@@ -294,6 +295,29 @@ def test_large_offset_rows(backend, op):
         for leaf in leaves:
             leaf.mul_(0.5).add_(1000.0)
     check_against_reference(OPS[op], backend, leaves, labels)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_large_offsets_lose_nothing_to_the_saved_lse(backend, op):
+    # Rows of 1e4 + 3 randn (P) and -7e3 + 3 randn (Q): float32 spacing there is 1e-3, but each logit is an
+    # exact float and so is x - max, so outputs and gradients can be as accurate as at offset 0. The backward
+    # needs lse finer than float32 for that: rounded to float32 it is off by up to 5e-4, and so is every
+    # p = exp(x - lse) (a 3e-4 normwise gradient error at 1e4 here, 5e-3 for the KL's).
+    leaves, labels = make_inputs(OPS[op], SMALL_SHAPE, torch.float32)
+    with torch.no_grad():
+        for leaf, offset in zip(leaves, (1e4, -7e3)[: len(leaves)], strict=True):
+            leaf.mul_(0.75).add_(offset)
+    outs = OPS[op](rf, *leaves, labels=labels, backend=backend)
+    grad_outputs = [torch.randn(out.shape) for out in outs]
+    grads = torch.autograd.grad(sum((o * g).sum() for o, g in zip(outs, grad_outputs, strict=True)), leaves)
+    leaves64 = [leaf.detach().double().requires_grad_() for leaf in leaves]
+    ref_outs = OPS[op](rf.reference, *leaves64, labels=labels)
+    loss64 = sum((o * g.double()).sum() for o, g in zip(ref_outs, grad_outputs, strict=True))
+    for out, ref in zip(outs, ref_outs, strict=True):
+        torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for grad, ref in zip(grads, torch.autograd.grad(loss64, leaves64), strict=True):
+        assert_rows_close(grad, ref, rtol=1e-5, what="gradient")
 
 
 # ------------------------------------------------------------------------------ op relations

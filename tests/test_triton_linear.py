@@ -58,7 +58,7 @@ def test_forward_and_backward_match_float64(n, v, with_bias, dtype):
         hidden, weight, bias, labels, TEMPERATURE, IGNORE, True, True, config=SMALL
     )
     ref_logp, ref_entropy, leaves = _reference(hidden, weight, bias, labels)
-    assert logp.dtype == entropy.dtype == lse.dtype == torch.float32
+    assert logp.dtype == entropy.dtype == torch.float32 and lse.dtype == torch.float64
     assert _rel_err(logp, ref_logp) < tol_out
     assert _rel_err(entropy, ref_entropy) < tol_out
     ignored = labels == IGNORE
@@ -280,7 +280,8 @@ def test_linear_kl_matches_float64(n, v, p_bias, q_bias, dtype):
 
     x_p, x_q = logits(*leaves[:3]), logits(*leaves[3:])
     ref_kl = ref.kl_divergence(x_p, x_q)
-    assert kl.dtype == torch.float32 and _rel_err(kl, ref_kl) < tol_out
+    assert kl.dtype == torch.float32 and lse_p.dtype == lse_q.dtype == torch.float64
+    assert _rel_err(kl, ref_kl) < tol_out
     assert _rel_err(lse_p, torch.logsumexp(x_p, -1)) < tol_out and _rel_err(lse_q, torch.logsumexp(x_q, -1)) < tol_out
     g = torch.randn(n)  # grad_output != 1, both signs
     (ref_kl * g).sum().backward()
@@ -314,6 +315,52 @@ def test_linear_kl_over_vocabulary_splits(splits):
     need = (True, False, False, True, False, False)
     d_hp, _, _, d_hq, _, _ = linear_kl_bwd(*heads, kl, lse_p, lse_q, g, TEMPERATURE, need, config=SMALL, splits=splits)
     assert _rel_err(d_hp, h_p.grad) < 1e-5 and _rel_err(d_hq, h_q.grad) < 1e-5
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_large_offsets_over_vocabulary_splits(splits):
+    # Logits 6000 + O(3) (P) and -5000 + O(3) (Q), exact in float32: dyadic inputs whose GEMM partial sums all lie
+    # on the 2**-11 grid float32 holds below 8192 (as test_linear's _exact_head). Half an ulp of a float32 lse is
+    # 2.4e-4 there: the float64 one, merged over the splits, must hold more, the KL's running sum must move between
+    # the splits' maxima without rounding x_p - x_q, and every backward's p = exp(x - lse) must be as accurate
+    # as at offset 0.
+    n, v = 21, 1000
+
+    def head(h, offset):
+        hidden = torch.round(torch.randn(n, h) * 8) / 8
+        weight = torch.round(torch.randn(v, h) * 3 / h**0.5 * 256) / 256
+        return hidden, weight, offset + torch.round(torch.randn(v) * 2048) / 2048
+
+    p, q = head(40, 6000.0), head(24, -5000.0)
+    labels = torch.randint(0, v, (n,))
+    labels[::5] = IGNORE
+    ok = labels != IGNORE
+    leaves = [t.double().requires_grad_() for t in (*p, *q)]
+    x_p, x_q = leaves[0] @ leaves[1].T + leaves[2], leaves[3] @ leaves[4].T + leaves[5]
+    ref_logp, ref_entropy = ref.token_logprobs_and_entropy(x_p, labels, ignore_index=IGNORE)
+    ref_kl = ref.kl_divergence(x_p, x_q)
+
+    logp, entropy, lse, _ = linear_token_stats_fwd(*p, labels, 1.0, IGNORE, True, True, config=SMALL, splits=splits)
+    assert (lse[ok] - torch.logsumexp(x_p, -1)[ok]).abs().max() < 1e-5
+    assert _rel_err(logp, ref_logp.detach()) < 1e-5 and _rel_err(entropy, ref_entropy.detach()) < 1e-5
+    g_lp, g_h = torch.randn(n), torch.randn(n)
+    truths = torch.autograd.grad((ref_logp * g_lp + ref_entropy * g_h).sum(), leaves[:3], retain_graph=True)
+    grads = linear_token_stats_bwd(
+        *p, labels, lse, entropy, g_lp, g_h, 1.0, IGNORE, True, True, True, config=SMALL, splits=splits
+    )
+    for name, grad, truth in zip(("hidden", "weight", "bias"), grads, truths, strict=True):
+        assert _rel_err(grad, truth) < 2e-5, name
+
+    kl, lse_p, lse_q = linear_kl_fwd(*p, *q, 1.0, config=SMALL, splits=splits)
+    assert (kl - ref_kl).abs().max() < 1e-5
+    for got, x in ((lse_p, x_p), (lse_q, x_q)):
+        assert (got - torch.logsumexp(x, -1)).abs().max() < 1e-5
+    g = torch.randn(n)
+    truths = torch.autograd.grad((ref_kl * g).sum(), leaves)
+    grads = linear_kl_bwd(*p, *q, kl, lse_p, lse_q, g, 1.0, (True,) * 6, config=SMALL, splits=splits)
+    names = ("p_hidden", "p_weight", "p_bias", "q_hidden", "q_weight", "q_bias")
+    for name, grad, truth in zip(names, grads, truths, strict=True):
+        assert _rel_err(grad, truth) < 2e-5, name
 
 
 def test_linear_kl_default_16bit_backward_tiles_span_several_tiles():

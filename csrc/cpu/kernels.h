@@ -30,7 +30,7 @@ struct TokenStatsFwdArgs {
   float inv_temp;
   float* logp;       // nullptr unless asked for
   float* entropy;    // nullptr unless asked for
-  float* lse;
+  double* lse;       // double: see SplitLse in vec_utils.h
   float* mean_logp;  // nullptr unless asked for
 };
 
@@ -39,7 +39,7 @@ struct TokenStatsBwdArgs {
   const int64_t* labels;
   int64_t ignore_index;
   float inv_temp;
-  const float* lse;
+  const double* lse;
   const float* entropy;       // needed with grad_entropy
   const float* grad_logp;       // nullptr: no log-prob term (then labels only mark ignored rows)
   const float* grad_entropy;    // nullptr: no entropy term
@@ -72,7 +72,7 @@ struct TokenStatsFusedArgs {
   PpoParams ppo;
   float* logp;
   float* entropy;    // nullptr unless asked for (then no entropy term either)
-  float* lse;
+  double* lse;
   float* mean_logp;  // nullptr unless asked for
   // [A, B, V] in the logits dtype, last dim contiguous; may be the logits themselves: every
   // element is read before it is overwritten.
@@ -84,15 +84,15 @@ struct KlFwdArgs {
   Rows p, q;
   float inv_temp;
   float* kl;
-  float* lse_p;
-  float* lse_q;
+  double* lse_p;
+  double* lse_q;
 };
 
 struct KlBwdArgs {
   Rows p, q;
   float inv_temp;
-  const float* lse_p;
-  const float* lse_q;
+  const double* lse_p;
+  const double* lse_q;
   const float* kl;
   const float* grad_kl;
   void* grad_p;  // [N, V] contiguous, or nullptr when not needed

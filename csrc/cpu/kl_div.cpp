@@ -7,8 +7,10 @@ namespace rlhf_fast::cpu::CPU_CAPABILITY {
 namespace {
 
 // With x = p_logits / T, y = q_logits / T and running maxes mx, my:
-//   sx = sum exp(x - mx),  sy = sum exp(y - my),  t = sum exp(x - mx) * (x - y)  (0 where P = 0)
-//   KL = t / sx - (lse_x - lse_y) = t / sx - (mx - my) - log sx + log sy.
+//   sx = sum exp(x - mx),  sy = sum exp(y - my),  t = sum exp(x - mx) * ((x - mx) - (y - my))  (0 where P = 0)
+//   KL = t / sx - log sx + log sy.
+// t takes each side against its own max: x - y would round to float32's ulp at the logits' magnitude
+// (1e-3 at |x| = 1e4) before the (mx - my) that cancels it is taken off, while x - mx is exact next to the max.
 struct KlSums {
   float mx = -kInf, my = -kInf, sx = 0.0f, sy = 0.0f, t = 0.0f;
 
@@ -17,7 +19,15 @@ struct KlSums {
     sy += chunk.sy;
     t += chunk.t;
   }
+  // t against the new maxes: exp(mx - new_mx) * (t - ((new_mx - mx) - (new_my - my)) * sx). Until P has mass
+  // (sx = 0, then mx may be -inf) t is 0 and stays so; a my of -inf here means t is already +inf (P > 0 where
+  // Q = 0), and the shift keeps it so.
   void raise_max(float new_mx, float new_my) {
+    const float dx = new_mx > mx ? new_mx - mx : 0.0f;
+    const float dy = new_my > my ? new_my - my : 0.0f;
+    if (sx > 0.0f && dx != dy) {
+      t -= (dx - dy) * sx;
+    }
     if (new_mx > mx) {
       if (sx > 0.0f) {
         const float scale = std::exp(mx - new_mx);
@@ -68,8 +78,9 @@ KlSums chunk_sums(const T* x, const T* y, int64_t n, float inv_temp, float mx, f
     cmx = at::vec::clamp_min(xs, cmx);
     cmy = at::vec::clamp_min(ys, cmy);
     // P = 0 contributes 0 to t (x = -inf would give 0 * -inf); P > 0 with y = -inf gives +inf.
-    vexp_acc_times(xs - vmx, xs - ys, sx, t);
-    sy += vexp(ys - vmy);
+    const Vec dx = xs - vmx, dy = ys - vmy;
+    vexp_acc_times(dx, dx - dy, sx, t);
+    sy += vexp(dy);
   };
   auto step = [&](int64_t, int64_t, const Vec& a0, const Vec& a1, const Vec& b0, const Vec& b1) {
     one(a0, b0);
@@ -114,26 +125,26 @@ void fwd_rows(const KlFwdArgs& args, int64_t begin, int64_t end) {
                                next_row<T>(args.p, r, end), next_row<T>(args.q, r, end));
     const float log_sx = std::log(acc.sx);
     const float log_sy = std::log(acc.sy);
-    args.lse_p[r] = acc.mx + log_sx;
-    args.lse_q[r] = acc.my + log_sy;
-    // Differences of maxes and of logs first: both lse can be large while KL is small.
-    args.kl[r] = acc.t / acc.sx - (acc.mx - acc.my) - (log_sx - log_sy);
+    args.lse_p[r] = static_cast<double>(acc.mx) + log_sx;  // double: see SplitLse
+    args.lse_q[r] = static_cast<double>(acc.my) + log_sy;
+    args.kl[r] = acc.t / acc.sx - (log_sx - log_sy);
   }
 }
 
 // grad_x = g * P * (log P - log Q - KL) / T  (0 where P = 0),   grad_y = g * (Q - P) / T.
+// log P = (x - hi) - lo: x - hi is exact next to the max (see SplitLse).
 // kStream: the gradient rows are written with non-temporal stores (both pass stream_aligned()).
 template <typename T, bool kNeedP, bool kNeedQ, bool kStream>
-void bwd_row(const T* x, const T* y, T* gx, T* gy, int64_t V, float inv_temp, float lse_p, float lse_q,
+void bwd_row(const T* x, const T* y, T* gx, T* gy, int64_t V, float inv_temp, SplitLse lse_p, SplitLse lse_q,
              float kl, float g, const T* nx, const T* ny) {
   // The scalars through plain_nan (see to_bf16).
-  const Vec vinv(inv_temp), neg_lse_p(-plain_nan(lse_p)), neg_lse_q(-plain_nan(lse_q)), vkl(plain_nan(kl)),
-      vg(plain_nan(g * inv_temp));
+  const Vec vinv(inv_temp), neg_hi_p(-plain_nan(lse_p.hi)), neg_lo_p(-lse_p.lo), neg_hi_q(-plain_nan(lse_q.hi)),
+      neg_lo_q(-lse_q.lo), vkl(plain_nan(kl)), vg(plain_nan(g * inv_temp));
   const Vec zero(0.0f);
   with_scale(inv_temp, [&]<bool kScale>() {
     auto grads = [&](const Vec& a, const Vec& b, Vec& out_x, Vec& out_y) {
-      const Vec logp = (kScale ? a * vinv : a) + neg_lse_p;
-      const Vec logq = (kScale ? b * vinv : b) + neg_lse_q;
+      const Vec logp = ((kScale ? a * vinv : a) + neg_hi_p) + neg_lo_p;
+      const Vec logq = ((kScale ? b * vinv : b) + neg_hi_q) + neg_lo_q;
       const Vec p = vexp(logp);
       if constexpr (kNeedP) {
         out_x = Vec::blendv(p * (logp - logq - vkl) * vg, zero, p == zero);  // a NaN p (NaN logit) stays NaN
@@ -168,7 +179,8 @@ void bwd_rows(const KlBwdArgs& args, int64_t begin, int64_t end) {
     T* gy_r = kNeedQ ? gy + r * V : nullptr;
     auto row = [&]<bool kStream>() {
       bwd_row<T, kNeedP, kNeedQ, kStream>(row_ptr<T>(args.p, r), row_ptr<T>(args.q, r), gx_r, gy_r, V, args.inv_temp,
-                                          args.lse_p[r], args.lse_q[r], args.kl[r], args.grad_kl[r],
+                                          split_lse(args.lse_p[r]), split_lse(args.lse_q[r]), args.kl[r],
+                                          args.grad_kl[r],
                                           next_row<T>(args.p, r, end), next_row<T>(args.q, r, end));
     };
     // Fresh gradient buffers, written once: streamed out when their rows are aligned (as in token_stats).

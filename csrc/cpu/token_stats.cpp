@@ -10,20 +10,23 @@
 namespace rlhf_fast::cpu::CPU_CAPABILITY {
 namespace {
 
-// Running sums of a row, the softmax ones relative to the running max m:
-//   s = sum_v exp(x_v - m),   t = sum_v exp(x_v - m) * (x_v - m),   sum_x = sum_v x_v
-// so lse = m + log s, H = lse - E[x] = log s - t / s and mean_v log p_v = sum_x / V - lse. Keeping
-// t relative to m (not sum e * x) avoids cancelling two numbers of the size of the logits when one
-// logit is huge.
+// Running sums of a row, all relative to the running max m:
+//   s = sum_v exp(x_v - m),   t = sum_v exp(x_v - m) * (x_v - m),   sum_d = sum_v (x_v - m)  (over n columns)
+// so lse = m + log s, H = lse - E[x] = log s - t / s and mean_v log p_v = sum_d / V - log s. Keeping
+// t and sum_d relative to m (not sum e * x, sum x) avoids cancelling two numbers of the size of the logits
+// when they are large: a sum of 1e4-sized logits in float32 is off by far more than the mean log-prob's 1e-5.
 struct RowSums {
-  float m = -kInf, s = 0.0f, t = 0.0f, sum_x = 0.0f;
+  float m = -kInf, s = 0.0f, t = 0.0f, sum_d = 0.0f;
+  int64_t n = 0;  // columns in sum_d
 
   void add(const RowSums& chunk) {  // chunk sums taken against the same m
     s += chunk.s;
     t += chunk.t;
-    sum_x += chunk.sum_x;
+    sum_d += chunk.sum_d;
+    n += chunk.n;
   }
   void raise_max(float new_m) {
+    sum_d += (m - new_m) * static_cast<float>(n);  // m is finite here; n = 0 unless sum_d is kept
     if (s > 0.0f) {
       const float shift = m - new_m;
       const float scale = std::exp(shift);
@@ -41,13 +44,14 @@ template <typename T, bool kEntropy, bool kSumX, bool kStore, bool kScale>
 RowSums chunk_sums_impl(const T* x, int64_t n, float inv_temp, float m, const T* next, float* e) {
   const Vec vinv(inv_temp), vm(m);
   Vec s0(0.0f), s1(0.0f), t0(0.0f), t1(0.0f), x0(0.0f), x1(0.0f), m0(-kInf), m1(-kInf);
-  auto one = [&](const Vec& v, int64_t at, Vec& s, Vec& t, Vec& sx, Vec& mx) {
+  auto one = [&](const Vec& v, int64_t at, Vec& s, Vec& t, Vec& sd, Vec& mx) {
     const Vec xs = kScale ? v * vinv : v;
     mx = at::vec::clamp_min(xs, mx);
+    const Vec d = xs - vm;
     if constexpr (kSumX) {
-      sx += xs;
+      sd += d;
     }
-    const Vec ev = vexp_acc<kEntropy>(xs - vm, s, t);
+    const Vec ev = vexp_acc<kEntropy>(d, s, t);
     if constexpr (kStore) {
       ev.store(e + at);
     }
@@ -60,15 +64,15 @@ RowSums chunk_sums_impl(const T* x, int64_t n, float inv_temp, float m, const T*
     one(a, i, s0, t0, x0, m0);
     one(b, i + kVec, s1, t1, x1, m1);
   }
-  float tail_x = 0.0f;
+  float tail_d = 0.0f;
   if (i < n) {
-    // -inf pads the tail (exp = 0, max unchanged); the tail's own sum of x is taken apart.
+    // -inf pads the tail (exp = 0, max unchanged); the tail's own sum of x - m is taken apart.
     Vec a, b, unused(0.0f);
     load2_tail(x + i, n - i, -kInf, a, b);
     one(a, i, s0, t0, unused, m0);
     one(b, i + kVec, s1, t1, unused, m1);
     if constexpr (kSumX) {
-      for (; i < n; ++i) tail_x += static_cast<float>(x[i]) * inv_temp;
+      for (; i < n; ++i) tail_d += static_cast<float>(x[i]) * inv_temp - m;
     }
   }
   RowSums out;
@@ -78,7 +82,8 @@ RowSums chunk_sums_impl(const T* x, int64_t n, float inv_temp, float m, const T*
     out.t = hsum(t0 + t1);
   }
   if constexpr (kSumX) {
-    out.sum_x = hsum(x0 + x1) + tail_x;
+    out.sum_d = hsum(x0 + x1) + tail_d;
+    out.n = n;
   }
   return out;
 }
@@ -102,7 +107,7 @@ RowSums row_sums(const T* x, int64_t V, float inv_temp, const T* next) {
       // No finite max yet (first chunk, or all -inf so far): find one before any exp.
       const float raw_max = chunk_max(x + c, n);
       if (raw_max == -kInf) {
-        if constexpr (kSumX) acc.sum_x = -kInf;  // a masked logit makes the mean log-prob -inf
+        if constexpr (kSumX) acc.sum_d = -kInf;  // a masked logit makes the mean log-prob -inf
         continue;
       }
       acc.m = raw_max * inv_temp;  // T > 0, and rounding is monotone: this is max(x)
@@ -121,27 +126,27 @@ RowSums row_sums(const T* x, int64_t V, float inv_temp, const T* next) {
 }
 
 template <typename T>
-RowSums row_sums(const T* x, int64_t V, float inv_temp, const T* next, bool entropy, bool sum_x) {
+RowSums row_sums(const T* x, int64_t V, float inv_temp, const T* next, bool entropy, bool sum_d) {
   if (entropy) {
-    return sum_x ? row_sums<T, true, true>(x, V, inv_temp, next) : row_sums<T, true, false>(x, V, inv_temp, next);
+    return sum_d ? row_sums<T, true, true>(x, V, inv_temp, next) : row_sums<T, true, false>(x, V, inv_temp, next);
   }
-  return sum_x ? row_sums<T, false, true>(x, V, inv_temp, next) : row_sums<T, false, false>(x, V, inv_temp, next);
+  return sum_d ? row_sums<T, false, true>(x, V, inv_temp, next) : row_sums<T, false, false>(x, V, inv_temp, next);
 }
 
 // The statistics of one row that is not ignored (label: its label, or any index when there are none).
 struct RowStats {
-  float lse, logp, entropy, mean_logp;
-  float x_label;  // x at the label, kept so the gradient pass may overwrite the row
+  double lse;  // m + log s, exact (see SplitLse)
+  float logp, entropy, mean_logp;
 };
 
-// mean_v log p_v = sum_x / V - lse. The float32 running sum of the logits overflows once sum_v |x_v| passes
-// 3.4e38 (logits of 3e33 at V = 128256), every x_v finite: +-inf, or NaN where lanes overflowed both ways.
-// Such a row sums again in double, which cannot overflow on float32 inputs; a masked (-inf) logit still
-// makes it -inf, a NaN one NaN. Costs nothing on rows whose sum is finite.
+// mean_v log p_v = sum_d / V - log s. The float32 running sum of x - m overflows to -inf once sum_v |x_v - m|
+// passes 3.4e38 (logits spread over 3e33 at V = 128256), every x_v finite. Such a row sums again in double,
+// which cannot overflow on float32 inputs; a masked (-inf) logit still makes it -inf, a NaN one NaN. Costs
+// nothing on rows whose sum is finite.
 template <typename T>
-float mean_logp_of(const T* x, int64_t V, float inv_temp, float m, float log_s, float sum_x) {
-  if (std::isfinite(sum_x) || !std::isfinite(m)) {
-    return (sum_x / static_cast<float>(V) - m) - log_s;
+float mean_logp_of(const T* x, int64_t V, float inv_temp, float m, float log_s, float sum_d) {
+  if (std::isfinite(sum_d) || !std::isfinite(m)) {
+    return sum_d / static_cast<float>(V) - log_s;
   }
   double sum = 0.0;
   for (int64_t v = 0; v < V; ++v) {
@@ -156,12 +161,11 @@ RowStats row_stats(const T* x, int64_t V, float inv_temp, int64_t label, const T
   const RowSums acc = row_sums<T>(x, V, inv_temp, next, entropy, mean_logp);
   const float log_s = std::log(acc.s);
   RowStats st{};
-  st.lse = acc.m + log_s;
-  st.x_label = static_cast<float>(x[label]) * inv_temp;
+  st.lse = static_cast<double>(acc.m) + log_s;
   // (x - m) - log s: never subtracts two large numbers.
-  st.logp = (st.x_label - acc.m) - log_s;
+  st.logp = (static_cast<float>(x[label]) * inv_temp - acc.m) - log_s;
   if (entropy) st.entropy = log_s - acc.t / acc.s;
-  if (mean_logp) st.mean_logp = mean_logp_of(x, V, inv_temp, acc.m, log_s, acc.sum_x);
+  if (mean_logp) st.mean_logp = mean_logp_of(x, V, inv_temp, acc.m, log_s, acc.sum_d);
   return st;
 }
 
@@ -228,20 +232,25 @@ inline void with_terms(const GradCoefs& c, bool stream, F&& f) {
   }
 }
 
-// The gradient at the label, from its scaled logit, computed in float after the row is written. Its
+// The gradient at the label, from its log-probability, computed in float after the row is written. Its
 // log-prob term is taken as g_lp (1 - p) / T = -g_lp expm1(log p) / T: both g_lp - g_lp p and a g_lp / T
 // added to the rounded value cancel when p is close to 1 (a confident token), leaving only the rounding error.
-float label_grad(const GradCoefs& c, float x_label, float lse, float inv_temp) {
-  const float logp = std::max(x_label - lse, kLogFloor);
+float label_grad(const GradCoefs& c, float label_logp, float inv_temp) {
+  const float logp = std::max(label_logp, kLogFloor);
   const float c0_rest = c.c0 + c.g_lp * inv_temp;  // c0 without its log-prob part
   const float lp_term = -c.g_lp * inv_temp * std::expm1(logp);
   return lp_term + std::exp(logp) * (c0_rest + c.c1 * logp) + c.k;
 }
 
+// The row is taken against lse.hi alone: with log p = l - lo, l = x - hi, the term is
+// p (c0 + c1 log p) = exp(l) (c0' + c1' l) with c0' = e^-lo (c0 - c1 lo) and c1' = e^-lo c1.
 // With kStream, the step that starts at `plain_at` (the label's, rewritten afterwards) takes plain stores.
 template <typename T, bool kEntropy, bool kMean, bool kStream = false>
-void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs c, const T* next, int64_t plain_at) {
-  const Vec vinv(inv_temp), vlse(plain_nan(lse)), vc0(c.c0), vc1(c.c1), vk(c.k), floor(kLogFloor);
+void grad_row(const T* x, T* g, int64_t V, float inv_temp, SplitLse lse, GradCoefs c, const T* next,
+              int64_t plain_at) {
+  const float scale = std::exp(-lse.lo);
+  const Vec vinv(inv_temp), vlse(plain_nan(lse.hi)), vc0(plain_nan(scale * (c.c0 - c.c1 * lse.lo))),
+      vc1(plain_nan(scale * c.c1)), vk(c.k), floor(kLogFloor);
   auto row = [&]<bool kScale>() {
     auto grad = [&](const Vec& v) {
       Vec logp = (kScale ? v * vinv : v) - vlse;
@@ -282,15 +291,15 @@ void grad_row(const T* x, T* g, int64_t V, float inv_temp, float lse, GradCoefs 
 // label's column in the block, or -1 when it lies outside. `next`: the row to prefetch meanwhile (prefetch_step; the
 // row itself when there is none).
 template <typename T>
-void write_grad_row(const T* x, T* g, int64_t V, int64_t vocab, float inv_temp, float lse, int64_t label,
-                    float x_label, const RowGrads& rg, const T* next, bool stream = false) {
+void write_grad_row(const T* x, T* g, int64_t V, int64_t vocab, float inv_temp, SplitLse lse, int64_t label,
+                    float label_logp, const RowGrads& rg, const T* next, bool stream = false) {
   const GradCoefs c = grad_coefs(rg, inv_temp, vocab);
   const int64_t plain_at = rg.has_lp && label >= 0 ? label / kStep * kStep : -1;
   with_terms(c, stream, [&]<bool kEntropy, bool kMean, bool kStream>() {
     grad_row<T, kEntropy, kMean, kStream>(x, g, V, inv_temp, lse, c, next, plain_at);
   });
   if (rg.has_lp && label >= 0) {
-    g[label] = static_cast<T>(label_grad(c, x_label, lse, inv_temp));
+    g[label] = static_cast<T>(label_grad(c, label_logp, inv_temp));
   }
 }
 
@@ -317,8 +326,10 @@ void bwd_rows(const TokenStatsBwdArgs& args, int64_t begin, int64_t end) {
                       args.grad_entropy ? args.entropy[r] : 0.0f,
                       args.grad_mean_logp ? args.grad_mean_logp[r] : 0.0f};
     const bool in_block = col >= 0 && col < V;
-    const float x_label = rg.has_lp && in_block ? static_cast<float>(x[col]) * args.inv_temp : 0.0f;
-    write_grad_row<T>(x, g, V, args.vocab, args.inv_temp, args.lse[r], in_block ? col : -1, x_label, rg,
+    const SplitLse lse = split_lse(args.lse[r]);
+    const float label_logp =
+        rg.has_lp && in_block ? (static_cast<float>(x[col]) * args.inv_temp - lse.hi) - lse.lo : 0.0f;
+    write_grad_row<T>(x, g, V, args.vocab, args.inv_temp, lse, in_block ? col : -1, label_logp, rg,
                       next_row<T>(args.logits, r, end), stream_grad(g, x));
   }
   stream_fence();  // the streamed rows are in memory before the caller reads them
@@ -396,7 +407,7 @@ bool scratch_sums(const T* x, int64_t V, float inv_temp, const T* next, Scratch&
       if (raw_max == -kInf) {  // all masked: p = 0 (the gradient pass scales the chunk by 0)
         sc.chunk_m[k] = -kInf;
         std::fill(e, e + n, 0.0f);
-        if constexpr (kSumX) acc.sum_x = -kInf;
+        if constexpr (kSumX) acc.sum_d = -kInf;
         continue;
       }
       acc.m = raw_max * inv_temp;
@@ -492,11 +503,10 @@ bool scratch_row(const TokenStatsFusedArgs& args, int64_t r, const T* x, T* g, c
   }
   if (!ok || acc.m == -kInf) return false;
   const float m = acc.m, log_s = std::log(acc.s);
-  st.lse = m + log_s;
-  st.x_label = static_cast<float>(x[label]) * inv_temp;
-  st.logp = (st.x_label - m) - log_s;
+  st.lse = static_cast<double>(m) + log_s;
+  st.logp = (static_cast<float>(x[label]) * inv_temp - m) - log_s;
   if (entropy) st.entropy = log_s - acc.t / acc.s;
-  if (mean_logp) st.mean_logp = mean_logp_of(x, V, inv_temp, m, log_s, acc.sum_x);
+  if (mean_logp) st.mean_logp = mean_logp_of(x, V, inv_temp, m, log_s, acc.sum_d);
   fused_coefs(args, r, st, rg);
 
   const GradCoefs c = grad_coefs(rg, inv_temp, V);
@@ -504,7 +514,7 @@ bool scratch_row(const TokenStatsFusedArgs& args, int64_t r, const T* x, T* g, c
   with_terms(c, stream_grad(g, x), [&]<bool kEntropy, bool kMean, bool kStream>() {
     scratch_grad_row<T, kEntropy, kMean, kStream>(x, sc, g, V, inv_temp, m, log_s, c, plain_at);
   });
-  g[label] = static_cast<T>(label_grad(c, st.x_label, st.lse, inv_temp));
+  g[label] = static_cast<T>(label_grad(c, st.logp, inv_temp));
   return true;
 }
 
@@ -533,7 +543,8 @@ void fused_rows(const TokenStatsFusedArgs& args, int64_t begin, int64_t end) {
         // One read for the statistics; the gradient pass re-reads the row from cache.
         st = row_stats<T>(x, V, args.inv_temp, label, next, args.entropy, args.mean_logp);
         fused_coefs(args, r, st, rg);
-        write_grad_row<T>(x, g, V, V, args.inv_temp, st.lse, label, st.x_label, rg, next, stream_grad(g, x));
+        write_grad_row<T>(x, g, V, V, args.inv_temp, split_lse(st.lse), label, st.logp, rg, next,
+                          stream_grad(g, x));
       }
     }
     args.lse[r] = st.lse;

@@ -39,7 +39,7 @@ static_assert(kChunk % kStep == 0);
 // Every kernel forms x = logits * (1/T) with a plain rounded multiply and is compiled with
 // -ffp-contract=off (setup.py), so that multiply is never fused into x - m. Forward and backward
 // then see the same float x: for a logit of 1e4 the max element still gets exactly x - lse = 0
-// (p = 1) from an lse stored as float32, as in eager PyTorch.
+// (p = 1), as in eager PyTorch.
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 // vexp is exactly 0 below -87.3, so clamping a log-probability at -200 changes no p, but keeps
@@ -217,6 +217,20 @@ inline void load2_tail(const T* p, int64_t n, float fill, Vec& a, Vec& b) {
 // pass can make has zero low 16 bits (see to_bf16 on AVX2).
 inline float plain_nan(float v) {
   return std::isnan(v) ? std::numeric_limits<float>::quiet_NaN() : v;
+}
+
+// A row's log-sum-exp as two floats, lse = hi + lo. The forward passes keep lse in double: m + log s rounded
+// to float32 next to a large max m loses log s to m's ulp (1e-3 at m = 1e4), and every p = exp(x - lse) of the
+// backward would carry that error. x - hi is exact next to the max (both floats of one magnitude); lo, the
+// part float32 cannot hold, is at most half an ulp of hi and is folded into a row's scalars. A non-finite
+// lse (a NaN or all-masked row) keeps lo = 0 so that it goes on as the float it is.
+struct SplitLse {
+  float hi, lo;
+};
+
+inline SplitLse split_lse(double lse) {
+  const float hi = static_cast<float>(lse);
+  return {hi, std::isfinite(hi) ? static_cast<float>(lse - static_cast<double>(hi)) : 0.0f};
 }
 
 // Round to the output dtype (nearest even) and store kStep elements.

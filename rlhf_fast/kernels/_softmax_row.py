@@ -21,6 +21,25 @@ import triton.language as tl
 
 
 @triton.jit
+def lse64(m, log_s):
+    """The saved log-sum-exp ``m + log_s`` in float64 (the kernel interface's; see ``split_lse``)."""
+    return m.to(tl.float64) + log_s.to(tl.float64)
+
+
+@triton.jit
+def split_lse(lse):
+    """A float64 ``lse`` (scalar or block) as float32 ``(hi, lo)``, ``lse = hi + lo``.
+
+    The backward takes ``log p = (x - hi) - lo``: ``x - hi`` is exact next to the row max, and ``lo`` is the
+    part of ``lse`` float32 cannot hold (up to half an ulp of ``hi``: 5e-4 at ``|x| = 1e4``, which a float32
+    ``lse`` would put into every ``p``). A non-finite ``lse`` keeps ``lo = 0``.
+    """
+    hi = lse.to(tl.float32)
+    lo = (lse - hi.to(tl.float64)).to(tl.float32)
+    return hi, tl.where(tl.abs(hi) < float("inf"), lo, 0.0)
+
+
+@triton.jit
 def row_position(B):
     """(row, a, b) of this program, all int64: row r = a * B + b of the [A, B, V] logits view.
 
@@ -101,7 +120,8 @@ def write_grad_row(
     n_read,  # V, or 0 for a row that gets a zero gradient without being read
     V,
     inv_temperature,
-    lse,
+    lse_hi,  # the row's lse as split_lse gives it
+    lse_lo,
     label,  # used if GRAD_LOGP
     g_lp,  # incoming gradients, already divided by T; each used only if its switch is on
     g_h,
@@ -130,7 +150,7 @@ def write_grad_row(
         offs = start + cols
         mask = offs < V
         x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-        logp = x - lse
+        logp = (x - lse_hi) - lse_lo
         p = tl.exp(logp)
         if GRAD_ENTROPY:
             # p = 0 where x = -inf; zero log p there so p * log p is 0, not 0 * -inf

@@ -161,6 +161,8 @@ def compile_spec(spec: AotSpec, cc: int, ptx_dir: str | None = None) -> AotResul
     }
     if hasattr(spec.config, "num_stages"):  # the tl.dot kernels' software pipelining depth
         options["num_stages"] = spec.config.num_stages
+    if getattr(spec.config, "maxnreg", None):
+        options["maxnreg"] = spec.config.maxnreg
     compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options)
     ptx = compiled.asm["ptx"]
     if ptx_dir is not None:

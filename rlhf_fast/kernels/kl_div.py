@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._common import CONFIGS, TRITON_DTYPE, AotSpec, aot_spec, check_rows, empty_f32, pick_config
-from ._softmax_row import row_position
+from ._softmax_row import lse64, row_position, split_lse
 
 __all__ = ["CONFIGS", "aot_specs", "kl_bwd", "kl_fwd"]
 
@@ -32,8 +32,8 @@ def _kl_fwd_kernel(
     p_ptr,  # [A, B, V] view of P's logits, stride(2) == 1
     q_ptr,  # [A, B, V] view of Q's logits, stride(2) == 1
     kl_ptr,  # [N] float32 out
-    lse_p_ptr,  # [N] float32 out
-    lse_q_ptr,  # [N] float32 out
+    lse_p_ptr,  # [N] float64 out (see split_lse)
+    lse_q_ptr,  # [N] float64 out
     # strides, in elements (the two views need not share them)
     p_stride_a,
     p_stride_b,
@@ -92,8 +92,8 @@ def _kl_fwd_kernel(
     log_sy = tl.log(sy)
     kl = tl.sum(t, axis=0) / sx - log_sx + log_sy
     tl.store(kl_ptr + row, kl)
-    tl.store(lse_p_ptr + row, m_x + log_sx)
-    tl.store(lse_q_ptr + row, m_y + log_sy)
+    tl.store(lse_p_ptr + row, lse64(m_x, log_sx))
+    tl.store(lse_q_ptr + row, lse64(m_y, log_sy))
 
 
 @triton.jit
@@ -101,8 +101,8 @@ def _kl_bwd_kernel(
     # pointers
     p_ptr,  # [A, B, V] view of P's logits, stride(2) == 1
     q_ptr,  # [A, B, V] view of Q's logits, stride(2) == 1
-    lse_p_ptr,  # [N] float32
-    lse_q_ptr,  # [N] float32
+    lse_p_ptr,  # [N] float64
+    lse_q_ptr,  # [N] float64
     kl_ptr,  # [N] float32
     grad_kl_ptr,  # [N] float32
     grad_p_ptr,  # [N, V] out, contiguous, logits dtype; unused unless NEED_P
@@ -126,8 +126,8 @@ def _kl_bwd_kernel(
     p_row = p_ptr + a * p_stride_a + b * p_stride_b
     q_row = q_ptr + a * q_stride_a + b * q_stride_b
 
-    lse_x = tl.load(lse_p_ptr + row)
-    lse_y = tl.load(lse_q_ptr + row)
+    hi_x, lo_x = split_lse(tl.load(lse_p_ptr + row))
+    hi_y, lo_y = split_lse(tl.load(lse_q_ptr + row))
     # 1/T folded into the incoming gradient once per row
     g = tl.load(grad_kl_ptr + row) * inv_temperature
     kl = tl.load(kl_ptr + row)
@@ -138,8 +138,8 @@ def _kl_bwd_kernel(
         mask = offs < V
         x = tl.load(p_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
         y = tl.load(q_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-        log_p = x - lse_x
-        log_q = y - lse_y
+        log_p = (x - hi_x) - lo_x
+        log_q = (y - hi_y) - lo_y
         p = tl.exp(log_p)
         if NEED_P:
             # P_v = 0 contributes nothing (and -inf - -inf must not leak a NaN); a NaN P_v stays NaN
@@ -162,13 +162,14 @@ def kl_fwd(
         block_v: force the block size (a power of two); tests use it to make rows span blocks.
 
     Returns:
-        ``(kl, lse_p, lse_q)``, float32 ``[N]``; the log-sum-exps are for the backward.
+        ``(kl, lse_p, lse_q)``, ``[N]``: ``kl`` float32, the log-sum-exps float64 (for the backward).
     """
     a_dim, b_dim, vocab = check_rows("p_logits", p_logits)
     if check_rows("q_logits", q_logits) != (a_dim, b_dim, vocab) or q_logits.dtype != p_logits.dtype:
         raise ValueError("p_logits and q_logits must have the same shape and dtype")
     n_rows = a_dim * b_dim
-    kl, lse_p, lse_q = (torch.empty(n_rows, dtype=torch.float32, device=p_logits.device) for _ in range(3))
+    kl = torch.empty(n_rows, dtype=torch.float32, device=p_logits.device)
+    lse_p, lse_q = (torch.empty(n_rows, dtype=torch.float64, device=p_logits.device) for _ in range(2))
     if n_rows == 0:
         return kl, lse_p, lse_q
     config = pick_config(vocab, block_v)
@@ -177,7 +178,7 @@ def kl_fwd(
         p_logits.stride(0), p_logits.stride(1), q_logits.stride(0), q_logits.stride(1),
         b_dim, vocab,
         1.0 / temperature,
-        BLOCK_V=config.block_v, num_warps=config.num_warps,
+        **config.launch(),
     )  # fmt: skip
     return kl, lse_p, lse_q
 
@@ -203,7 +204,7 @@ def kl_bwd(
 
     Args:
         p_logits, q_logits: the forward's ``[A, B, V]`` views.
-        lse_p, lse_q, kl: ``[N]`` float32 from :func:`kl_fwd`.
+        lse_p, lse_q, kl: ``[N]`` from :func:`kl_fwd`.
         grad_kl: ``[N]`` float32 incoming gradient.
         need_p, need_q: which gradients to compute.
         block_v: force the block size (tests).
@@ -229,7 +230,7 @@ def kl_bwd(
         b_dim, vocab,
         1.0 / temperature,
         NEED_P=need_p, NEED_Q=need_q,
-        BLOCK_V=config.block_v, num_warps=config.num_warps,
+        **config.launch(),
     )  # fmt: skip
     return grad_p, grad_q
 

@@ -5,12 +5,16 @@
 Forward: one program per tile of ``BLOCK_N`` tokens (and split of the vocabulary, as in
 ``linear_token_stats.py``; the host merges the splits) walks the vocabulary in tiles of ``BLOCK_V``
 columns; each step builds both logits tiles with ``tl.dot`` (``H_p`` and ``H_q`` may differ) and
-merges them into two online log-sum-exps and the running ``sum_v exp(x_p - m_p) (x_p - x_q)``:
+merges them into two online log-sum-exps (maxima ``m_p``, ``m_q``, sums ``s_p``, ``s_q``) and the running
+``a = sum_v exp(x_p - m_p) ((x_p - m_p) - (x_q - m_q))``:
 
-    KL = E_P[x_p - x_q] - (lse_p - lse_q)
+    KL = a / s_p - (log s_p - log s_q)
 
-Backward, with ``p = exp(x_p - lse_p)``, ``q = exp(x_q - lse_q)`` recomputed per tile and ``g`` the
-incoming per-token gradient::
+Each side is taken against its own max: ``x_p - x_q`` would round to float32's ulp at the logits' magnitude
+(5e-4 at 5500, between logits of +3000 and -2500) before the ``lse_p - lse_q`` that cancels it is taken off,
+while ``x - m`` is exact next to the max. The log-sum-exps are returned in float64 for the backward.
+
+Backward, with ``p``, ``q`` recomputed per tile and ``g`` the incoming per-token gradient::
 
     d KL / d x_p = p (log p - log q - KL)          d KL / d x_q = q - p          (both / T)
 
@@ -18,7 +22,9 @@ pushed through each head as in ``linear_token_stats.py``: ``_linear_kl_dh_kernel
 and accumulates ``dH_p``/``dH_q``; ``_linear_kl_dw_kernel`` owns a vocabulary tile and accumulates
 ``dW_p``/``dW_q`` (and the biases' gradients), all in float32 buffers only that program touches, cast
 once at the end. Padded columns are ``-inf`` on both sides and contribute nothing; a column where
-``P`` puts no mass (``x_p = -inf``) contributes nothing to the KL.
+``P`` puts no mass (``x_p = -inf``) contributes nothing to the KL. Each side's float64 ``lse`` comes as
+float32 ``hi + lo`` (``_softmax_row.split_lse``): ``x - hi`` is exact next to the max, and ``lo`` goes
+into per-row factors (see ``_kl_grad_tiles``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import triton.language as tl
 
 from ._common import TRITON_DTYPE, AotSpec, TileConfig, aot_spec, empty_f32
 from ._linear_tile import dot, load_rows, logits_tile, upcast_dot
+from ._softmax_row import split_lse
 from .linear_token_stats import rescale_splits, vocabulary_splits
 
 __all__ = ["CONFIGS", "aot_specs", "linear_kl_bwd", "linear_kl_fwd"]
@@ -81,30 +88,37 @@ def _both_tiles(
 
 
 @triton.jit
-def _kl_grad_tiles(x_p, x_q, row_ok, lse_p, lse_q, kl, g):
-    """``(g_p, g_q)``: ``g * d KL / d x`` for both tiles (``g`` already divided by ``T``), float32, 0 in
-    masked rows and where a side has no mass."""
-    log_p = x_p - lse_p[:, None]
-    log_q = x_q - lse_q[:, None]
-    p = tl.exp(log_p)
-    q = tl.exp(log_q)
+def _kl_grad_tiles(x_p, x_q, row_ok, hi_p, hi_q, kl_lo, coef_p, coef_q):
+    """``(g_p, g_q)``: ``g * d KL / d x`` for both tiles, float32, 0 where a side has no mass and in rows
+    past ``N``; per-row inputs from :func:`_row_inputs`.
+
+    With ``u = x - hi``: ``g p = coef_p exp(u_p)``, ``g q = coef_q exp(u_q)`` and
+    ``log p - log q - KL = u_p - u_q - kl_lo``. Five float32 per row, where each side's ``(hi, lo)``, ``KL``
+    and ``g`` would be six: with six, the dH kernel spilled (float32 on sm_80 and sm_90, 16-bit on sm_90), and
+    so did the float32 dW kernel on sm_90."""
+    u_p = x_p - hi_p[:, None]
+    u_q = x_q - hi_q[:, None]
+    e_p = tl.exp(u_p)
     # p = 0 where x_p = -inf: its term is 0, not 0 * (-inf - ...)
-    g_p = tl.where(x_p == float("-inf"), 0.0, p * (log_p - log_q - kl[:, None]))
-    g_p = g[:, None] * g_p
-    g_q = g[:, None] * (q - p)
-    # masked rows were computed from zero hidden states and made-up statistics: discard them
-    return tl.where(row_ok[:, None], g_p, 0.0), tl.where(row_ok[:, None], g_q, 0.0)
+    g_p = tl.where(x_p == float("-inf"), 0.0, coef_p[:, None] * e_p * (u_p - u_q - kl_lo[:, None]))
+    # Rows past N were computed from zero hidden states with lse = +inf and g = 0: their g_q is 0 * 0 as it
+    # stands (one select per element fewer, which the float32 dH kernel with only g_q needs to stay clear of
+    # spills on sm_80); their g_p (-inf - -inf in u_p - u_q) is discarded.
+    g_q = coef_q[:, None] * tl.exp(u_q) - coef_p[:, None] * e_p
+    return tl.where(row_ok[:, None], g_p, 0.0), g_q
 
 
 @triton.jit
 def _row_inputs(lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr, rows, N, inv_temperature):
-    """``(row_ok, lse_p, lse_q, kl, g / T)`` of token indices ``rows``."""
+    """``(row_ok, hi_p, hi_q, kl_lo, coef_p, coef_q)`` of token indices ``rows``, for :func:`_kl_grad_tiles`:
+    each side's ``lse = hi + lo`` (``split_lse``), ``kl_lo = KL + lo_p - lo_q`` and ``coef = g / T * exp(-lo)``.
+    Rows past ``N`` get ``lse = +inf`` (``lo = 0``) and ``g = 0``."""
     row_ok = rows < N
-    lse_p = tl.load(lse_p_ptr + rows, mask=row_ok, other=0.0)
-    lse_q = tl.load(lse_q_ptr + rows, mask=row_ok, other=0.0)
+    hi_p, lo_p = split_lse(tl.load(lse_p_ptr + rows, mask=row_ok, other=float("inf")))
+    hi_q, lo_q = split_lse(tl.load(lse_q_ptr + rows, mask=row_ok, other=float("inf")))
     kl = tl.load(kl_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
-    return row_ok, lse_p, lse_q, kl, g
+    return row_ok, hi_p, hi_q, kl + (lo_p - lo_q), g * tl.exp(-lo_p), g * tl.exp(-lo_q)
 
 
 @triton.jit
@@ -142,8 +156,8 @@ def _linear_kl_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     row_ok = rows < N
-    # online log-sum-exp of each side (m the running max, s = sum exp(x - m)); a = sum exp(x_p - m_p) * d
-    # with d = x_p - x_q, rescaled with s_p, so that E_P[d] = a / s_p at the end
+    # online log-sum-exp of each side (m the running max, s = sum exp(x - m)), and
+    # a = sum exp(x_p - m_p) ((x_p - m_p) - (x_q - m_q)), each side against its own max (see the module doc)
     m_p = tl.full([BLOCK_N], float("-inf"), tl.float32)
     m_q = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s_p = tl.zeros([BLOCK_N], tl.float32)
@@ -157,18 +171,21 @@ def _linear_kl_fwd_kernel(
             rows, cols, row_ok, cols < V, H_P, H_Q, inv_temperature,
             HAS_P_BIAS, HAS_Q_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
-        # P side; while a row has seen only -inf, 0 is its reference (exp(-inf - -inf) would be NaN)
+        # the new maxima are the references; while a row has seen only -inf, 0 is (exp(-inf - -inf) would be NaN)
         m_p_new = tl.maximum(m_p, tl.max(x_p, axis=1))
-        ref_p = tl.where(m_p_new == float("-inf"), 0.0, m_p_new)
-        alpha_p = tl.exp(m_p - ref_p)
-        e_p = tl.exp(x_p - ref_p[:, None])
-        a = alpha_p * a + tl.sum(tl.where(x_p == float("-inf"), 0.0, e_p * (x_p - x_q)), axis=1)
-        s_p = alpha_p * s_p + tl.sum(e_p, axis=1)
-        m_p = m_p_new
-        # Q side
         m_q_new = tl.maximum(m_q, tl.max(x_q, axis=1))
+        ref_p = tl.where(m_p_new == float("-inf"), 0.0, m_p_new)
         ref_q = tl.where(m_q_new == float("-inf"), 0.0, m_q_new)
-        s_q = tl.exp(m_q - ref_q) * s_q + tl.sum(tl.exp(x_q - ref_q[:, None]), axis=1)
+        d_p = x_p - ref_p[:, None]
+        d_q = x_q - ref_q[:, None]
+        e_p = tl.exp(d_p)
+        alpha_p = tl.exp(m_p - ref_p)
+        # moving the references shifts every (x_p - m_p) - (x_q - m_q) summed so far by this much
+        shift = tl.where(m_p == float("-inf"), 0.0, m_p - ref_p) - tl.where(m_q == float("-inf"), 0.0, m_q - ref_q)
+        a = alpha_p * (a + shift * s_p) + tl.sum(tl.where(x_p == float("-inf"), 0.0, e_p * (d_p - d_q)), axis=1)
+        s_p = alpha_p * s_p + tl.sum(e_p, axis=1)
+        s_q = tl.exp(m_q - ref_q) * s_q + tl.sum(tl.exp(d_q), axis=1)
+        m_p = m_p_new
         m_q = m_q_new
 
     at = split.to(tl.int64) * N + rows
@@ -180,13 +197,19 @@ def _linear_kl_fwd_kernel(
 
 
 def _merge_splits(m_p, s_p, a, m_q, s_q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(kl, lse_p, lse_q)`` [N] from the forward kernel's per-split states ``[splits, N]``."""
+    """``(kl, lse_p, lse_q)`` [N] from the forward kernel's per-split states ``[splits, N]``: ``kl`` float32, the
+    log-sum-exps float64 (the sums of the float32 maxima and log-sums, exact).
+
+    Each split's sums are rescaled to the row's maxima and its ``a`` shifted to them, as between the vocabulary
+    tiles of one program; a side that saw only ``-inf`` in a split adds no shift (not ``-inf``)."""
     big_p, alpha_p = rescale_splits(m_p)
     big_q, alpha_q = rescale_splits(m_q)
+    shift = torch.where(m_p == float("-inf"), 0.0, m_p - big_p) - torch.where(m_q == float("-inf"), 0.0, m_q - big_q)
     total_p = (alpha_p * s_p).sum(0)
-    lse_p = big_p + torch.log(total_p)
-    lse_q = big_q + torch.log((alpha_q * s_q).sum(0))
-    return (alpha_p * a).sum(0) / total_p - (lse_p - lse_q), lse_p, lse_q
+    log_sp = torch.log(total_p)
+    log_sq = torch.log((alpha_q * s_q).sum(0))
+    kl = (alpha_p * (a + shift * s_p)).sum(0) / total_p - (log_sp - log_sq)
+    return kl, big_p.double() + log_sp.double(), big_q.double() + log_sq.double()
 
 
 @triton.jit
@@ -218,7 +241,7 @@ def _linear_kl_dh_kernel(
     # pointers
     p_hidden_ptr, p_weight_ptr, p_bias_ptr,  # as in the forward
     q_hidden_ptr, q_weight_ptr, q_bias_ptr,
-    kl_ptr, lse_p_ptr, lse_q_ptr,  # [N] float32 from the forward
+    kl_ptr, lse_p_ptr, lse_q_ptr,  # [N] from the forward: float32, float64, float64
     grad_ptr,  # [N] float32 incoming gradient of the KL
     dh_p_ptr,  # [splits, N, H_P] float32 in/out, zero-initialized; unused unless NEED_P
     dh_q_ptr,  # [splits, N, H_Q] float32 in/out, zero-initialized; unused unless NEED_Q
@@ -236,7 +259,9 @@ def _linear_kl_dh_kernel(
     # program (i, s): token tile i against split s of the vocabulary, into split s's own partials (the host sums them)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
-    row_ok, lse_p, lse_q, kl, g = _row_inputs(lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr, rows, N, inv_temperature)
+    row_ok, hi_p, hi_q, kl_lo, coef_p, coef_q = _row_inputs(
+        lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr, rows, N, inv_temperature
+    )
     dh_p_ptr += split.to(tl.int64) * N * H_P
     dh_q_ptr += split.to(tl.int64) * N * H_Q
     v_start = split * v_per_split
@@ -248,7 +273,7 @@ def _linear_kl_dh_kernel(
             rows, cols, row_ok, col_ok, H_P, H_Q, inv_temperature,
             HAS_P_BIAS, HAS_Q_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
-        g_p, g_q = _kl_grad_tiles(x_p, x_q, row_ok, lse_p, lse_q, kl, g)
+        g_p, g_q = _kl_grad_tiles(x_p, x_q, row_ok, hi_p, hi_q, kl_lo, coef_p, coef_q)
         if NEED_P:
             _accumulate_dh(dh_p_ptr, g_p, p_weight_ptr, rows, cols, row_ok, col_ok, H_P, UPCAST, BLOCK_H)
         if NEED_Q:
@@ -260,7 +285,7 @@ def _linear_kl_dw_kernel(
     # pointers
     p_hidden_ptr, p_weight_ptr, p_bias_ptr,  # as in the forward
     q_hidden_ptr, q_weight_ptr, q_bias_ptr,
-    kl_ptr, lse_p_ptr, lse_q_ptr,  # [N] float32 from the forward
+    kl_ptr, lse_p_ptr, lse_q_ptr,  # [N] from the forward: float32, float64, float64
     grad_ptr,  # [N] float32 incoming gradient of the KL
     dw_p_ptr,  # [V, H_P] float32 in/out, zero-initialized; unused unless NEED_P_WEIGHT
     dw_q_ptr,  # [V, H_Q] float32 in/out, zero-initialized; unused unless NEED_Q_WEIGHT
@@ -282,13 +307,15 @@ def _linear_kl_dw_kernel(
     db_q = tl.zeros([BLOCK_V], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        row_ok, lse_p, lse_q, kl, g = _row_inputs(lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr, rows, N, inv_temperature)
+        row_ok, hi_p, hi_q, kl_lo, coef_p, coef_q = _row_inputs(
+            lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr, rows, N, inv_temperature
+        )
         x_p, x_q = _both_tiles(
             p_hidden_ptr, p_weight_ptr, p_bias_ptr, q_hidden_ptr, q_weight_ptr, q_bias_ptr,
             rows, cols, row_ok, col_ok, H_P, H_Q, inv_temperature,
             HAS_P_BIAS, HAS_Q_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
-        g_p, g_q = _kl_grad_tiles(x_p, x_q, row_ok, lse_p, lse_q, kl, g)
+        g_p, g_q = _kl_grad_tiles(x_p, x_q, row_ok, hi_p, hi_q, kl_lo, coef_p, coef_q)
         if NEED_P_BIAS:
             db_p += tl.sum(g_p, axis=0)
         if NEED_Q_BIAS:
@@ -335,7 +362,8 @@ def linear_kl_fwd(
     config: TileConfig | None = None,
     splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token ``(KL(P || Q), lse_p, lse_q)``, float32 ``[N]``.
+    """Per-token ``(KL(P || Q), lse_p, lse_q)``, ``[N]``: the KL float32, the log-sum-exps float64 (for the
+    backward, see ``_softmax_row.split_lse``).
 
     Args:
         p_hidden: ``[N, H_P]``; p_weight: ``[V, H_P]``; p_bias: ``[V]`` or None; likewise ``q_*``
@@ -348,7 +376,7 @@ def linear_kl_fwd(
     n_rows, vocab = _check(p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias)
     device = p_hidden.device
     if n_rows == 0:
-        return tuple(torch.empty(0, dtype=torch.float32, device=device) for _ in range(3))
+        return empty_f32(device), *(torch.empty(0, dtype=torch.float64, device=device) for _ in range(2))
     config = config or CONFIGS[p_hidden.dtype][0]
     n_splits, v_per_split = vocabulary_splits(n_rows, vocab, config, device, splits)
     state = torch.empty((5, n_splits, n_rows), dtype=torch.float32, device=device)  # m_p, s_p, a, m_q, s_q

@@ -6,10 +6,12 @@ SMs than there are token tiles: see ``vocabulary_splits``) walks the vocabulary 
 columns; each logits tile is a ``tl.dot`` over ``H`` in ``BLOCK_H`` steps (float32 accumulator), scaled by
 ``1/T`` and merged into a per-token online log-sum-exp (and the entropy sums, and the label's logit).
 Only those per-token states leave the kernel, one per split; the host merges them into ``logp``,
-``entropy``, ``lse`` ``[N]``. Semantics are those of
+``entropy`` and the float64 ``lse`` ``[N]``. Semantics are those of
 ``token_stats.py`` applied to ``logits = hidden @ weight.T + bias``.
 
-Backward, with ``x`` the recomputed logits tile over ``T``, ``p = exp(x - lse)``::
+Backward, with ``x`` the recomputed logits tile over ``T`` and ``p = exp((x - hi) - lo)``, ``lse = hi + lo``
+in float32 parts (``_softmax_row.split_lse``: ``x - hi`` is exact next to the row max, where a float32 ``lse``
+would be off by up to half its ulp, 1.2e-4 at ``|x| ~ 3000``, and so would every ``p``)::
 
     g = (g_lp (1[v == label] - p) - g_H p (log p + H)) / T          [BLOCK_N, BLOCK_V], float32
     d_hidden += g @ W_tile              d_weight_tile += g^T @ hidden_tile          d_bias += sum_n g
@@ -34,8 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, AotSpec, TileConfig, aot_spec, empty_f32
+from ._common import TRITON_DTYPE, AotSpec, TileConfig, aot_spec, empty_f32, unused_f32
 from ._linear_tile import dot, load_rows, logits_tile, upcast_dot
+from ._softmax_row import split_lse
 
 __all__ = ["CONFIGS", "aot_specs", "linear_token_stats_bwd", "linear_token_stats_fwd"]
 
@@ -77,7 +80,8 @@ def _grad_tile(
     cols,  # [BLOCK_V]
     col_ok,  # [BLOCK_V] real (not padded) columns
     row_ok,  # [BLOCK_N] rows that get a gradient
-    lse,  # [BLOCK_N] float32
+    lse_hi,  # [BLOCK_N] float32: the rows' lse as split_lse gives it
+    lse_lo,  # [BLOCK_N] float32
     label,  # [BLOCK_N] int64; used if GRAD_LOGP
     g_lp,  # [BLOCK_N] float32, already divided by T; used if GRAD_LOGP
     g_h,  # [BLOCK_N] float32, already divided by T; used if GRAD_ENTROPY
@@ -90,7 +94,7 @@ def _grad_tile(
 ):
     """d(g_lp logp + g_H entropy + g_m mean_logp)/d logits for one tile, float32, 0 in masked rows and
     padded columns."""
-    logp = x - lse[:, None]
+    logp = (x - lse_hi[:, None]) - lse_lo[:, None]
     p = tl.exp(logp)
     g = tl.zeros(x.shape, tl.float32)
     if GRAD_LOGP:
@@ -107,19 +111,18 @@ def _grad_tile(
 
 @triton.jit
 def _row_grads(
-    labels_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr,
+    labels_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr,
     rows, N, inv_temperature, ignore_index,
     HAS_LABELS: tl.constexpr, GRAD_LOGP: tl.constexpr, GRAD_ENTROPY: tl.constexpr, GRAD_MEAN: tl.constexpr,
 ):  # fmt: skip
-    """Per-row inputs of :func:`_grad_tile` for token indices ``rows``:
-    ``(row_ok, lse, label, g_lp, g_h, entropy, g_m)``."""
+    """Per-row inputs of :func:`_grad_tile` for token indices ``rows`` but the lse (see :func:`_row_lse`):
+    ``(row_ok, label, g_lp, g_h, entropy, g_m)``."""
     in_range = rows < N
     row_ok = in_range
     label = tl.zeros(rows.shape, tl.int64)
     if HAS_LABELS:
         label = tl.load(labels_ptr + rows, mask=in_range, other=0)
         row_ok = in_range & (label != ignore_index)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g_lp = tl.zeros(rows.shape, tl.float32)
     g_h = tl.zeros(rows.shape, tl.float32)
     entropy = tl.zeros(rows.shape, tl.float32)
@@ -131,7 +134,13 @@ def _row_grads(
     g_m = tl.zeros(rows.shape, tl.float32)
     if GRAD_MEAN:
         g_m = tl.load(grad_mean_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
-    return row_ok, lse, label, g_lp, g_h, entropy, g_m
+    return row_ok, label, g_lp, g_h, entropy, g_m
+
+
+@triton.jit
+def _row_lse(lse_ptr, rows, row_ok):
+    """The float64 lse of token indices ``rows`` as :func:`_grad_tile` takes it: ``(hi, lo)``, float32."""
+    return split_lse(tl.load(lse_ptr + rows, mask=row_ok, other=0.0))
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -229,6 +238,7 @@ def _linear_fwd_kernel(
 def _merge_splits(m, s, t, x_label, x_sum, row_ok):
     """``(lse, logp, entropy, mean_logp)`` [N] from the per-split states ``[splits, N]`` of the forward kernel
     (``t``, ``x_label``, ``x_sum`` None when not computed; their outputs are then None); 0 where not ``row_ok``.
+    ``lse`` is float64 (the sum of the float32 ``M`` and ``log s``, exact), the others float32.
 
     Each split's sums are taken against its own max; rescaled to the row's max ``M`` they add up, as between the
     vocabulary tiles of one program. A split whose columns are all ``-inf`` (a masked vocabulary) has ``m = -inf``
@@ -237,7 +247,7 @@ def _merge_splits(m, s, t, x_label, x_sum, row_ok):
     total = (alpha * s).sum(0)
     log_s = torch.log(total)
     zero = torch.zeros((), device=m.device)
-    lse = torch.where(row_ok, big_m + log_s, zero)
+    lse = torch.where(row_ok, big_m.double() + log_s.double(), 0.0)
     logp = entropy = mean_logp = None
     if x_label is not None:
         # (x - M) - log_s: exact for a confident token, where x - lse would lose log_s ~ 0 to rounding
@@ -258,7 +268,7 @@ def _linear_dh_kernel(
     weight_ptr,  # [V, H] contiguous
     bias_ptr,  # [V]; unused unless HAS_BIAS
     labels_ptr,  # [N] int64; unused unless HAS_LABELS
-    lse_ptr,  # [N] float32
+    lse_ptr,  # [N] float64
     entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
     grad_logp_ptr,  # [N] float32; unused unless GRAD_LOGP
     grad_entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
@@ -287,8 +297,8 @@ def _linear_dh_kernel(
     # into split s's own [N, H] slice of dh (the host sums the splits)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
-    row_ok, lse, label, g_lp, g_h, entropy, g_m = _row_grads(
-        labels_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr, rows, N,
+    row_ok, label, g_lp, g_h, entropy, g_m = _row_grads(
+        labels_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr, rows, N,
         inv_temperature, ignore_index, HAS_LABELS, GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN,
     )  # fmt: skip
     v_start = split * v_per_split
@@ -302,8 +312,11 @@ def _linear_dh_kernel(
             hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H, inv_temperature,
             HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
+        # loaded per vocabulary tile (BLOCK_N values against a BLOCK_N x BLOCK_V x H tile of work), not held
+        # across the loop: held, its two float32 per row made the float32 kernel spill on sm_80
+        lse_hi, lse_lo = _row_lse(lse_ptr, rows, row_ok)
         g = _grad_tile(
-            x, cols, col_ok, row_ok, lse, label, g_lp, g_h, entropy, g_m, 1.0 / V,
+            x, cols, col_ok, row_ok, lse_hi, lse_lo, label, g_lp, g_h, entropy, g_m, 1.0 / V,
             GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN,
         )  # fmt: skip
         g = g.to(weight_ptr.dtype.element_ty)
@@ -324,7 +337,7 @@ def _linear_dw_kernel(
     weight_ptr,  # [V, H] contiguous
     bias_ptr,  # [V]; unused unless HAS_BIAS
     labels_ptr,  # [N] int64; unused unless HAS_LABELS
-    lse_ptr,  # [N] float32
+    lse_ptr,  # [N] float64
     entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
     grad_logp_ptr,  # [N] float32; unused unless GRAD_LOGP
     grad_entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
@@ -357,10 +370,11 @@ def _linear_dw_kernel(
     db = tl.zeros([BLOCK_V], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        row_ok, lse, label, g_lp, g_h, entropy, g_m = _row_grads(
-            labels_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr, rows, N,
+        row_ok, label, g_lp, g_h, entropy, g_m = _row_grads(
+            labels_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr, rows, N,
             inv_temperature, ignore_index, HAS_LABELS, GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN,
         )  # fmt: skip
+        lse_hi, lse_lo = _row_lse(lse_ptr, rows, row_ok)
         # a tile of ignored tokens adds nothing: skip its matmuls
         if tl.max(row_ok.to(tl.int32), axis=0) > 0:
             x = logits_tile(
@@ -368,7 +382,7 @@ def _linear_dw_kernel(
                 HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
             )  # fmt: skip
             g = _grad_tile(
-                x, cols, col_ok, row_ok, lse, label, g_lp, g_h, entropy, g_m, 1.0 / V,
+                x, cols, col_ok, row_ok, lse_hi, lse_lo, label, g_lp, g_h, entropy, g_m, 1.0 / V,
                 GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN,
             )  # fmt: skip
             if NEED_BIAS:
@@ -457,8 +471,8 @@ def linear_token_stats_fwd(
         splits: force the number of vocabulary splits of the token tiles (tests; see :func:`vocabulary_splits`).
 
     Returns:
-        ``(logp, entropy, lse, mean_logp)``, float32 ``[N]``; the optional ones are empty ``[0]`` when not
-        asked for.
+        ``(logp, entropy, lse, mean_logp)``, ``[N]``, float32 but ``lse`` float64 (for the backward, see
+        ``_softmax_row.split_lse``); the optional ones are empty ``[0]`` when not asked for.
     """
     n_rows, _, vocab = _check(hidden, weight, bias)
     if with_logp and labels is None:
@@ -466,7 +480,7 @@ def linear_token_stats_fwd(
     device = hidden.device
     if n_rows == 0:
         empty = empty_f32(device)
-        return empty, empty, empty, empty
+        return empty, empty, torch.empty(0, dtype=torch.float64, device=device), empty
     config = config or CONFIGS[hidden.dtype][0]
     n_splits, v_per_split = vocabulary_splits(n_rows, vocab, config, device, splits)
     state = torch.empty((5, n_splits, n_rows), dtype=torch.float32, device=device)  # m, s, t, x_label, x_sum
@@ -518,7 +532,7 @@ def linear_token_stats_bwd(
 
     Args:
         hidden, weight, bias, labels, temperature, ignore_index: as in :func:`linear_token_stats_fwd`.
-        lse: ``[N]`` float32 from the forward; entropy: ``[N]`` float32 from the forward (None when
+        lse: ``[N]`` float64 from the forward; entropy: ``[N]`` float32 from the forward (None when
             ``grad_entropy`` is None).
         grad_logp, grad_entropy, grad_mean_logp: ``[N]`` float32 incoming gradients, or None for "no
             such term".
@@ -545,10 +559,11 @@ def linear_token_stats_bwd(
     active = n_rows > 0 and any(g is not None for g in (grad_logp, grad_entropy, grad_mean_logp))
     if active:
         dh_config, dw_config = (config, config) if config else CONFIGS[dtype][1:]
+        off = unused_f32(device)  # stands in for switched-off pointers, typed as aot_specs has them
         pointers = (
-            hidden, weight, lse if bias is None else bias, lse if labels is None else labels, lse,
-            lse if entropy is None else entropy, lse if grad_logp is None else grad_logp,
-            lse if grad_entropy is None else grad_entropy, lse if grad_mean_logp is None else grad_mean_logp,
+            hidden, weight, off if bias is None else bias, off if labels is None else labels, lse,
+            off if entropy is None else entropy, off if grad_logp is None else grad_logp,
+            off if grad_entropy is None else grad_entropy, off if grad_mean_logp is None else grad_mean_logp,
         )  # fmt: skip
         switches = {
             "HAS_BIAS": bias is not None, "HAS_LABELS": labels is not None,
@@ -567,7 +582,7 @@ def linear_token_stats_bwd(
             d_hidden = parts[0] if n_splits == 1 else parts.sum(0)
         if need_weight or need_bias:
             _linear_dw_kernel[(triton.cdiv(vocab, dw_config.block_v),)](
-                *pointers, d_weight if need_weight else lse, d_bias if need_bias else lse, n_rows, h_dim, vocab,
+                *pointers, d_weight if need_weight else off, d_bias if need_bias else off, n_rows, h_dim, vocab,
                 *scalars, **switches, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, UPCAST=upcast, **dw_config.launch(),
             )  # fmt: skip
     if not need_hidden:

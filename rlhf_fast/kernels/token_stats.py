@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import CONFIGS, TRITON_DTYPE, AotSpec, aot_spec, check_rows, empty_f32, pick_config
-from ._softmax_row import row_position, row_stats, write_grad_row
+from ._common import CONFIGS, TRITON_DTYPE, AotSpec, aot_spec, check_rows, empty_f32, pick_config, unused_f32
+from ._softmax_row import lse64, row_position, row_stats, split_lse, write_grad_row
 
 # The fused forward+gradient variant lives in its own file; re-exported so that this module holds
 # the whole token-stats interface (rlhf_fast._dispatch looks the launchers up here).
@@ -43,7 +43,7 @@ def _token_stats_fwd_kernel(
     labels_ptr,  # [N] int64; unused unless HAS_LABELS
     logp_ptr,  # [N] float32 out; unused unless WITH_LOGP
     entropy_ptr,  # [N] float32 out; unused unless WITH_ENTROPY
-    lse_ptr,  # [N] float32 out
+    lse_ptr,  # [N] float64 out (see split_lse)
     mean_logp_ptr,  # [N] float32 out; unused unless WITH_MEAN_LOGP
     # strides of logits, in elements
     stride_a,
@@ -72,7 +72,7 @@ def _token_stats_fwd_kernel(
         n_read = tl.where(valid, V, 0)
 
     m, log_s, entropy, mean_logp = row_stats(row_ptr, n_read, V, inv_temperature, WITH_ENTROPY, WITH_MEAN_LOGP, BLOCK_V)
-    lse = m + log_s
+    lse = lse64(m, log_s)
     if HAS_LABELS:
         lse = tl.where(valid, lse, 0.0)
         entropy = tl.where(valid, entropy, 0.0)
@@ -94,7 +94,7 @@ def _token_stats_bwd_kernel(
     # pointers
     logits_ptr,  # [A, B, V] view, stride(2) == 1
     labels_ptr,  # [N] int64; unused unless HAS_LABELS
-    lse_ptr,  # [N] float32
+    lse_ptr,  # [N] float64
     entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
     grad_logp_ptr,  # [N] float32; unused unless GRAD_LOGP
     grad_entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
@@ -139,8 +139,9 @@ def _token_stats_bwd_kernel(
         # An ignored row is never read; it gets a row of zeros.
         n_read = tl.where(label != ignore_index, V, 0)
 
+    lse_hi, lse_lo = split_lse(tl.load(lse_ptr + row))
     write_grad_row(
-        row_ptr, grad_logits_ptr + row * V, n_read, V, inv_temperature, tl.load(lse_ptr + row),
+        row_ptr, grad_logits_ptr + row * V, n_read, V, inv_temperature, lse_hi, lse_lo,
         label, g_lp, g_h, entropy, g_u,
         GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN_LOGP, BLOCK_V,
     )  # fmt: skip
@@ -172,31 +173,33 @@ def token_stats_fwd(
         block_v: force the block size (a power of two); tests use it to make rows span blocks.
 
     Returns:
-        ``(logp, entropy, lse, mean_logp)``, float32 ``[N]``; ``logp``/``entropy``/``mean_logp`` are
-        empty ``[0]`` when not requested. ``lse`` is always returned: the backward needs it.
+        ``(logp, entropy, lse, mean_logp)``, ``[N]``, float32 but ``lse`` float64 (see ``split_lse``);
+        ``logp``/``entropy``/``mean_logp`` are empty ``[0]`` when not requested. ``lse`` is always
+        returned: the backward needs it.
     """
     a_dim, b_dim, vocab = check_rows("logits", logits)
     if with_logp and labels is None:
         raise ValueError("with_logp=True needs labels")
     n_rows = a_dim * b_dim
     device = logits.device
-    lse = torch.empty(n_rows, dtype=torch.float32, device=device)
+    lse = torch.empty(n_rows, dtype=torch.float64, device=device)
     logp = torch.empty(n_rows, dtype=torch.float32, device=device) if with_logp else empty_f32(device)
     entropy = torch.empty(n_rows, dtype=torch.float32, device=device) if with_entropy else empty_f32(device)
     mean_logp = torch.empty(n_rows, dtype=torch.float32, device=device) if with_mean_logp else empty_f32(device)
     if n_rows == 0:
         return logp, entropy, lse, mean_logp
     config = pick_config(vocab, block_v)
-    # Outputs (and labels) that are switched off are never touched; lse stands in for their pointer.
+    # Outputs (and labels) that are switched off are never touched; `off` stands in for their pointer.
+    off = unused_f32(device)
     _token_stats_fwd_kernel[(n_rows,)](
-        logits, lse if labels is None else labels, logp if with_logp else lse,
-        entropy if with_entropy else lse, lse, mean_logp if with_mean_logp else lse,
+        logits, off if labels is None else labels, logp if with_logp else off,
+        entropy if with_entropy else off, lse, mean_logp if with_mean_logp else off,
         logits.stride(0), logits.stride(1),
         b_dim, vocab,
         1.0 / temperature, ignore_index,
         HAS_LABELS=labels is not None, WITH_LOGP=with_logp, WITH_ENTROPY=with_entropy,
         WITH_MEAN_LOGP=with_mean_logp,
-        BLOCK_V=config.block_v, num_warps=config.num_warps,
+        **config.launch(),
     )  # fmt: skip
     return logp, entropy, lse, mean_logp
 
@@ -223,7 +226,7 @@ def token_stats_bwd(
     Args:
         logits: ``[A, B, V]`` view with ``stride(2) == 1``, as in the forward.
         labels: ``[N]`` int64 or None (needed when ``grad_logp`` is given).
-        lse: ``[N]`` float32 from :func:`token_stats_fwd`.
+        lse: ``[N]`` float64 from :func:`token_stats_fwd`.
         entropy: ``[N]`` float32 from the forward; may be None when ``grad_entropy`` is None.
         grad_logp, grad_entropy, grad_mean_logp: ``[N]`` float32 incoming gradients, or None for
             "no such term" (``mean_logp`` itself is not needed).
@@ -243,19 +246,20 @@ def token_stats_bwd(
         return torch.zeros((a_dim, b_dim, vocab), dtype=logits.dtype, device=logits.device)
     grad_logits = torch.empty((a_dim, b_dim, vocab), dtype=logits.dtype, device=logits.device)
     config = pick_config(vocab, block_v)
+    off = unused_f32(logits.device)  # stands in for the switched-off inputs
     _token_stats_bwd_kernel[(n_rows,)](
-        logits, lse if labels is None else labels, lse,
-        lse if entropy is None else entropy,
-        lse if grad_logp is None else grad_logp,
-        lse if grad_entropy is None else grad_entropy,
-        lse if grad_mean_logp is None else grad_mean_logp,
+        logits, off if labels is None else labels, lse,
+        off if entropy is None else entropy,
+        off if grad_logp is None else grad_logp,
+        off if grad_entropy is None else grad_entropy,
+        off if grad_mean_logp is None else grad_mean_logp,
         grad_logits,
         logits.stride(0), logits.stride(1),
         b_dim, vocab,
         1.0 / temperature, ignore_index,
         HAS_LABELS=labels is not None, GRAD_LOGP=grad_logp is not None,
         GRAD_ENTROPY=grad_entropy is not None, GRAD_MEAN_LOGP=grad_mean_logp is not None,
-        BLOCK_V=config.block_v, num_warps=config.num_warps,
+        **config.launch(),
     )  # fmt: skip
     return grad_logits
 
@@ -278,7 +282,7 @@ _BWD_SWITCHES_LARGEST = [(1, 1, 0, 1), (0, 0, 0, 1)]
 def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     """Both kernels, for ``dtype`` logits, in the switch combinations above, plus the all-switches-on
     variants with int64 strides (logits past 2**31 elements) at the largest config. Switched-off
-    pointers are typed float32: lse stands in for them."""
+    pointers are typed float32: a float32 placeholder stands in for them."""
     dt = TRITON_DTYPE[dtype]
     specs = []
     for config in CONFIGS:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._common import CONFIGS, TRITON_DTYPE, AotSpec, aot_spec, check_rows, empty_f32, pick_config
-from ._softmax_row import row_position, row_stats, write_grad_row
+from ._softmax_row import lse64, row_position, row_stats, write_grad_row
 
 __all__ = ["aot_specs", "token_stats_fused"]
 
@@ -49,7 +49,7 @@ def _token_stats_fused_kernel(
     coef3_ptr,  # [N] float32: unused (MODE 0) | w, the row's loss weight (MODE 1)
     logp_ptr,  # [N] float32 out
     entropy_ptr,  # [N] float32 out; unused unless WITH_ENTROPY
-    lse_ptr,  # [N] float32 out
+    lse_ptr,  # [N] float64 out (see split_lse)
     mean_logp_ptr,  # [N] float32 out; unused unless WITH_MEAN_LOGP
     grad_ptr,  # [A, B, V] out, logits dtype, stride(2) == 1; may be logits_ptr itself
     # strides, in elements
@@ -86,7 +86,7 @@ def _token_stats_fused_kernel(
 
     # pass 1: statistics (reads only)
     m, log_s, entropy, mean_logp = row_stats(row_ptr, n_read, V, inv_temperature, WITH_ENTROPY, WITH_MEAN_LOGP, BLOCK_V)
-    lse = tl.where(valid, m + log_s, 0.0)
+    lse = tl.where(valid, lse64(m, log_s), 0.0)
     entropy = tl.where(valid, entropy, 0.0)
     # One scalar read of x[label], from L2, still before pass 2 can overwrite the row.
     x_label = tl.load(row_ptr + label, mask=valid, other=0.0).to(tl.float32) * inv_temperature
@@ -133,9 +133,10 @@ def _token_stats_fused_kernel(
         if WITH_ENTROPY:
             g_h = -w * entropy_coef
 
-    # pass 2: the gradient, 1/T folded into the coefficients
+    # pass 2: the gradient, 1/T folded into the coefficients; log p = (x - m) - log_s, as split_lse would
+    # give it from the saved lse, exact next to the max
     write_grad_row(
-        row_ptr, out_ptr, n_read, V, inv_temperature, lse,
+        row_ptr, out_ptr, n_read, V, inv_temperature, m, log_s,
         label, g_lp * inv_temperature, g_h * inv_temperature, entropy, g_u * inv_temperature,
         True, WITH_ENTROPY, MODE == 0, BLOCK_V,
     )  # fmt: skip
@@ -177,8 +178,8 @@ def token_stats_fused(
         block_v: force the block size (tests).
 
     Returns:
-        ``(logp, entropy, lse, mean_logp)``, float32 ``[N]``; ``entropy``/``mean_logp`` are empty
-        ``[0]`` when not requested.
+        ``(logp, entropy, lse, mean_logp)``, float32 ``[N]`` (``lse`` float64); ``entropy``/``mean_logp``
+        are empty ``[0]`` when not requested.
     """
     a_dim, b_dim, vocab = check_rows("logits", logits)
     if check_rows("grad", grad) != (a_dim, b_dim, vocab) or grad.dtype != logits.dtype:
@@ -201,7 +202,8 @@ def token_stats_fused(
         raise ValueError("a nonzero entropy_coef needs with_entropy=True")
 
     device = logits.device
-    logp, lse = (torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(2))
+    logp = torch.empty(n_rows, dtype=torch.float32, device=device)
+    lse = torch.empty(n_rows, dtype=torch.float64, device=device)
     entropy = torch.empty(n_rows, dtype=torch.float32, device=device) if with_entropy else empty_f32(device)
     mean_logp = torch.empty(n_rows, dtype=torch.float32, device=device) if with_mean_logp else empty_f32(device)
     if n_rows == 0:
@@ -209,14 +211,14 @@ def token_stats_fused(
     config = pick_config(vocab, block_v)
     _token_stats_fused_kernel[(n_rows,)](
         logits, labels, coefs[0], coefs[1], coefs[2], coefs[n_coefs - 1],
-        logp, entropy if with_entropy else lse, lse, mean_logp if with_mean_logp else lse, grad,
+        logp, entropy if with_entropy else logp, lse, mean_logp if with_mean_logp else logp, grad,
         logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
         b_dim, vocab,
         1.0 / temperature, ignore_index,
         float(clip_low), float(clip_high), float(dual_clip), float(kl_coef), float(entropy_coef),
         MODE=mode, KL_KIND=int(kl_kind) if mode == MODE_PPO and kl_coef != 0.0 else 0,
         WITH_ENTROPY=with_entropy, WITH_MEAN_LOGP=with_mean_logp,
-        BLOCK_V=config.block_v, num_warps=config.num_warps,
+        **config.launch(),
     )  # fmt: skip
     return logp, entropy, lse, mean_logp
 

@@ -5,7 +5,9 @@ two leading strides arbitrary, so a ``logits[:, :-1]`` slice arrives without a c
 rows; per-row tensors are contiguous ``[N]``; labels int64):
 
 ``token_stats_fwd(logits, labels?, temperature, ignore_index, with_logp, with_entropy, with_mean_logp)``
-    -> ``(logp [N], entropy [N], lse [N], mean_logp [N])``, float32. With ``x = logits / T``:
+    -> ``(logp [N], entropy [N], lse [N], mean_logp [N])``, float32 except ``lse``, which is float64 (the
+    backward's ``p = exp(x - lse)`` needs more than float32 holds once ``|x|`` is large; see ``SplitLse`` in
+    ``csrc/cpu/vec_utils.h``). With ``x = logits / T``:
     ``lse = logsumexp(x)``, ``logp = x[label] - lse``, ``entropy = lse - sum softmax(x) * x`` and
     ``mean_logp = mean_v log softmax(x)_v`` (what label smoothing needs). Rows whose label is
     ``ignore_index`` are skipped (all outputs 0). Outputs not asked for are empty ``[0]`` tensors.
@@ -22,7 +24,8 @@ params, grad)`` -> the outputs of ``token_stats_fwd``, and writes the gradient o
     ``[old_logp, adv, ref_logp, weight]`` and ``params`` is ``[clip_low, clip_high, dual_clip (0: off),
     kl_coef, kl_kind (1|2|3), entropy_coef]``; ``g_lp = w * (d pg / d logp + kl_coef * d k / d logp)``,
     ``g_H = -w * entropy_coef`` (see ``rlhf_fast._torch_backend.ppo_coefs``).
-``kl_fwd(p_logits, q_logits, temperature)`` -> ``(kl [N], lse_p [N], lse_q [N])``, exact KL(P||Q).
+``kl_fwd(p_logits, q_logits, temperature)`` -> ``(kl [N], lse_p [N], lse_q [N])``, exact KL(P||Q); the
+    log-sum-exps float64 as above.
 ``kl_bwd(p_logits, q_logits, lse_p, lse_q, kl, grad_kl, temperature, need_p, need_q)``
     -> ``(g * P * (log P - log Q - kl) / T, g * (Q - P) / T)``, each empty ``[0]`` when not needed.
 
@@ -49,6 +52,10 @@ def _rows(t: Tensor) -> int:
 
 def _f32(n: int, like: Tensor) -> Tensor:
     return like.new_empty(n, dtype=torch.float32)
+
+
+def _f64(n: int, like: Tensor) -> Tensor:
+    return like.new_empty(n, dtype=torch.float64)
 
 
 def empty_gradient(like: Tensor, backend: str) -> Tensor:
@@ -90,7 +97,7 @@ def token_stats_fwd(
     if labels is not None:
         check_labels_in_range(labels, logits.shape[-1], ignore_index)
     if _rows(logits) == 0:
-        return _f32(0, logits), _f32(0, logits), _f32(0, logits), _f32(0, logits)
+        return _f32(0, logits), _f32(0, logits), _f64(0, logits), _f32(0, logits)
     return TABLE[backend].token_stats_fwd(
         logits, labels, temperature, ignore_index, with_logp, with_entropy, with_mean_logp
     )
@@ -98,7 +105,8 @@ def token_stats_fwd(
 
 def _stats_outputs(logits, with_logp, with_entropy, with_mean_logp):
     n = _rows(logits)
-    return tuple(_f32(n if wanted else 0, logits) for wanted in (with_logp, with_entropy, True, with_mean_logp))
+    logp, entropy, mean_logp = (_f32(n if w else 0, logits) for w in (with_logp, with_entropy, with_mean_logp))
+    return logp, entropy, _f64(n, logits), mean_logp
 
 
 @token_stats_fwd.register_fake
@@ -189,7 +197,7 @@ def _fused(
 ):
     check_labels_in_range(labels, logits.shape[-1], ignore_index)
     if _rows(logits) == 0:
-        return _f32(0, logits), _f32(0, logits), _f32(0, logits), _f32(0, logits)
+        return _f32(0, logits), _f32(0, logits), _f64(0, logits), _f32(0, logits)
     return TABLE[backend].token_stats_fused(
         logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, loss_mode, coefs, params, grad
     )
@@ -249,14 +257,14 @@ def _(logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, l
 @torch.library.custom_op("rlhf_fast::kl_fwd", mutates_args=())
 def kl_fwd(p_logits: Tensor, q_logits: Tensor, temperature: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     if _rows(p_logits) == 0:
-        return _f32(0, p_logits), _f32(0, p_logits), _f32(0, p_logits)
+        return _f32(0, p_logits), _f64(0, p_logits), _f64(0, p_logits)
     return TABLE[backend].kl_fwd(p_logits, q_logits, temperature)
 
 
 @kl_fwd.register_fake
 def _(p_logits, q_logits, temperature, backend):
     n = _rows(p_logits)
-    return _f32(n, p_logits), _f32(n, p_logits), _f32(n, p_logits)
+    return _f32(n, p_logits), _f64(n, p_logits), _f64(n, p_logits)
 
 
 @torch.library.custom_op("rlhf_fast::kl_bwd", mutates_args=())

@@ -325,7 +325,8 @@ class _LinearTokenStats(torch.autograd.Function):
         # hidden: [N, H], weight: [V, H], bias: [V] or None, labels: [N] or None
         N = hidden.shape[0]
         outs = [torch.empty(N if w else 0, dtype=torch.float32, device=hidden.device) for w in wanted]
-        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        # float64, as the kernels give it: the backward's exp(x - lse) needs more than float32 holds at large |x|
+        lse = torch.empty(N, dtype=torch.float64, device=hidden.device)
         chunk_logits = _ChunkLogits(weight, bias, softcap, min(rows, N), hidden)
         for r0 in range(0, N, rows):
             sl = slice(r0, min(r0 + rows, N))
@@ -466,9 +467,12 @@ def _fused_chunks(h2d, weight, bias, labels, temperature, ignore_index, *, with_
     backends only (the Triton one has its own tl.dot kernels).
     """
     N = h2d.shape[0]
-    outs = [
-        torch.empty(N if w else 0, dtype=torch.float32, device=h2d.device) for w in (True, True, True, with_mean_logp)
-    ]
+
+    def per_token(wanted, dtype=torch.float32):
+        return torch.empty(N if wanted else 0, dtype=dtype, device=h2d.device)
+
+    # logp, entropy, lse (float64, as the kernels return it) and mean_logp
+    outs = [per_token(True), per_token(True), per_token(True, torch.float64), per_token(with_mean_logp)]
     head = _HeadGrads(h2d, weight, bias, need, by_vocab=True)
     with torch.no_grad():
         chunk_logits = _ChunkLogits(weight, bias, softcap, min(rows, N), h2d)
@@ -768,7 +772,8 @@ class _LinearKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias, temperature, rows, backend):
         N = p_hidden.shape[0]
-        kl, lse_p, lse_q = (torch.empty(N, dtype=torch.float32, device=p_hidden.device) for _ in range(3))
+        kl = torch.empty(N, dtype=torch.float32, device=p_hidden.device)
+        lse_p, lse_q = (torch.empty(N, dtype=torch.float64, device=p_hidden.device) for _ in range(2))
         p_logits = _ChunkLogits(p_weight, p_bias, None, min(rows, N), p_hidden)
         q_logits = _ChunkLogits(q_weight, q_bias, None, min(rows, N), q_hidden)
         for r0 in range(0, N, rows):
