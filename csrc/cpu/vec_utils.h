@@ -38,8 +38,8 @@ static_assert(kChunk % kStep == 0);
 
 // Every kernel forms x = logits * (1/T) with a plain rounded multiply and is compiled with
 // -ffp-contract=off (setup.py), so that multiply is never fused into x - m. Forward and backward
-// then see the same float x: for a logit of 1e4 the max element still gets exactly x - lse = 0
-// (p = 1), as in eager PyTorch.
+// then see the same float x: x - m and x - hi (SplitLse) next to the max are exact differences of
+// the very floats the forward summed.
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 // vexp is exactly 0 below -87.3, so clamping a log-probability at -200 changes no p, but keeps
