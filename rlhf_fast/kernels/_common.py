@@ -15,6 +15,7 @@ Nothing here imports triton: ``rlhf_fast.kernels`` stays cheap to import.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -35,13 +36,10 @@ class KernelConfig:
         """The kernel's block-size arguments."""
         return {"BLOCK_V": self.block_v}
 
-    def options(self) -> dict[str, int]:
-        """The compile options of a launch (``num_warps``, and ``maxnreg`` when set)."""
-        return {"num_warps": self.num_warps, **({"maxnreg": self.maxnreg} if self.maxnreg else {})}
-
     def launch(self) -> dict[str, int]:
-        """The block size and compile options: the keyword arguments of a launch."""
-        return {**self.constexprs(), **self.options()}
+        """The block size, warps and (when set) maxnreg: the keyword arguments of a launch."""
+        cap = {"maxnreg": self.maxnreg} if self.maxnreg else {}
+        return {**self.constexprs(), "num_warps": self.num_warps, **cap}
 
 
 @dataclass(frozen=True)
@@ -130,10 +128,12 @@ def empty_f32(device: torch.device) -> torch.Tensor:
     return torch.empty(0, dtype=torch.float32, device=device)
 
 
+@functools.cache
 def unused_f32(device: torch.device) -> torch.Tensor:
     """A one-element float32 tensor to pass for a pointer argument that a switched-off feature never
     touches: a real allocation (the launcher wants a valid device pointer), typed float32 like the
-    pointers it stands in for, so that the launch matches the ahead-of-time specs."""
+    pointers it stands in for, so that the launch matches the ahead-of-time specs. One per device, made
+    once: no kernel reads or writes it, so every launch may share it without an allocation of its own."""
     return torch.empty(1, dtype=torch.float32, device=device)
 
 
