@@ -109,14 +109,15 @@ void check_per_row(const Tensor& t, int64_t n, at::ScalarType dtype, const char*
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// The kernels index rows with labels: one bad label would be an out-of-bounds read.
+// The kernels index rows with labels: one bad label would be an out-of-bounds read. A ValueError in Python,
+// with the message of rlhf_fast.ops._custom.check_labels_in_range, which the cpp backend leaves to this check.
 const int64_t* checked_labels(const OptTensor& labels, int64_t n, int64_t V, int64_t ignore_index) {
   if (!labels.has_value()) return nullptr;
   check_per_row(*labels, n, at::kLong, "labels");
   const int64_t* data = labels->const_data_ptr<int64_t>();
   for (int64_t r = 0; r < n; ++r) {
-    TORCH_CHECK((data[r] >= 0 && data[r] < V) || data[r] == ignore_index, "labels must lie in [0, ", V,
-                ") or equal ignore_index=", ignore_index, "; found ", data[r]);
+    TORCH_CHECK_VALUE((data[r] >= 0 && data[r] < V) || data[r] == ignore_index, "labels must lie in [0, ", V,
+                      ") or equal ignore_index=", ignore_index, "; found ", data[r]);
   }
   return data;
 }

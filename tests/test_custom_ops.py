@@ -21,6 +21,7 @@ from _cases import (
     row_slack,
     truncates_bf16,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlhf_fast as rf
 
@@ -307,3 +308,98 @@ def test_block_grad_is_token_stats_bwd_by_column_blocks(backend, with_entropy):
             rf.ops._custom.token_stats_block_grad_(
                 logits[:, :, :10].contiguous(), labels, lse, None, coefs, V - 5, V, 0.7, -100, backend
             )
+
+
+# ---------------------------------------------------------------------- the direct (eager) path
+class _FunctionPassThrough(torch.overrides.TorchFunctionMode):
+    """A torch-function mode that changes nothing: under it the public ops take the registered ops."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _DispatchPassThrough(TorchDispatchMode):
+    """The same for a dispatch mode (what fake tensors and make_fx use)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _public_calls(backend):
+    # (name, fn(logits, q_logits) -> scalar loss): every op and loss whose body reaches a registered op
+    labels = make_labels((3, 7), 53, ignore_frac=0.25)
+    old, adv = -torch.rand(3, 7), torch.randn(3, 7)
+    g = torch.randn(3, 7)
+    return {
+        "token_logprobs": lambda x, q: (rf.token_logprobs(x, labels, temperature=0.8, backend=backend) * g).sum(),
+        "token_entropy": lambda x, q: (rf.token_entropy(x, backend=backend) * g).sum(),
+        "logprobs_and_entropy": lambda x, q: sum(
+            (t * g).sum() for t in rf.token_logprobs_and_entropy(x, labels, backend=backend)
+        ),
+        "kl_divergence": lambda x, q: (rf.kl_divergence(x, q, temperature=1.3, backend=backend) * g).sum(),
+        "cross_entropy": lambda x, q: rf.cross_entropy(x, labels, label_smoothing=0.1, backend=backend),
+        "cross_entropy_inplace": lambda x, q: rf.cross_entropy(x * 1, labels, inplace_backward=True, backend=backend),
+        "ppo_loss": lambda x, q: rf.ppo_loss(x, labels, old, adv, entropy_coef=0.01, backend=backend)[0],
+    }
+
+
+@pytest.mark.parametrize("mode_type", [_FunctionPassThrough, _DispatchPassThrough])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_direct_path_equals_registered_ops(backend, mode_type, monkeypatch):
+    # Eager calls skip torch.library (see _custom's module doc); under any torch-function or dispatch mode they
+    # take the registered ops. Both must give the same bits, forward and backward, and each must really be taken.
+    from rlhf_fast.ops import _custom
+
+    registered = []
+    for name in ("_token_stats_fwd_op", "_token_stats_bwd_op", "_token_stats_fused_op", "_token_stats_fused_op_",
+                 "_kl_fwd_op", "_kl_bwd_op"):  # fmt: skip
+        op = getattr(_custom, name)
+        monkeypatch.setattr(_custom, name, lambda *a, _op=op, _n=name: registered.append(_n) or _op(*a))
+    p, q = make_logits((3, 7, 53), torch.float32), make_logits((3, 7, 53), torch.float32)
+    for name, fn in _public_calls(backend).items():
+        results = []
+        for mode in (None, mode_type()):
+            registered.clear()
+            x, y = p.clone().requires_grad_(), q.clone().requires_grad_()
+            if mode is None:
+                loss = fn(x, y)
+                loss.backward()
+            else:
+                with mode:
+                    loss = fn(x, y)
+                    loss.backward()
+            assert bool(registered) == (mode is not None), (name, registered)
+            results.append((loss.detach(), x.grad, y.grad))
+        for direct, via_op in zip(*results, strict=True):
+            assert (direct is None) == (via_op is None), name
+            if direct is not None:
+                assert torch.equal(direct, via_op), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_direct_inplace_bumps_the_version_counter(backend):
+    # The in-place backward writes over the logits from C++ (or Triton): autograd must still learn of it, so
+    # another graph that saved those logits refuses to backward instead of using the gradient as logits.
+    logits = make_logits((2, 5, 37), torch.float32).requires_grad_()
+    labels = make_labels((2, 5), 37)
+    shifted = logits * 1  # the buffer the in-place backward takes over
+    other = (shifted**2).sum()  # saves `shifted` for its backward
+    version = shifted._version
+    rf.cross_entropy(shifted, labels, inplace_backward=True, backend=backend).backward()
+    assert shifted._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        other.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_fake_tensors_take_the_registered_ops(backend):
+    # Shape propagation (FakeTensorMode, as torch.compile and memory planners use it) never runs a kernel.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        logits = torch.empty(2, 6, 41, requires_grad=True)
+        labels = torch.zeros(2, 6, dtype=torch.long)
+        logp = rf.token_logprobs(logits, labels, backend=backend)
+        kl = rf.kl_divergence(logits, torch.empty(2, 6, 41), backend=backend)
+        (logp.sum() + kl.sum()).backward()
+        assert logp.shape == kl.shape == (2, 6) and logits.grad.shape == (2, 6, 41)

@@ -36,12 +36,20 @@ The registered ops take one more argument, ``backend`` (``"triton" | "cpp" | "to
 resolved by the caller; the op body looks the function up in ``rlhf_fast._dispatch.TABLE``. The
 registered ``token_stats_fused`` takes no ``grad``: it allocates the buffer and returns it as a fifth
 output; ``token_stats_fused_`` writes over the logits.
+
+The ops' callers go through the functions of the same names at the end of this module. Traced code
+(``torch.compile``, ``make_fx``, fake tensors) gets the registered ops; a plain eager call on CPU or CUDA
+tensors runs the same op body directly, with the same autograd formulas (a ``torch.autograd.Function``)
+and the same version-counter bump for the in-place ops. torch.library's Python dispatch (default
+filling, alias checks, redispatch) costs 50-70 us per registered-op call here, a call's whole work at
+1024 tokens of a 4k vocabulary; the direct path costs a few.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from rlhf_fast._dispatch import TABLE
 
@@ -82,9 +90,25 @@ def check_labels_in_range(labels: Tensor, vocab: int, ignore_index: int) -> None
         raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}")
 
 
+def _check_labels(labels: Tensor | None, vocab: int, ignore_index: int, backend: str) -> None:
+    """check_labels_in_range before a kernel, except on ``cpp``, whose ops make the same check (and raise the
+    same ValueError) in C++ while reading the labels, for ~1 us where these five tensor ops take ~12."""
+    if labels is not None and backend != "cpp":
+        check_labels_in_range(labels, vocab, ignore_index)
+
+
 # ---------------------------------------------------------------------------------------- log-probs
+def _token_stats_fwd(logits, labels, temperature, ignore_index, with_logp, with_entropy, with_mean_logp, backend):
+    _check_labels(labels, logits.shape[-1], ignore_index, backend)
+    if _rows(logits) == 0:
+        return _f32(0, logits), _f32(0, logits), _f64(0, logits), _f32(0, logits)
+    return TABLE[backend].token_stats_fwd(
+        logits, labels, temperature, ignore_index, with_logp, with_entropy, with_mean_logp
+    )
+
+
 @torch.library.custom_op("rlhf_fast::token_stats_fwd", mutates_args=())
-def token_stats_fwd(
+def _token_stats_fwd_op(
     logits: Tensor,
     labels: Tensor | None,
     temperature: float,
@@ -94,13 +118,7 @@ def token_stats_fwd(
     with_mean_logp: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if labels is not None:
-        check_labels_in_range(labels, logits.shape[-1], ignore_index)
-    if _rows(logits) == 0:
-        return _f32(0, logits), _f32(0, logits), _f64(0, logits), _f32(0, logits)
-    return TABLE[backend].token_stats_fwd(
-        logits, labels, temperature, ignore_index, with_logp, with_entropy, with_mean_logp
-    )
+    return _token_stats_fwd(logits, labels, temperature, ignore_index, with_logp, with_entropy, with_mean_logp, backend)
 
 
 def _stats_outputs(logits, with_logp, with_entropy, with_mean_logp):
@@ -109,13 +127,23 @@ def _stats_outputs(logits, with_logp, with_entropy, with_mean_logp):
     return logp, entropy, _f64(n, logits), mean_logp
 
 
-@token_stats_fwd.register_fake
+@_token_stats_fwd_op.register_fake
 def _(logits, labels, temperature, ignore_index, with_logp, with_entropy, with_mean_logp, backend):
     return _stats_outputs(logits, with_logp, with_entropy, with_mean_logp)
 
 
+def _token_stats_bwd(
+    logits, labels, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature, ignore_index, backend
+):
+    if _rows(logits) == 0:
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return TABLE[backend].token_stats_bwd(
+        logits, labels, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature, ignore_index
+    )
+
+
 @torch.library.custom_op("rlhf_fast::token_stats_bwd", mutates_args=())
-def token_stats_bwd(
+def _token_stats_bwd_op(
     logits: Tensor,
     labels: Tensor | None,
     lse: Tensor,
@@ -127,14 +155,12 @@ def token_stats_bwd(
     ignore_index: int,
     backend: str,
 ) -> Tensor:
-    if _rows(logits) == 0:
-        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    return TABLE[backend].token_stats_bwd(
-        logits, labels, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature, ignore_index
+    return _token_stats_bwd(
+        logits, labels, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature, ignore_index, backend
     )
 
 
-@token_stats_bwd.register_fake
+@_token_stats_bwd_op.register_fake
 def _(logits, labels, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature, ignore_index, backend):
     return logits.new_empty(logits.shape)
 
@@ -163,8 +189,14 @@ def _stats_backward(ctx, grad_logp, grad_entropy, _grad_lse, grad_mean_logp):
 torch.library.register_autograd("rlhf_fast::token_stats_fwd", _stats_backward, setup_context=_stats_setup)
 
 
+def _token_stats_block_grad_(block, labels, lse, entropy, coefs, col0, vocab, temperature, ignore_index, backend):
+    if _rows(block) == 0:
+        return
+    TABLE[backend].token_stats_block_grad_(block, labels, lse, entropy, coefs, col0, vocab, temperature, ignore_index)
+
+
 @torch.library.custom_op("rlhf_fast::token_stats_block_grad_", mutates_args=("block",))
-def token_stats_block_grad_(
+def _token_stats_block_grad_op(
     block: Tensor,
     labels: Tensor,
     lse: Tensor,
@@ -181,12 +213,10 @@ def token_stats_block_grad_(
     weight gradient. ``coefs [3, N]`` are the upstream gradients ``(g_lp, g_H, g_u)``; ``lse`` (and
     ``entropy``, which switches the ``g_H`` term on) are the whole rows', from the first pass. Labels
     are range-checked by the caller against ``vocab``. CPU backends only."""
-    if _rows(block) == 0:
-        return
-    TABLE[backend].token_stats_block_grad_(block, labels, lse, entropy, coefs, col0, vocab, temperature, ignore_index)
+    _token_stats_block_grad_(block, labels, lse, entropy, coefs, col0, vocab, temperature, ignore_index, backend)
 
 
-@token_stats_block_grad_.register_fake
+@_token_stats_block_grad_op.register_fake
 def _(block, labels, lse, entropy, coefs, col0, vocab, temperature, ignore_index, backend):
     return None
 
@@ -195,7 +225,7 @@ def _(block, labels, lse, entropy, coefs, col0, vocab, temperature, ignore_index
 def _fused(
     logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, loss_mode, coefs, params, grad, backend
 ):
-    check_labels_in_range(labels, logits.shape[-1], ignore_index)
+    _check_labels(labels, logits.shape[-1], ignore_index, backend)
     if _rows(logits) == 0:
         return _f32(0, logits), _f32(0, logits), _f64(0, logits), _f32(0, logits)
     return TABLE[backend].token_stats_fused(
@@ -206,7 +236,7 @@ def _fused(
 # Functional (the gradient is an output, not a mutated argument): an op that mutates an argument pays
 # torch.library's Python version-counter bump on every call, ~50 us here, a few percent of a 1024-token call.
 @torch.library.custom_op("rlhf_fast::token_stats_fused", mutates_args=())
-def token_stats_fused(
+def _token_stats_fused_op(
     logits: Tensor,
     labels: Tensor,
     temperature: float,
@@ -220,13 +250,21 @@ def token_stats_fused(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward pass that also returns d loss / d logits, contiguous ``[A, B, V]`` (modes: see module
     doc), as its fifth output."""
+    return _fused_fresh(
+        logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, loss_mode, coefs, params, backend
+    )
+
+
+def _fused_fresh(
+    logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, loss_mode, coefs, params, backend
+):
     grad = empty_gradient(logits, backend)
     args = (with_entropy, with_mean_logp, loss_mode, coefs, params)
     return *_fused(logits, labels, temperature, ignore_index, *args, grad, backend), grad
 
 
 @torch.library.custom_op("rlhf_fast::token_stats_fused_", mutates_args=("logits",))
-def token_stats_fused_(
+def _token_stats_fused_op_(
     logits: Tensor,
     labels: Tensor,
     temperature: float,
@@ -243,32 +281,42 @@ def token_stats_fused_(
     return _fused(logits, labels, temperature, ignore_index, *args, logits, backend)
 
 
-@token_stats_fused.register_fake
+@_token_stats_fused_op.register_fake
 def _(logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, loss_mode, coefs, params, backend):
     return *_stats_outputs(logits, True, with_entropy, with_mean_logp), logits.new_empty(logits.shape)
 
 
-@token_stats_fused_.register_fake
+@_token_stats_fused_op_.register_fake
 def _(logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, loss_mode, coefs, params, backend):
     return _stats_outputs(logits, True, with_entropy, with_mean_logp)
 
 
 # --------------------------------------------------------------------------------------------- KL
-@torch.library.custom_op("rlhf_fast::kl_fwd", mutates_args=())
-def kl_fwd(p_logits: Tensor, q_logits: Tensor, temperature: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _kl_fwd(p_logits, q_logits, temperature, backend):
     if _rows(p_logits) == 0:
         return _f32(0, p_logits), _f64(0, p_logits), _f64(0, p_logits)
     return TABLE[backend].kl_fwd(p_logits, q_logits, temperature)
 
 
-@kl_fwd.register_fake
+@torch.library.custom_op("rlhf_fast::kl_fwd", mutates_args=())
+def _kl_fwd_op(p_logits: Tensor, q_logits: Tensor, temperature: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _kl_fwd(p_logits, q_logits, temperature, backend)
+
+
+@_kl_fwd_op.register_fake
 def _(p_logits, q_logits, temperature, backend):
     n = _rows(p_logits)
     return _f32(n, p_logits), _f64(n, p_logits), _f64(n, p_logits)
 
 
+def _kl_bwd(p_logits, q_logits, lse_p, lse_q, kl, grad_kl, temperature, need_p, need_q, backend):
+    if _rows(p_logits) == 0:
+        return p_logits.new_empty(p_logits.shape), q_logits.new_empty(q_logits.shape)
+    return TABLE[backend].kl_bwd(p_logits, q_logits, lse_p, lse_q, kl, grad_kl, temperature, need_p, need_q)
+
+
 @torch.library.custom_op("rlhf_fast::kl_bwd", mutates_args=())
-def kl_bwd(
+def _kl_bwd_op(
     p_logits: Tensor,
     q_logits: Tensor,
     lse_p: Tensor,
@@ -280,12 +328,10 @@ def kl_bwd(
     need_q: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    if _rows(p_logits) == 0:
-        return p_logits.new_empty(p_logits.shape), q_logits.new_empty(q_logits.shape)
-    return TABLE[backend].kl_bwd(p_logits, q_logits, lse_p, lse_q, kl, grad_kl, temperature, need_p, need_q)
+    return _kl_bwd(p_logits, q_logits, lse_p, lse_q, kl, grad_kl, temperature, need_p, need_q, backend)
 
 
-@kl_bwd.register_fake
+@_kl_bwd_op.register_fake
 def _(p_logits, q_logits, lse_p, lse_q, kl, grad_kl, temperature, need_p, need_q, backend):
     grad_p = p_logits.new_empty(p_logits.shape) if need_p else _f32(0, p_logits)
     grad_q = q_logits.new_empty(q_logits.shape) if need_q else _f32(0, q_logits)
@@ -313,3 +359,115 @@ def _kl_backward(ctx, grad_kl, _grad_lse_p, _grad_lse_q):
 
 
 torch.library.register_autograd("rlhf_fast::kl_fwd", _kl_backward, setup_context=_kl_setup)
+
+
+# ---------------------------------------------------------------------------- the callers' entry points
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _direct(*tensors: Tensor | None) -> bool:
+    """Whether a call may run its op body without torch.library: eager (not traced), plain CPU or CUDA tensors,
+    and no dispatch or function mode (fake tensors, ``make_fx``, a ``torch.device`` context) for the
+    registered op to answer to. The first tensor is the logits."""
+    return (
+        not torch.compiler.is_compiling()
+        and all(t is None or type(t) in _PLAIN for t in tensors)
+        and tensors[0].device.type in ("cpu", "cuda")
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+    )
+
+
+def _needs_graph(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _autograd_function(name: str, body, setup_context, backward) -> type[torch.autograd.Function]:
+    """A ``torch.autograd.Function`` running an op body with the registered op's autograd formula, for the
+    direct path. Its forward takes ctx and calls setup_context itself: with a separate setup_context, every
+    apply() binds its arguments through inspect.signature, ~45 us."""
+
+    def forward(ctx, *inputs):
+        output = body(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    return type(name, (torch.autograd.Function,), methods)
+
+
+_TokenStatsFwd = _autograd_function("_TokenStatsFwd", _token_stats_fwd, _stats_setup, _stats_backward)
+_KlFwd = _autograd_function("_KlFwd", _kl_fwd, _kl_setup, _kl_backward)
+
+
+def token_stats_fwd(logits, labels, temperature, ignore_index, with_logp, with_entropy, with_mean_logp, backend):
+    """``rlhf_fast::token_stats_fwd`` (differentiable with respect to the logits)."""
+    args = (logits, labels, temperature, ignore_index, with_logp, with_entropy, with_mean_logp, backend)
+    if not _direct(logits, labels):
+        return _token_stats_fwd_op(*args)
+    if _needs_graph(logits):
+        return _TokenStatsFwd.apply(*args)
+    return _token_stats_fwd(*args)
+
+
+def token_stats_bwd(
+    logits, labels, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature, ignore_index, backend
+):
+    """``rlhf_fast::token_stats_bwd`` (no autograd formula: a graph through it, for a double backward, is left
+    to the registered op, which refuses it)."""
+    args = (logits, labels, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature, ignore_index, backend)
+    tensors = (logits, labels, lse, entropy, grad_logp, grad_entropy, grad_mean_logp)
+    if _direct(*tensors) and not _needs_graph(*tensors):
+        return _token_stats_bwd(*args)
+    return _token_stats_bwd_op(*args)
+
+
+def token_stats_block_grad_(block, labels, lse, entropy, coefs, col0, vocab, temperature, ignore_index, backend):
+    """``rlhf_fast::token_stats_block_grad_``: writes over ``block`` and bumps its version counter."""
+    args = (block, labels, lse, entropy, coefs, col0, vocab, temperature, ignore_index, backend)
+    tensors = (block, labels, lse, entropy, coefs)
+    if _direct(*tensors) and not _needs_graph(*tensors):
+        _token_stats_block_grad_(*args)
+        increment_version(block)
+    else:
+        _token_stats_block_grad_op(*args)
+
+
+def token_stats_fused(
+    logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, loss_mode, coefs, params, backend
+):
+    """``rlhf_fast::token_stats_fused``: the stats and a fresh gradient buffer (no autograd formula)."""
+    args = (logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, loss_mode, coefs, params, backend)
+    if _direct(logits, labels, coefs) and not _needs_graph(logits, coefs):
+        return _fused_fresh(*args)
+    return _token_stats_fused_op(*args)
+
+
+def token_stats_fused_(
+    logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, loss_mode, coefs, params, backend
+):
+    """``rlhf_fast::token_stats_fused_``: the gradient over the logits, whose version counter it bumps."""
+    args = (with_entropy, with_mean_logp, loss_mode, coefs, params)
+    if _direct(logits, labels, coefs) and not _needs_graph(logits, coefs):
+        out = _fused(logits, labels, temperature, ignore_index, *args, logits, backend)
+        increment_version(logits)
+        return out
+    return _token_stats_fused_op_(logits, labels, temperature, ignore_index, *args, backend)
+
+
+def kl_fwd(p_logits, q_logits, temperature, backend):
+    """``rlhf_fast::kl_fwd`` (differentiable with respect to both logits)."""
+    if not _direct(p_logits, q_logits):
+        return _kl_fwd_op(p_logits, q_logits, temperature, backend)
+    if _needs_graph(p_logits, q_logits):
+        return _KlFwd.apply(p_logits, q_logits, temperature, backend)
+    return _kl_fwd(p_logits, q_logits, temperature, backend)
+
+
+def kl_bwd(p_logits, q_logits, lse_p, lse_q, kl, grad_kl, temperature, need_p, need_q, backend):
+    """``rlhf_fast::kl_bwd`` (no autograd formula, as token_stats_bwd)."""
+    args = (p_logits, q_logits, lse_p, lse_q, kl, grad_kl, temperature, need_p, need_q, backend)
+    tensors = (p_logits, q_logits, lse_p, lse_q, kl, grad_kl)
+    if _direct(*tensors) and not _needs_graph(*tensors):
+        return _kl_bwd(*args)
+    return _kl_bwd_op(*args)
