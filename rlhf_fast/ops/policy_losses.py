@@ -44,15 +44,16 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def _aggregation_weights(mask: Tensor, loss_agg: str) -> Tensor:
+def _aggregation_weights(mask: Tensor, loss_agg: str, n_valid: Tensor | None = None) -> Tensor:
     """Per-token weights ``w`` with ``loss = sum(w * loss_t)``; sequences are the rows of the last dim.
 
     ``token-mean``: ``1 / n_valid`` over the batch; ``seq-mean-token-mean``: ``1 / (n_t * n_seq)``;
     ``seq-mean-token-sum``: ``1 / n_seq``, where ``n_t`` counts a sequence's valid tokens and ``n_seq``
     the sequences with at least one (the others take no part in the mean). 0 on ignored tokens.
+    ``n_valid``: ``mask.sum().clamp(min=1)`` when the caller has it already.
     """
     if loss_agg == "token-mean":
-        return mask / mask.sum().clamp(min=1)
+        return mask / (mask.sum().clamp(min=1) if n_valid is None else n_valid)
     n_tokens = mask.sum(-1, keepdim=True)
     n_seqs = (n_tokens > 0).sum().clamp(min=1)
     if loss_agg == "seq-mean-token-mean":
@@ -166,6 +167,7 @@ class PPOSetup:
     advantages: Tensor
     ref_logprobs: Tensor | None
     mask: Tensor
+    n_valid: Tensor  # mask.sum().clamp(min=1): the stats' denominator
     weight: Tensor  # loss = sum(weight * loss_t), from loss_agg
     clip_low: float
     clip_high: float
@@ -199,13 +201,14 @@ class PPOSetup:
         if kl_coef != 0.0 and ref_logprobs is None:
             raise ValueError("kl_coef != 0 needs ref_logprobs")
         side_grad = any(t is not None and t.requires_grad for t in (old_logprobs, advantages, ref_logprobs))
-        mask = (labels != ignore_index).float()
+        valid = labels != ignore_index
+        mask = valid.float()
+        n_valid = mask.sum().clamp(min=1)
         # Ignored positions may hold anything (padding, -inf): zero them so 0 * NaN never reaches a sum.
-        valid = mask.bool()
         masked = [None if t is None else torch.where(valid, t, 0.0).expand(labels.shape) for t in
                   (old_logprobs, advantages, ref_logprobs)]  # fmt: skip
         return PPOSetup(
-            *masked, mask, _aggregation_weights(mask, loss_agg), clip_low, clip_high, dual_clip,
+            *masked, mask, n_valid, _aggregation_weights(mask, loss_agg, n_valid), clip_low, clip_high, dual_clip,
             kl_coef, kl_estimator, entropy_coef, side_grad,
         )  # fmt: skip
 
@@ -220,34 +223,35 @@ class PPOSetup:
         return [self.clip_low, self.clip_high, float(self.dual_clip or 0.0), kl_coef, kl_kind, self.entropy_coef]
 
     def finish(self, logp: Tensor, entropy: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss and stats from the per-token log-probs and entropies (differentiable or not)."""
-        adv, mask = self.advantages, self.mask
+        """The loss and stats from the per-token log-probs and entropies (differentiable or not).
+
+        Written in few tensor ops: at 1024 tokens each costs a few microseconds, as much as a call's kernel
+        spends on 500 vocabulary columns."""
+        adv = self.advantages
         log_ratio = logp - self.old_logprobs
         # A token with advantage 0 (every token of a GRPO group whose rewards are equal) has pg = 0 whatever
         # its ratio; taken as ratio 1, so that a ratio that overflows float32 does not make -0 * inf = NaN
         # (and the where comes before the exp: its backward would also meet 0 * inf).
         ratio = torch.exp(torch.where(adv == 0, 0.0, log_ratio))
-        pg_unclipped = -adv * ratio
-        pg_clipped = -adv * torch.clamp(ratio, 1.0 - self.clip_low, 1.0 + self.clip_high)
+        neg_adv = -adv
+        pg_unclipped = neg_adv * ratio
+        pg_clipped = neg_adv * torch.clamp(ratio, 1.0 - self.clip_low, 1.0 + self.clip_high)
         per_token = torch.maximum(pg_unclipped, pg_clipped)
         if self.dual_clip is not None:
-            per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * self.dual_clip), per_token)
-        kl_ref = torch.zeros((), device=logp.device)
+            per_token = torch.where(adv < 0, torch.minimum(per_token, neg_adv * self.dual_clip), per_token)
+        kl = None
         if self.ref_logprobs is not None:
             kl = kl_estimate(logp, self.ref_logprobs, self.kl_estimator)
-            per_token = per_token + self.kl_coef * kl
-            kl_ref = _masked_mean(kl.detach(), mask)
+            per_token = torch.add(per_token, kl, alpha=self.kl_coef)
         if self.entropy_coef != 0.0:
-            per_token = per_token - self.entropy_coef * entropy
-        loss = (per_token * self.weight).sum()
+            per_token = torch.sub(per_token, entropy, alpha=self.entropy_coef)
+        loss = torch.dot(per_token.reshape(-1), self.weight.reshape(-1))
         with torch.no_grad():
-            stats = {
-                "clip_frac": _masked_mean((pg_clipped > pg_unclipped).float(), mask),
-                "approx_kl": _masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),
-                "entropy": _masked_mean(entropy, mask),
-                "kl_ref": kl_ref,
-            }
-        return loss, stats
+            # the four masked means as one [4, N] x [N] product
+            parts = [(pg_clipped > pg_unclipped).float(), torch.expm1(-log_ratio) + log_ratio, entropy]
+            parts.append(torch.zeros_like(log_ratio) if kl is None else kl)
+            means = (torch.stack(parts).view(4, -1) @ self.mask.view(-1)) / self.n_valid
+        return loss, dict(zip(("clip_frac", "approx_kl", "entropy", "kl_ref"), means.unbind(), strict=True))
 
 
 def dpo_loss(
