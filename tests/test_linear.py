@@ -47,7 +47,7 @@ def test_linear_logprobs_and_entropy_match_float64(backend, dtype, bias):
     shape, H, V = ((2, 5), 37, 301) if backend == "triton" else ((3, 11), 67, 3001)
     hidden, weight, b, labels = _inputs(shape, H, V, dtype, bias=bias, seed=7)
     # a budget of ~4 rows per chunk: the token loop runs several chunks and a ragged last one
-    budget = 4 * V * (2 * hidden.element_size() + 4)
+    budget = 4 * linear._row_bytes(V, hidden.element_size())
     logp, ent = rf.linear_token_logprobs_and_entropy(
         hidden, weight, labels, bias=b, temperature=0.9, chunk_bytes=budget, backend=backend
     )
@@ -84,7 +84,7 @@ def test_chunking_does_not_change_the_result(backend):
 
 def test_entropy_only_and_env_budget(monkeypatch):
     hidden, weight, _, _ = _inputs((6,), 16, 257, torch.float32, bias=False, seed=5)
-    monkeypatch.setenv(linear.CHUNK_ENV_VAR, str(257 * 12 * 2))  # two rows per chunk
+    monkeypatch.setenv(linear.CHUNK_ENV_VAR, str(2 * linear._row_bytes(257, 4)))  # two rows per chunk
     ent = rf.linear_token_entropy(hidden, weight, backend="torch")
     torch.testing.assert_close(ent, reference.token_entropy(hidden @ weight.T), rtol=1e-5, atol=1e-6)
     assert linear._chunk_rows(6, 257, 4, None) == 2
@@ -109,7 +109,7 @@ def test_widened_half_head_is_float32_accurate(backend, dtype, rows, monkeypatch
     monkeypatch.setenv(linear.WIDEN_ENV_VAR, "1")
     monkeypatch.setattr(linear, "_WEIGHT_BLOCK_BYTES", 7 * 4 * H)
     hidden, weight, b, labels = _inputs((N,), H, V, dtype, bias=True, seed=61)
-    chunk_bytes = rows * V * 12
+    chunk_bytes = rows * linear._row_bytes(V, 4)
     assert linear._chunk_rows(N, V, 4, chunk_bytes) == rows
     assert (rows * V // (2 * H) < N) == (rows < 3) and (N * H <= rows * V) == (rows > 1)
     kw = dict(bias=b, chunk_bytes=chunk_bytes, backend=backend)
@@ -169,7 +169,7 @@ def test_float32_logits_gemm_runs_in_weight_blocks(backend, softcap, monkeypatch
     monkeypatch.setattr(torch, "mm", spy(mm))
     monkeypatch.setattr(torch, "addmm", spy(addmm))
     hidden, weight, b, labels = _inputs((N,), H, V, torch.float32, bias=True, seed=71)
-    kw = dict(bias=b, chunk_bytes=5 * V * 12, softcap=softcap, backend=backend)  # 5-token chunks
+    kw = dict(bias=b, chunk_bytes=5 * linear._row_bytes(V, 4, softcap is not None), softcap=softcap, backend=backend)
     leaves = [hidden, weight, b]
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     raw = leaves64[0] @ leaves64[1].T + leaves64[2]
@@ -284,7 +284,7 @@ def test_softcap_reaches_every_linear_form(backend, form, dtype):
     # from the vocabulary-outer pass (on Triton too: it once had no block gradient there and raised).
     _skip_unavailable(backend)
     hidden, weight, b, labels = _inputs((2, 7), 24, 257, dtype, bias=True, seed=51)
-    kw = dict(softcap=1.5, chunk_bytes=3 * 257 * 12, backend=backend)
+    kw = dict(softcap=1.5, chunk_bytes=3 * linear._row_bytes(257, 4, softcap=True), backend=backend)
     ours, ref = _softcap_forms(hidden, weight, b, labels, kw)[form]
     loss = ours(hidden, weight, b)
     leaves64 = [t.detach().double().requires_grad_() for t in (hidden, weight, b)]
@@ -364,7 +364,7 @@ def test_linear_cross_entropy_matches_float64(backend, dtype, reduction, smoothi
     _skip_unavailable(backend)
     shape, H, V = ((2, 5), 24, 301) if backend == "triton" else ((3, 11), 67, 3001)
     hidden, weight, b, labels = _inputs(shape, H, V, dtype, bias=True, seed=11)
-    budget = 5 * V * (2 * hidden.element_size() + 4)
+    budget = 5 * linear._row_bytes(V, hidden.element_size())
     loss = rf.linear_cross_entropy(
         hidden, weight, labels, bias=b, reduction=reduction, label_smoothing=smoothing, chunk_bytes=budget,
         backend=backend,
@@ -412,7 +412,7 @@ def test_linear_ppo_loss_matches_float64(backend, dtype):
     adv = torch.randn(shape, generator=g)
     kw = dict(clip_eps=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.1, kl_estimator="k3",
               entropy_coef=0.01, temperature=0.9, loss_agg="seq-mean-token-mean")  # fmt: skip
-    budget = 4 * V * (2 * hidden.element_size() + 4)
+    budget = 4 * linear._row_bytes(V, hidden.element_size())
     loss, stats = rf.linear_ppo_loss(
         hidden, weight, labels, old, adv, bias=b, ref_logprobs=ref_lp, chunk_bytes=budget, backend=backend, **kw
     )
@@ -489,7 +489,7 @@ def test_linear_kl_divergence_matches_float64(backend):
     shape, V = ((2, 5), 301) if backend == "triton" else ((3, 11), 2003)
     p_hidden, p_weight, p_bias, _ = _inputs(shape, 24, V, torch.float32, bias=True, seed=31)
     q_hidden, q_weight, _, _ = _inputs(shape, 40, V, torch.float32, bias=False, seed=32)  # another H
-    budget = 4 * V * (2 * 4 + 4)  # two rows per chunk (the KL keeps two heads' chunks)
+    budget = 4 * linear._row_bytes(V, 4)  # two rows per chunk (the KL keeps two heads' chunks)
     kl = rf.linear_kl_divergence(
         p_hidden, p_weight, q_hidden, q_weight, p_bias=p_bias, temperature=1.3, chunk_bytes=budget, backend=backend
     )

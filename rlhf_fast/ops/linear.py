@@ -66,14 +66,21 @@ def _logits_bytes(hidden: Tensor) -> int:
     return 4 if widen_gemms(hidden.dtype, hidden.device) else hidden.element_size()
 
 
-def _chunk_rows(n_rows: int, vocab: int, elem_bytes: int, chunk_bytes: int | None) -> int:
-    """Tokens per chunk for a budget of ``chunk_bytes``.
+def _row_bytes(vocab: int, elem_bytes: int, softcap: bool = False) -> int:
+    """Bytes a chunk reserves per token: its logits (``elem_bytes`` each; the gradient overwrites them in place)
+    and 4 per element for float32 temporaries (a half-precision chunk's float32 bias-gradient sum, BLAS
+    packing). A soft cap keeps its float32 ``tanh`` beside the logits and forms its gradient through it:
+    ``elem_bytes`` more."""
+    return vocab * (elem_bytes + 4 + (elem_bytes if softcap else 0))
 
-    Reserves ``V * (2 * elem_bytes + 4)`` bytes per token: the chunk's logits buffer, which the gradient
-    overwrites in place, and float32 temporaries (the soft cap's ``tanh``, BLAS packing). Without a soft
-    cap a pass holds about a third of the budget (float32), which keeps 4096 x 1024 x 32000 at 25 MiB of
-    extra memory (0.16x PyTorch's own ``linear_cross_entropy``) at the peers' speed; a larger budget buys
-    larger, faster GEMMs (see benchmarks/RESULTS.md)."""
+
+def _chunk_rows(n_rows: int, vocab: int, elem_bytes: int, chunk_bytes: int | None, softcap: bool = False) -> int:
+    """Tokens per chunk for a budget of ``chunk_bytes`` (``_row_bytes`` per token).
+
+    Without a soft cap a float32 pass holds half of it, its logits buffer: 4096 x 1024 x 32000 takes 262-token
+    chunks and ~32 MiB of extra memory (0.21x PyTorch's own ``linear_cross_entropy``). A reservation of 12 bytes
+    per element (174-token chunks, 21 MiB) made the float32 op ~10% slower here: the three GEMMs of a chunk run
+    below their rate at 174 rows (see benchmarks/RESULTS.md); a larger budget buys larger GEMMs still."""
     if chunk_bytes is None:
         setting = os.environ.get(CHUNK_ENV_VAR, str(DEFAULT_CHUNK_BYTES))
         if not setting.strip().isdigit() or int(setting) <= 0:
@@ -81,8 +88,7 @@ def _chunk_rows(n_rows: int, vocab: int, elem_bytes: int, chunk_bytes: int | Non
         chunk_bytes = int(setting)
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
-    per_row = vocab * (2 * elem_bytes + 4)
-    return max(1, min(n_rows, chunk_bytes // per_row))
+    return max(1, min(n_rows, chunk_bytes // _row_bytes(vocab, elem_bytes, softcap)))
 
 
 def _check_softcap(softcap) -> float | None:
@@ -403,9 +409,12 @@ def _block_grad(labels, lse, entropy, coefs, vocab, temperature, ignore_index, b
     return block_grad
 
 
-def _prepare_linear(hidden, weight, labels, bias, temperature, ignore_index, chunk_bytes, backend, head=""):
+def _prepare_linear(
+    hidden, weight, labels, bias, temperature, ignore_index, chunk_bytes, backend, head="", softcap=None
+):
     """Validate the linear-form inputs; returns ``(hidden [N, H], labels [N] | None, T, ignore_index,
-    backend, rows per chunk)``. ``head``: the prefix of the arguments' names in errors (``p_``, ``q_``)."""
+    backend, rows per chunk)``. ``head``: the prefix of the arguments' names in errors (``p_``, ``q_``);
+    ``softcap``: the (checked) soft cap, which takes its share of the chunk budget."""
     h_name, w_name, b_name = (head + name for name in ("hidden", "weight", "bias"))
     v.check_logits(hidden, h_name)
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -432,17 +441,17 @@ def _prepare_linear(hidden, weight, labels, bias, temperature, ignore_index, chu
     ignore_index = v.check_ignore_index(ignore_index)
     backend = _dispatch.resolve(backend, hidden.device)
     h2d = hidden.reshape(-1, hidden.shape[-1])
-    rows = _chunk_rows(h2d.shape[0], weight.shape[0], _logits_bytes(hidden), chunk_bytes)
+    rows = _chunk_rows(h2d.shape[0], weight.shape[0], _logits_bytes(hidden), chunk_bytes, softcap is not None)
     return h2d, flat, temperature, ignore_index, backend, rows
 
 
 def _linear_stats(
     hidden, weight, labels, bias, temperature, ignore_index, with_logp, with_entropy, chunk_bytes, backend, softcap=None
 ):
-    h2d, flat, temperature, ignore_index, backend, rows = _prepare_linear(
-        hidden, weight, labels, bias, temperature, ignore_index, chunk_bytes, backend
-    )
     softcap = _check_softcap(softcap)
+    h2d, flat, temperature, ignore_index, backend, rows = _prepare_linear(
+        hidden, weight, labels, bias, temperature, ignore_index, chunk_bytes, backend, softcap=softcap
+    )
     if backend == "triton" and softcap is None:
         # tl.dot kernels: the logits exist only tile by tile, in registers
         wanted = (with_logp, with_entropy, False)
@@ -624,7 +633,7 @@ def linear_cross_entropy(
     eps = v.check_float("label_smoothing", label_smoothing, 0.0, 1.0, high_inclusive=True)
     softcap = _check_softcap(softcap)
     h2d, flat, _, ignore_index, backend, rows = _prepare_linear(
-        hidden, weight, labels, bias, 1.0, ignore_index, chunk_bytes, backend
+        hidden, weight, labels, bias, 1.0, ignore_index, chunk_bytes, backend, softcap=softcap
     )
     valid = (flat != ignore_index).float()
     weight_r = valid / valid.sum().clamp(min=1) if reduction == "mean" else valid
@@ -680,8 +689,9 @@ def linear_ppo_loss(
     """
     from rlhf_fast.ops.policy_losses import PPOSetup
 
+    softcap = _check_softcap(softcap)
     h2d, flat, temperature, ignore_index, backend, rows = _prepare_linear(
-        hidden, weight, labels, bias, temperature, ignore_index, chunk_bytes, backend
+        hidden, weight, labels, bias, temperature, ignore_index, chunk_bytes, backend, softcap=softcap
     )
     setup = PPOSetup.build(
         labels, old_logprobs, advantages, ref_logprobs, clip_eps, clip_eps_high, dual_clip, kl_coef,
@@ -689,7 +699,6 @@ def linear_ppo_loss(
     )  # fmt: skip
     if setup.side_inputs_need_grad:
         raise ValueError("linear_ppo_loss does not differentiate old_logprobs, advantages or ref_logprobs")
-    softcap = _check_softcap(softcap)
     if backend == "triton" and softcap is None:
         # log-prob and entropy in one tl.dot pass; the entropy term reaches the backward only with a bonus
         logp, entropy, _ = _triton_stats(h2d, weight, bias, flat, temperature, ignore_index, (True, True, False))
@@ -867,7 +876,7 @@ def linear_kl_divergence(
         heads = (p2d, p_weight, p_bias, q2d, q_weight, q_bias)
         kl = _TritonLinearKL.apply(*(None if t is None else t.contiguous() for t in heads), temperature)
         return kl.view(p_hidden.shape[:-1])
-    # two logits chunks and two gradient chunks live at once
+    # two logits chunks and two gradient chunks live at once: the reservation of two rows holds them
     rows = max(1, _chunk_rows(p2d.shape[0], p_weight.shape[0], _logits_bytes(p_hidden), chunk_bytes) // 2)
     kl = _LinearKL.apply(p2d, p_weight, p_bias, q2d, q_weight, q_bias, temperature, rows, backend)
     return kl.view(p_hidden.shape[:-1])
