@@ -382,6 +382,12 @@ def _needs_graph(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _direct_untracked(*tensors: Tensor | None) -> bool:
+    """_direct for the ops without an autograd formula, where no graph is being built through them: one that is
+    (a double backward) is left to the registered op, which refuses it."""
+    return _direct(*tensors) and not _needs_graph(*tensors)
+
+
 def _autograd_function(name: str, body, setup_context, backward) -> type[torch.autograd.Function]:
     """A ``torch.autograd.Function`` running an op body with the registered op's autograd formula, for the
     direct path. Its forward takes ctx and calls setup_context itself: with a separate setup_context, every
@@ -413,11 +419,10 @@ def token_stats_fwd(logits, labels, temperature, ignore_index, with_logp, with_e
 def token_stats_bwd(
     logits, labels, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature, ignore_index, backend
 ):
-    """``rlhf_fast::token_stats_bwd`` (no autograd formula: a graph through it, for a double backward, is left
-    to the registered op, which refuses it)."""
+    """``rlhf_fast::token_stats_bwd`` (no autograd formula)."""
     args = (logits, labels, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature, ignore_index, backend)
     tensors = (logits, labels, lse, entropy, grad_logp, grad_entropy, grad_mean_logp)
-    if _direct(*tensors) and not _needs_graph(*tensors):
+    if _direct_untracked(*tensors):
         return _token_stats_bwd(*args)
     return _token_stats_bwd_op(*args)
 
@@ -426,7 +431,7 @@ def token_stats_block_grad_(block, labels, lse, entropy, coefs, col0, vocab, tem
     """``rlhf_fast::token_stats_block_grad_``: writes over ``block`` and bumps its version counter."""
     args = (block, labels, lse, entropy, coefs, col0, vocab, temperature, ignore_index, backend)
     tensors = (block, labels, lse, entropy, coefs)
-    if _direct(*tensors) and not _needs_graph(*tensors):
+    if _direct_untracked(*tensors):
         _token_stats_block_grad_(*args)
         increment_version(block)
     else:
@@ -438,7 +443,7 @@ def token_stats_fused(
 ):
     """``rlhf_fast::token_stats_fused``: the stats and a fresh gradient buffer (no autograd formula)."""
     args = (logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, loss_mode, coefs, params, backend)
-    if _direct(logits, labels, coefs) and not _needs_graph(logits, coefs):
+    if _direct_untracked(logits, labels, coefs):
         return _fused_fresh(*args)
     return _token_stats_fused_op(*args)
 
@@ -448,7 +453,7 @@ def token_stats_fused_(
 ):
     """``rlhf_fast::token_stats_fused_``: the gradient over the logits, whose version counter it bumps."""
     args = (with_entropy, with_mean_logp, loss_mode, coefs, params)
-    if _direct(logits, labels, coefs) and not _needs_graph(logits, coefs):
+    if _direct_untracked(logits, labels, coefs):
         out = _fused(logits, labels, temperature, ignore_index, *args, logits, backend)
         increment_version(logits)
         return out
@@ -465,9 +470,9 @@ def kl_fwd(p_logits, q_logits, temperature, backend):
 
 
 def kl_bwd(p_logits, q_logits, lse_p, lse_q, kl, grad_kl, temperature, need_p, need_q, backend):
-    """``rlhf_fast::kl_bwd`` (no autograd formula, as token_stats_bwd)."""
+    """``rlhf_fast::kl_bwd`` (no autograd formula)."""
     args = (p_logits, q_logits, lse_p, lse_q, kl, grad_kl, temperature, need_p, need_q, backend)
     tensors = (p_logits, q_logits, lse_p, lse_q, kl, grad_kl)
-    if _direct(*tensors) and not _needs_graph(*tensors):
+    if _direct_untracked(*tensors):
         return _kl_bwd(*args)
     return _kl_bwd_op(*args)
