@@ -8,6 +8,7 @@ way"). They differentiate through ordinary autograd. They do no input validation
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -65,13 +66,13 @@ def kl_estimate(logprobs, ref_logprobs, kind="k3"):
 def reward_loss(chosen_rewards, rejected_rewards, *, margin=None):
     """-log sigmoid(r_chosen - r_rejected - margin), mean over the batch."""
     diff = chosen_rewards - rejected_rewards - (0.0 if margin is None else margin)
-    return -torch.log(torch.sigmoid(diff)).mean()
+    return -F.logsigmoid(diff).mean()
 
 
 def ranking_loss(rewards):
     """Mean over the batch and all pairs i < j (i ranked better) of -log sigmoid(r_i - r_j)."""
     K = rewards.shape[1]
-    pairs = [-torch.log(torch.sigmoid(rewards[:, i] - rewards[:, j])) for i in range(K) for j in range(i + 1, K)]
+    pairs = [-F.logsigmoid(rewards[:, i] - rewards[:, j]) for i in range(K) for j in range(i + 1, K)]
     return torch.stack(pairs, dim=1).mean()
 
 
@@ -159,7 +160,7 @@ def dpo_loss(
     if ref_chosen_logps is not None:
         pc, pr = pc - ref_chosen_logps, pr - ref_rejected_logps
     z, ls = pc - pr, label_smoothing
-    logsig = lambda t: torch.log(torch.sigmoid(t))
+    logsig = F.logsigmoid  # log(sigmoid(t)) is -inf once sigmoid underflows (|t| > ~88 in float32)
     if loss_type == "sigmoid":
         losses = -(1 - ls) * logsig(beta * z) - ls * logsig(-beta * z)
     elif loss_type == "hinge":

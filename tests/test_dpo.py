@@ -176,6 +176,23 @@ def test_policy_equal_to_reference(backend, loss_type, label_smoothing, expected
         torch.testing.assert_close(x.chosen_logits.grad, (-0.1 * 0.5 / B) * chosen_dz, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust"])
+def test_reference_stays_finite_far_from_the_kink(loss_type):
+    """Reference log-probs 200 nats off: beta * z ~ 200 underflows sigmoid in float32. The reference (the
+    ground truth of every test) and ours both give the exact loss, not inf."""
+    x = make_pairs(TINY_SHAPE)
+    refs = (x.ref_chosen_logps - 1000.0, x.ref_rejected_logps + 1000.0)  # z ~ +2000, beta * z ~ +200
+    args = (x.chosen_logits, x.chosen_labels, x.rejected_logits, x.rejected_labels)
+    options = {"beta": 0.1, "loss_type": loss_type, "label_smoothing": 0.1}
+    expected, _ = rf.reference.dpo_loss(*(a.double() if a.is_floating_point() else a for a in args),
+                                        refs[0].double(), refs[1].double(), **options)  # fmt: skip
+    reference32, _ = rf.reference.dpo_loss(*args, *refs, **options)
+    ours, _ = rf.dpo_loss(*args, *refs, **options)
+    assert torch.isfinite(expected) and abs(expected.item()) > 10.0  # the smoothed term is ~ls * beta * z
+    torch.testing.assert_close(reference32.double(), expected, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=0.0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_fully_ignored_responses(backend):
     # Sequences with no valid token have log-prob 0 (sum and mean): z = 0, no NaN, no gradient.
