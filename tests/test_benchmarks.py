@@ -107,6 +107,48 @@ def test_wrong_answer_fails(op, monkeypatch):
     assert "fwd_err" in result["detail"]
 
 
+@pytest.mark.parametrize("op", list(ops.OPS))
+def test_checks_allocate_on_the_device_of_their_case(op, monkeypatch):
+    """A check's own tensors follow its case onto a GPU: run under a default device of ``meta``, a check
+    that allocates without naming the device mixes devices and raises (an ``--device cuda`` run once did)."""
+    spec = ops.OPS[op]
+
+    def check_elsewhere(*args):
+        with torch.device("meta"):
+            return spec.check(*args)
+
+    monkeypatch.setitem(ops.OPS, op, dataclasses.replace(spec, check=check_elsewhere))
+    result = run.measure_case(_spec(op, "eager", "float32"))
+    assert result["status"] == "ok", result.get("detail")
+
+
+def test_which_heads_round_the_logits():
+    """The reference rounds a 16-bit head's logits only for a provider whose head does: rlhf_fast's Triton
+    kernels keep tl.dot's float32 accumulators on any device; its chunked path widens on CPUs only."""
+    from rlhf_fast.ops.linear import widen_gemms
+
+    for device in ("cpu", "cuda"):
+        assert not cases.rf_head_rounds_logits("rf-triton", torch.bfloat16, device)
+    assert cases.rf_head_rounds_logits("rf-torch", torch.bfloat16, "cuda")
+    widens = widen_gemms(torch.bfloat16, torch.device("cpu"))
+    assert cases.rf_head_rounds_logits("rf-cpp", torch.bfloat16, "cpu") != widens
+
+
+def test_cut_cross_entropy_runs_its_kernels_only_where_they_work():
+    """CCE's Triton kernels need a GPU and a 16-bit head (their backward asserts one); else its torch.compile
+    implementation."""
+    from types import SimpleNamespace
+
+    from rlhf_fast.bench.linear_ops import cce_impl
+
+    def head(is_cuda, dtype):
+        return SimpleNamespace(is_cuda=is_cuda, dtype=dtype)
+
+    assert cce_impl(head(True, torch.bfloat16)) == cce_impl(head(True, torch.float16)) == "cce"
+    assert cce_impl(head(True, torch.float32)) == "torch_compile"
+    assert cce_impl(head(False, torch.bfloat16)) == "torch_compile"
+
+
 def test_float32_tolerance_grows_with_the_vocabulary():
     op = ops.OPS["token_entropy"]
     spec = {"dtype": "float32", "vocab": 32000}

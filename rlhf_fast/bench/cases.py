@@ -26,7 +26,8 @@ class Case:
     extra: dict = field(default_factory=dict)  # op-specific inputs (advantages, ref log-probs...)
     grad_out: object = None  # upstream gradient of the output; None for a 0-d loss
     # whether the provider's LM head rounds 16-bit logits to their dtype, as a 16-bit GEMM does; rlhf_fast's
-    # chunked path on a CPU without bf16/fp16 dot products keeps them in float32 (``widen_gemms``)
+    # Triton kernels and its chunked path on a CPU without bf16/fp16 dot products keep them in float32
+    # (``rf_head_rounds_logits``)
     head_rounds_logits: bool = True
 
     def __getitem__(self, name: str):
@@ -103,9 +104,10 @@ def randn_logits(spec: dict, shape):
 
 
 def sample_rows(n: int, k: int = CHECK_ROWS):
+    """``min(n, k)`` row indices spread evenly over ``n`` rows: a CPU tensor (it indexes a GPU case too)."""
     import torch
 
-    return torch.linspace(0, n - 1, min(n, k)).round().long().unique()
+    return torch.linspace(0, n - 1, min(n, k), device="cpu").round().long().unique()
 
 
 def rel_err(a, b) -> float:
@@ -146,6 +148,18 @@ def runs_on(provider: str, device: str, op: str | None = None) -> str | None:
     if (op, provider) in GPU_ONLY and device != "cuda":
         return GPU_ONLY[op, provider]
     return None
+
+
+def rf_head_rounds_logits(provider: str, dtype, device: str) -> bool:
+    """Whether an ``rf-*`` provider's fused-linear ops round a ``dtype`` head's logits to ``dtype`` on
+    ``device`` (:attr:`Case.head_rounds_logits`): the Triton kernels keep ``tl.dot``'s float32
+    accumulators; the chunked path rounds unless :func:`~rlhf_fast.ops.linear.widen_gemms` runs its GEMMs in
+    float32."""
+    import torch
+
+    from rlhf_fast.ops.linear import widen_gemms
+
+    return rf_backend(provider) != "triton" and not widen_gemms(dtype, torch.device(device))
 
 
 def rf_provider(backend: str, call: Callable) -> Callable | str:

@@ -70,16 +70,22 @@ def _torch_linear_cross_entropy() -> Callable | str:
     return lambda c: F.linear_cross_entropy(c["hidden"], c["weight"], c.labels, options=options)
 
 
+def cce_impl(hidden) -> str:
+    """The Cut Cross-Entropy implementation timed for ``hidden``: its Triton kernels (``"cce"``) for a
+    16-bit head on a GPU, else ``"torch_compile"`` (the Triton one needs a GPU, and its backward asserts a
+    bfloat16 or float16 head)."""
+    import torch
+
+    return "cce" if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) else "torch_compile"
+
+
 def _cce_linear_cross_entropy() -> Callable | str:
-    """Cut Cross-Entropy's ``torch_compile`` implementation (its Triton one needs a GPU)."""
+    """Cut Cross-Entropy's ``linear_cross_entropy``, in the implementation :func:`cce_impl` picks."""
     try:
         from cut_cross_entropy import linear_cross_entropy
     except ImportError as exc:  # optional: pip install --no-deps cut-cross-entropy (and it imports triton)
         return f"cut_cross_entropy cannot be imported ({exc})"
-    # its Triton kernels on a GPU, its torch.compile implementation on CPU
-    return lambda c: linear_cross_entropy(
-        c["hidden"], c["weight"], c.labels, impl="cce" if c["hidden"].is_cuda else "torch_compile"
-    )
+    return lambda c: linear_cross_entropy(c["hidden"], c["weight"], c.labels, impl=cce_impl(c["hidden"]))
 
 
 def _liger_linear_cross_entropy() -> Callable | str:
@@ -176,13 +182,13 @@ def _check_linear_token_logprobs(case: Case, pristine, out, grads) -> dict:
     h, labels, g = pristine["hidden"], case.labels, case.grad_out
     n = labels.numel()
     w = pristine["weight"].double().requires_grad_()  # [V, H]
-    ref_out, ref_dw = torch.empty(n, dtype=torch.float64), torch.zeros_like(w)
+    ref_out, ref_dw = torch.empty(n, dtype=torch.float64, device=h.device), torch.zeros_like(w)
 
     def logp(x, rows):
         return torch.log_softmax(x @ w.T, -1).gather(-1, labels[rows, None]).squeeze(-1)
 
     for i in range(0, n, CHUNK_ROWS):
-        rows = torch.arange(i, min(i + CHUNK_ROWS, n))
+        rows = torch.arange(i, min(i + CHUNK_ROWS, n), device=h.device)
         chunk = logp(h[rows].double(), rows)
         (dw,) = torch.autograd.grad(chunk, w, g[rows].double())
         ref_out[rows], ref_dw = chunk.detach(), ref_dw.add_(dw)

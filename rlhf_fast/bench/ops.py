@@ -217,7 +217,7 @@ def _check_ppo_loss(case: Case, pristine, out, grads) -> dict:
     n = x.shape[0]
     total = 0.0
     for i in range(0, n, CHUNK_ROWS):
-        rows = torch.arange(i, min(i + CHUNK_ROWS, n))
+        rows = torch.arange(i, min(i + CHUNK_ROWS, n), device=x.device)
         total += _ppo_reference(x[rows].double(), case.labels, case.extra, rows) * len(rows)
     rows = sample_rows(n)
     xs = x[rows].double().requires_grad_()

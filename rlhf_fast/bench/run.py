@@ -58,7 +58,7 @@ from collections.abc import Callable
 
 from rlhf_fast.bench import harness as h
 from rlhf_fast.bench import ops, plots
-from rlhf_fast.bench.cases import overwrites_input, runs_on
+from rlhf_fast.bench.cases import overwrites_input, rf_head_rounds_logits, runs_on
 
 DTYPES = {
     "float32": "float32", "fp32": "float32", "f32": "float32",
@@ -136,10 +136,8 @@ def check_case(spec: dict) -> CheckedCase | dict:
         return {**result, "status": "SKIP", "detail": fn}
 
     case = op.setup(spec)  # built on CPU with the seed's generator, so every device sees the same inputs
-    if spec["provider"].startswith("rf-") and device == "cpu":
-        from rlhf_fast.ops.linear import widen_gemms
-
-        case.head_rounds_logits = not widen_gemms(getattr(torch, spec["dtype"]), torch.device("cpu"))
+    if spec["provider"].startswith("rf-"):
+        case.head_rounds_logits = rf_head_rounds_logits(spec["provider"], getattr(torch, spec["dtype"]), device)
     if device != "cpu":
         case = case.to(device)
     names, leaves = list(case.leaves), list(case.leaves.values())
