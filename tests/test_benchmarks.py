@@ -282,6 +282,20 @@ def test_providers_follow_the_device(tmp_path, capsys):
         assert "sees no CUDA device" in capsys.readouterr().err
 
 
+def test_bfloat16_needs_a_gpu_with_bfloat16_arithmetic(monkeypatch, capsys):
+    """On a GPU older than sm_80 the default sweep leaves bfloat16 out and says so; asked for, it is an error."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    base = ["--device", "cuda", "--ops", "cross_entropy"]
+    assert run.parse_args(base).dtypes == ["float32"]
+    assert "bfloat16 left out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.parse_args([*base, "--dtype", "float32,bf16"])
+    assert "sm_80" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert run.parse_args(base).dtypes == ["float32", "bfloat16"]
+
+
 def test_quick_runs_its_cases_in_this_process(tmp_path, monkeypatch):
     """--quick skips the fresh interpreter per case (that alone was two thirds of its three minutes)."""
     real = run.h.run_isolated

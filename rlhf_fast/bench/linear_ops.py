@@ -90,12 +90,14 @@ def _cce_linear_cross_entropy() -> Callable | str:
 
 def _liger_linear_cross_entropy() -> Callable | str:
     """Liger-Kernel's fused-linear cross entropy (``LigerFusedLinearCrossEntropyLoss``: token chunks, each a
-    matmul and its Triton cross-entropy kernel; CUDA only)."""
+    matmul and its Triton cross-entropy kernel; CUDA only), accumulating the weight gradient in float32 as
+    rlhf_fast does (its default accumulates a bfloat16 head's in bfloat16)."""
     try:
+        import torch
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError as exc:  # optional: pip install --no-deps liger-kernel
         return f"liger_kernel cannot be imported ({exc})"
-    loss_fn = LigerFusedLinearCrossEntropyLoss()
+    loss_fn = LigerFusedLinearCrossEntropyLoss(accum_dtype=torch.float32)
     return lambda c: loss_fn(c["weight"], c["hidden"], c.labels)
 
 

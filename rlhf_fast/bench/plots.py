@@ -48,7 +48,8 @@ def plot_rows(rows: Sequence[dict], out_dir: str | Path) -> list[Path]:
                     ax_mem.plot(*zip(*mem, strict=True), **style)
         tokens_note = f"{token_counts[0]} tokens" if len(token_counts) == 1 else "tokens per line"
         vocabs = sorted({r["vocab"] for r in group})
-        for ax, ylabel in ((ax_time, "median time (ms)"), (ax_mem, "peak resident delta (MiB)")):
+        peak = "allocated" if group[0].get("device_type") == "cuda" else "resident"  # PeakCUDA or PeakRSS
+        for ax, ylabel in ((ax_time, "median time (ms)"), (ax_mem, f"peak {peak} delta (MiB)")):
             ax.set_xscale("log")
             ax.set_xticks(vocabs, [str(v) for v in vocabs], minor=False)
             ax.set_xticks([], minor=True)
