@@ -313,6 +313,22 @@ def test_quick_runs_its_cases_in_this_process(tmp_path, monkeypatch):
     assert len(rows) == 4 and all(r["status"] == "ok" and r["dtype"] == "float32" for r in rows)
 
 
+def test_quick_on_a_gpu_leaves_the_process_after_an_error(tmp_path, monkeypatch):
+    """An error may leave the CUDA context unusable (a device-side assert does): the --quick cases after it run
+    in fresh processes instead of all reporting the first one's error."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(run.h, "device_name", lambda device: "a GPU faked by the test")
+    monkeypatch.setattr(run, "_measure_rates", lambda args, info, flop_ops: {("bytes", "float32"): 1e12})
+    error, skip = {"status": "ERROR", "detail": "device-side assert"}, {"status": "SKIP", "detail": "fresh"}
+    monkeypatch.setattr(run, "_in_worker", lambda spec: calls.append("here") or error)
+    monkeypatch.setattr(run.h, "run_isolated", lambda *a, **k: calls.append("fresh") or skip)
+    argv = ["--quick", "--device", "cuda", "--ops", "token_logprobs", "--providers", "rf-torch,eager,trl",
+            "--out", str(tmp_path)]  # fmt: skip
+    run.main(argv)
+    assert calls == ["here", "fresh", "fresh"]
+
+
 def test_a_case_moves_to_a_device_with_its_leaves():
     case = ops.OPS["ppo_loss"].setup(_spec("ppo_loss", "eager", "float32"))
     moved = case.to("cpu")

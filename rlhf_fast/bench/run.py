@@ -637,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     rows = []
     progress = _progress(len(cases) * args.rounds)
+    in_process_failed = False
     for op, dtype, mode, tokens, vocab, provider in cases * args.rounds:
         spec = {
             "op": op, "provider": provider, "dtype": dtype, "mode": mode, "tokens": tokens, "vocab": vocab,
@@ -647,8 +648,11 @@ def main(argv: list[str] | None = None) -> int:
         if ops.OPS[op].floor.kind == "flops":
             row["matmul_GFLOPps"] = rates["flops", dtype] / 1e9
         progress.set_description(f"{op} {provider} {dtype} {mode} {tokens}x{vocab}")
-        if args.quick:
+        if args.quick and not in_process_failed:
             row.update(_in_worker(spec))
+            # an error on a GPU may have left this process's CUDA context unusable (a device-side assert
+            # does): the cases after it run in fresh processes, so they do not all report the same error
+            in_process_failed = args.device == "cuda" and row["status"] == "ERROR"
         else:
             row.update(h.run_isolated("rlhf_fast.bench.run:measure_case", spec, timeout=args.case_timeout))
         rows.append(row)
@@ -673,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         case = f"{row['op']} {row['provider']} {row['dtype']} {row['mode']} {row['tokens']}x{row['vocab']}"
         if row["status"] != "ok" or "memory_detail" in row:
-            print(f"{case}: {row.get('detail') or row['memory_detail']}")
+            print(f"{case}: {row.get('detail') or row.get('memory_detail', '')}")
         elif row["out_dtype"] != "float32":
             print(f"{case}: returns a {row['out_dtype']} output")
 
