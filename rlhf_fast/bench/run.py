@@ -41,10 +41,13 @@ versions, git revision) and a PNG per op x dtype x mode: time and peak memory ag
 size. Method and soundness of the memory figure: ``rlhf_fast/bench/harness.py``.
 
 ``--device cuda`` (the default when torch sees a GPU) runs the same cases on the GPU: ``rf-triton``
-(and ``rf-triton-inplace``) instead of ``rf-cpp``, Cut Cross-Entropy's Triton implementation, times from
-CUDA events with the L2 cache flushed before every call, peak memory from
-``torch.cuda.max_memory_allocated``, the floors from the GPU's own copy bandwidth and matmul rate.
-(Written against the CUDA API and reviewed, but not yet run on a GPU: this project has none.)
+(and ``rf-triton-inplace``) instead of ``rf-cpp``, Cut Cross-Entropy's Triton implementation for 16-bit heads
+(its ``torch_compile`` one for float32, which its Triton backward refuses), Liger-Kernel's fused-linear cross
+entropy with its weight gradient accumulated in float32 (``accum_dtype``), times from CUDA events with the L2
+cache flushed before every call, peak memory from ``torch.cuda.max_memory_allocated``, the floors from the GPU's
+own copy bandwidth and matmul rate; bfloat16 only on sm_80 or newer. ``--quick`` measures its cases in the
+runner's process until one fails, and then in fresh processes. (Written against the CUDA API, reviewed and
+checked against a faked GPU, but not yet run on one: this project has none.)
 """
 
 from __future__ import annotations
