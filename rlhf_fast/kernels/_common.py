@@ -123,6 +123,23 @@ def check_rows(name: str, logits: torch.Tensor) -> tuple[int, int, int]:
     return logits.shape[0], logits.shape[1], logits.shape[2]
 
 
+def on_tensor_device(launcher):
+    """Run ``launcher`` with the GPU of its first argument (a tensor) as the current CUDA device.
+
+    Triton launches on the current device and its current stream, not on the device of the tensors it is
+    given: a reference model on ``cuda:1`` while ``cuda:0`` is current would hand the kernel pointers of
+    another device. PyTorch's own ops switch devices this way (a device guard); Python ops must do it."""
+
+    @functools.wraps(launcher)
+    def launch(tensor: torch.Tensor, *args, **kwargs):
+        if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
+            with torch.cuda.device(tensor.device):
+                return launcher(tensor, *args, **kwargs)
+        return launcher(tensor, *args, **kwargs)
+
+    return launch
+
+
 def empty_f32(device: torch.device) -> torch.Tensor:
     """The ``[0]`` float32 placeholder returned for an output that was not asked for."""
     return torch.empty(0, dtype=torch.float32, device=device)

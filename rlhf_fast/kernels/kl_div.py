@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import CONFIGS, TRITON_DTYPE, AotSpec, aot_spec, check_rows, empty_f32, pick_config
+from ._common import CONFIGS, TRITON_DTYPE, AotSpec, aot_spec, check_rows, empty_f32, on_tensor_device, pick_config
 from ._softmax_row import lse64, row_position, split_lse
 
 __all__ = ["CONFIGS", "aot_specs", "kl_bwd", "kl_fwd"]
@@ -150,6 +150,7 @@ def _kl_bwd_kernel(
             tl.store(grad_q_ptr + row * V + offs, grad_y.to(grad_q_ptr.dtype.element_ty), mask=mask)
 
 
+@on_tensor_device
 def kl_fwd(
     p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float, *, block_v: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -183,6 +184,7 @@ def kl_fwd(
     return kl, lse_p, lse_q
 
 
+@on_tensor_device
 def kl_bwd(
     p_logits: torch.Tensor,
     q_logits: torch.Tensor,

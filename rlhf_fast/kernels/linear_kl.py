@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, AotSpec, TileConfig, aot_spec, empty_f32
+from ._common import TRITON_DTYPE, AotSpec, TileConfig, aot_spec, empty_f32, on_tensor_device
 from ._linear_tile import dot, load_rows, logits_tile, upcast_dot
 from ._softmax_row import split_lse
 from .linear_token_stats import rescale_splits, vocabulary_splits
@@ -350,6 +350,7 @@ def _check(p_hidden, p_weight, p_bias, q_hidden, q_weight, q_bias) -> tuple[int,
     return p_hidden.shape[0], p_weight.shape[0]
 
 
+@on_tensor_device
 def linear_kl_fwd(
     p_hidden: torch.Tensor,
     p_weight: torch.Tensor,
@@ -392,6 +393,7 @@ def linear_kl_fwd(
     return _merge_splits(*state)
 
 
+@on_tensor_device
 def linear_kl_bwd(
     p_hidden: torch.Tensor,
     p_weight: torch.Tensor,

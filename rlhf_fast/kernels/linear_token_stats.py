@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, AotSpec, TileConfig, aot_spec, empty_f32, unused_f32
+from ._common import TRITON_DTYPE, AotSpec, TileConfig, aot_spec, empty_f32, on_tensor_device, unused_f32
 from ._linear_tile import dot, load_rows, logits_tile, upcast_dot
 from ._softmax_row import split_lse
 
@@ -442,6 +442,7 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return hidden.shape[0], hidden.shape[1], weight.shape[0]
 
 
+@on_tensor_device
 def linear_token_stats_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -504,6 +505,7 @@ def linear_token_stats_fwd(
     )
 
 
+@on_tensor_device
 def linear_token_stats_bwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,

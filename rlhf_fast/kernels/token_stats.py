@@ -27,7 +27,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import CONFIGS, TRITON_DTYPE, AotSpec, aot_spec, check_rows, empty_f32, pick_config, unused_f32
+from ._common import (
+    CONFIGS,
+    TRITON_DTYPE,
+    AotSpec,
+    aot_spec,
+    check_rows,
+    empty_f32,
+    on_tensor_device,
+    pick_config,
+    unused_f32,
+)
 from ._softmax_row import lse64, row_position, row_stats, split_lse, write_grad_row
 
 # The fused forward+gradient variant lives in its own file; re-exported so that this module holds
@@ -147,6 +157,7 @@ def _token_stats_bwd_kernel(
     )  # fmt: skip
 
 
+@on_tensor_device
 def token_stats_fwd(
     logits: torch.Tensor,
     labels: torch.Tensor | None,
@@ -204,6 +215,7 @@ def token_stats_fwd(
     return logp, entropy, lse, mean_logp
 
 
+@on_tensor_device
 def token_stats_bwd(
     logits: torch.Tensor,
     labels: torch.Tensor | None,

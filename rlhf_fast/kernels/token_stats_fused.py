@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import CONFIGS, TRITON_DTYPE, AotSpec, aot_spec, check_rows, empty_f32, pick_config
+from ._common import CONFIGS, TRITON_DTYPE, AotSpec, aot_spec, check_rows, empty_f32, on_tensor_device, pick_config
 from ._softmax_row import lse64, row_position, row_stats, write_grad_row
 
 __all__ = ["aot_specs", "token_stats_fused"]
@@ -142,6 +142,7 @@ def _token_stats_fused_kernel(
     )  # fmt: skip
 
 
+@on_tensor_device
 def token_stats_fused(
     logits: torch.Tensor,
     labels: torch.Tensor,
