@@ -340,6 +340,8 @@ def test_bad_inputs_name_the_argument():
         rf.linear_kl_divergence(hidden, weight, hidden, weight[:, :7])
     with pytest.raises(ValueError, match="p_weight"):
         rf.linear_kl_divergence(hidden, weight[:, :7], hidden, weight)
+    with pytest.raises(ValueError, match="q_hidden is on meta"):  # a teacher on another device
+        rf.linear_kl_divergence(hidden, weight, hidden.to("meta"), weight.to("meta"))
 
 
 def _grads_vs_float64(loss, ref_loss, leaves, leaves64, dtype, baseline=None):

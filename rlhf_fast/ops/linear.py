@@ -862,6 +862,8 @@ def linear_kl_divergence(
     p2d, _, temperature, _, backend, _ = _prepare_linear(
         p_hidden, p_weight, None, p_bias, temperature, -100, chunk_bytes, backend, head="p_"
     )
+    if isinstance(q_hidden, Tensor):  # the q head's own checks then find its weight and bias on this device too
+        v.check_same_device(q_hidden, p_hidden, "q_hidden", "p_hidden")
     q2d, _, _, _, _, _ = _prepare_linear(
         q_hidden, q_weight, None, q_bias, temperature, -100, chunk_bytes, backend, head="q_"
     )
