@@ -1,8 +1,9 @@
 """Backend choice, in one place.
 
-CUDA tensors go to ``triton``, CPU tensors to ``cpp`` (the compiled ``rlhf_fast._C``) or, when the
-extension is not built, to ``torch``. ``backend=`` on a call, or the ``RLHF_FAST_BACKEND`` environment
-variable, overrides the default; a backend that cannot run on the given tensors is a ``ValueError``.
+CUDA tensors go to ``triton`` (or, when triton cannot be imported, to ``torch``), CPU tensors to ``cpp``
+(the compiled ``rlhf_fast._C``) or, when the extension is not built, to ``torch``. ``backend=`` on a
+call, or the ``RLHF_FAST_BACKEND`` environment variable, overrides the default; a backend that cannot
+run on the given tensors is a ``ValueError``.
 
 Each backend is a module-like object with the four low-level functions of the kernel interface
 (``token_stats_fwd``, ``token_stats_bwd``, ``kl_fwd``, ``kl_bwd``); see ``rlhf_fast/ops/_custom.py``.
@@ -87,8 +88,8 @@ def resolve(backend: str | None, device: torch.device) -> str:
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
     if backend is None:
-        if device.type == "cuda":
-            return "triton"
+        if device.type == "cuda":  # triton is an optional dependency (no wheel on some platforms)
+            return "triton" if _triton_import_error() is None else "torch"
         return "cpp" if device.type == "cpu" and _C is not None else "torch"
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES} or None, got {backend!r}")

@@ -64,6 +64,21 @@ def test_default_backend_on_cpu(monkeypatch):
     assert rec.backends_used() == {"cpp" if rf.backends()["cpp"].available else "torch"}
 
 
+def test_default_backend_on_a_gpu(monkeypatch):
+    """CUDA tensors go to triton, or to torch when triton cannot be imported (it is an optional dependency):
+    the op then runs, slower, instead of failing inside on an import."""
+    from rlhf_fast import _dispatch
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(_dispatch, "_TRITON_ERROR", None)
+    assert _dispatch.resolve(None, cuda) == "triton"
+    monkeypatch.setattr(_dispatch, "_TRITON_ERROR", "triton is not installed")
+    assert _dispatch.resolve(None, cuda) == "torch"
+    with pytest.raises(ValueError, match="triton is not installed"):
+        _dispatch.resolve("triton", cuda)
+
+
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_backend_keyword(monkeypatch, backend):
     monkeypatch.delenv(ENV_VAR, raising=False)
