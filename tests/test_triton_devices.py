@@ -1,7 +1,9 @@
-"""Triton launches on the current CUDA device, not on the device of its tensors: every launcher makes the
+"""What the Triton launchers do differently on real GPUs, checked without one.
+
+Triton launches on the current CUDA device, not on the device of its tensors: every launcher makes the
 GPU of its inputs current for the launch (``kernels._common.on_tensor_device``), so a reference model on
-``cuda:1`` while ``cuda:0`` is current gets its kernels on ``cuda:1``. No GPU here: the switch is checked
-with a stand-in tensor and a recording ``torch.cuda.device``."""
+``cuda:1`` while ``cuda:0`` is current gets its kernels on ``cuda:1`` (checked with a stand-in tensor and a
+recording ``torch.cuda.device``). On ROCm the launch options leave out what Triton's HIP backend lacks."""
 
 from __future__ import annotations
 
@@ -66,3 +68,13 @@ def test_a_launch_runs_on_the_gpu_of_its_first_tensor(gpus):
     launcher(_on(1))
     launcher(torch.zeros(1))  # a CPU tensor (the interpreter's): left alone
     assert gpus.log == [1] and [s[0] for s in seen] == [1, 0, 1, 1]
+
+
+def test_rocm_launches_leave_out_maxnreg(monkeypatch):
+    """Triton's HIP backend has no maxnreg option and refuses a launch that passes one (KeyError in its
+    argument packing): a ROCm build of PyTorch (``torch.version.hip`` set) gets the config without it."""
+    capped = next(config for config in _common.CONFIGS if config.maxnreg)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert capped.launch()["maxnreg"] == capped.maxnreg
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    assert "maxnreg" not in capped.launch() and capped.launch()["num_warps"] == capped.num_warps

@@ -37,8 +37,9 @@ class KernelConfig:
         return {"BLOCK_V": self.block_v}
 
     def launch(self) -> dict[str, int]:
-        """The block size, warps and (when set) maxnreg: the keyword arguments of a launch."""
-        cap = {"maxnreg": self.maxnreg} if self.maxnreg else {}
+        """The block size, warps and (when set) maxnreg: the keyword arguments of a launch. ROCm builds of
+        PyTorch leave maxnreg out: Triton's HIP backend has no such option and refuses the launch."""
+        cap = {"maxnreg": self.maxnreg} if self.maxnreg and torch.version.hip is None else {}
         return {**self.constexprs(), "num_warps": self.num_warps, **cap}
 
 
