@@ -93,10 +93,16 @@ def resolve_device(config: TrainConfig) -> torch.device:
 
 
 def use_bf16(config: TrainConfig, device: torch.device) -> bool:
-    """bfloat16 autocast: as configured, or (``bf16=None``) on CUDA devices that support it."""
+    """bfloat16 autocast: as configured, or (``bf16=None``) on GPUs with bfloat16 arithmetic: sm_80 or newer
+    on CUDA (``torch.cuda.is_bf16_supported()`` also says yes to the emulation of older ones, T4 and V100,
+    where bfloat16 is slower than float32), any ROCm device."""
     if config.bf16 is not None:
         return config.bf16
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if device.type != "cuda":
+        return False
+    if torch.version.hip is not None:
+        return torch.cuda.is_bf16_supported()
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 class MicroBatches:
@@ -177,8 +183,9 @@ class _StopOnInterrupt:
         return False
 
 
-def _rng_state() -> dict[str, Any]:
-    """Every generator's state as tensors, ints and tuples (loadable with ``weights_only=True``)."""
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """Every generator's state as tensors, ints and tuples (loadable with ``weights_only=True``); of the GPUs',
+    the training ``device``'s only (a run may resume on a machine that shows fewer GPUs)."""
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
     state = {
@@ -186,19 +193,23 @@ def _rng_state() -> dict[str, Any]:
         "python": (version, list(mt), gauss),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(mt), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))  # noqa: NPY002
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda") if device.type == "cuda" else None
+    if isinstance(cuda, (list, tuple)):  # written when every visible GPU's state was kept: this device's
+        index = device.index or 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _rng_file(rank: int) -> str:
@@ -545,7 +556,7 @@ class TrainLoop:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.dist.barrier()  # the directory exists for every process
-        torch.save(_rng_state(), tmp / _rng_file(self.dist.rank))
+        torch.save(_rng_state(self.device), tmp / _rng_file(self.dist.rank))
         if self.dist.fsdp:  # gathering the shards is collective; rank 0 writes
             weights, optimizer_state = fsdp_full_state(self.model, self.optimizer)
         if main:
@@ -600,7 +611,7 @@ class TrainLoop:
             load_model(self.model, str(path / "model.safetensors"), strict=True, device=str(self.device))
             self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-        _set_rng_state(torch.load(path / _rng_file(self.dist.rank), map_location="cpu", weights_only=True))
+        _set_rng_state(torch.load(path / _rng_file(self.dist.rank), map_location="cpu", weights_only=True), self.device)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.train_batches.load_state_dict(state["data"])
         self._truncate_metrics()
