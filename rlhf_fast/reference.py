@@ -124,7 +124,7 @@ def ppo_loss(
     if dual_clip is not None:
         pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
     loss_t = pg - entropy_coef * ent
-    kl_ref = torch.zeros((), dtype=logp.dtype)
+    kl_ref = torch.zeros((), dtype=logp.dtype, device=logp.device)
     if ref_logprobs is not None:
         kl = kl_estimate(logp, torch.where(valid, ref_logprobs.to(logp.dtype), 0), kl_estimator)
         loss_t = loss_t + kl_coef * kl

@@ -99,3 +99,22 @@ def test_load_policy_reads_the_policy_of_a_ppo_checkpoint(tmp_path):
     assert not torch.equal(fresh.state_dict()["lm_head.weight"], loaded.state_dict()["lm_head.weight"])
     with pytest.raises(ValueError, match="does not hold this policy"):
         load_policy(path, tiny_model("gpt2", **small))
+
+
+def test_reward_model_accuracy_feeds_the_model_on_its_own_device(monkeypatch):
+    """The reward model's trainer leaves it on the GPU when there is one; the demo's accuracy check must build
+    its batches there (here the model sits on the meta device in its place)."""
+    from rlhf_fast.demo import make_preference_pairs, pipeline, tiny_reward_model
+    from rlhf_fast.trainers import reward
+
+    tokenizer = build_tokenizer()
+    rm = tiny_reward_model(vocab_size=len(tokenizer)).to("meta")
+    seen = []
+
+    def rewards(model, ids, mask):
+        seen.append((ids.device, mask.device))
+        return torch.zeros(ids.shape[0])
+
+    monkeypatch.setattr(reward, "sequence_rewards", rewards)
+    pipeline._rm_true_order_accuracy(rm, tokenizer, make_preference_pairs(3, 0))
+    assert seen and all(devices == (torch.device("meta"),) * 2 for devices in seen)

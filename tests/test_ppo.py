@@ -490,3 +490,12 @@ def test_compile_fullgraph(backend, inplace):
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(compiled_clip, eager_clip, rtol=0, atol=0)
     torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_statistics_follow_the_logits_device():
+    """Without ref_logprobs the reference's kl_ref was a CPU zero beside statistics on the logits' device."""
+    B, T, V = 2, 3, 5
+    logits = torch.randn(B, T, V, device="meta")
+    labels, side = torch.zeros(B, T, dtype=torch.long, device="meta"), torch.zeros(B, T, device="meta")
+    loss, stats = rf.reference.ppo_loss(logits, labels, side, side)
+    assert {str(t.device) for t in (loss, *stats.values())} == {"meta"}

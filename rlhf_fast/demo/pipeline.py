@@ -269,6 +269,7 @@ def _rm_true_order_accuracy(rm, tokenizer, rows: list[dict], batch_size: int = 1
     from rlhf_fast.trainers.reward import sequence_rewards
 
     rm.eval()
+    device = next(rm.parameters()).device  # where its trainer left it: a GPU when there is one
     hits = total = 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -276,8 +277,8 @@ def _rm_true_order_accuracy(rm, tokenizer, rows: list[dict], batch_size: int = 1
         seqs = [tokenizer(p)["input_ids"] + tokenizer(c, add_special_tokens=False)["input_ids"] + [EOS_ID]
                 for p, c in texts]  # fmt: skip
         T = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [PAD_ID] * (T - len(s)) for s in seqs])
-        mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs])
+        ids = torch.tensor([s + [PAD_ID] * (T - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs], device=device)
         with torch.no_grad():
             scores = sequence_rewards(rm, ids, mask).view(-1, 2)  # [b, 2]: chosen, rejected
         for r, (sc, sr) in zip(chunk, scores.tolist(), strict=True):
