@@ -45,6 +45,17 @@ def _train_records(run_dir):
     return {r["step"]: r for r in metrics(run_dir) if "loss" in r}
 
 
+def test_bf16_autocast_starts_at_the_reference(tmp_path):
+    """Under bf16 autocast the reference log-probs and the policy's come from the same bf16 head: before any
+    update (lr ~ 0) every reward is 0 and the loss is log 2 (a float32 reference head against the bf16
+    policy's would leave margins of bf16 rounding)."""
+    cfg = _config(tmp_path, bf16=True, max_steps=1, lr=1e-12)
+    trainer = DPOTrainer(_model(), TOKENIZER, _pairs(8, 0), None, cfg)
+    trainer.train()
+    (record,) = _train_records(tmp_path / "run").values()
+    assert record["loss"] == pytest.approx(math.log(2), abs=1e-6) and record["rewards/margins"] == 0.0, record
+
+
 def test_loss_goes_down_and_reward_accuracy_rises(tmp_path):
     cfg = _config(tmp_path, max_steps=12, micro_batch_size=8)
     trainer = DPOTrainer(_model(), TOKENIZER, _pairs(32, 0), _pairs(8, 1), cfg)

@@ -83,6 +83,20 @@ def test_iterations_give_finite_metrics_move_the_policy_and_not_the_reference(tm
     assert {"eval_score", "eval_true_reward", "eval_kl"} <= set(records[-1])
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_autocast_runs_the_fused_head_in_bf16(tmp_path, fused):
+    """Under bf16 autocast (here the CPU's) the fused head computes in bf16 like the model's own lm_head: with
+    a policy that does not move (lr ~ 0) the update's log-probs are the rollout's (ratio 1, approx_kl ~ 0:
+    a head in another precision than the rollout's would show here), and the metrics are finite."""
+    cfg = _config(tmp_path, advantage_estimator="grpo", bf16=True, fused=fused, max_steps=1, lr=1e-12)
+    trainer = PPOTrainer(_policy(), TOKENIZER, PROMPTS, reward_fn=true_rewards, config=cfg)
+    trainer.train()
+    (record,) = _records(tmp_path / "run")
+    assert all(math.isfinite(v) for v in record.values()), record
+    # the same bf16 head in both: 0 here; a float32 rollout head against the bf16 update's gave 5e-8
+    assert record["approx_kl"] < 1e-9 and record["clip_frac"] == 0.0, record
+
+
 def test_a_reward_model_scores_and_initialises_the_critic(tmp_path):
     rm = tiny_reward_model(vocab_size=len(TOKENIZER), seed=3, **SMALL)
     rm_before = _state(rm)

@@ -109,6 +109,30 @@ def test_matches_the_models_own_logits(name, backend):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * max(1.0, theirs.abs().max().item()))
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_under_autocast_the_head_runs_in_the_autocast_dtype(backend):
+    """A float32 Llama's final norm returns float32 hidden states even under bf16 autocast, while its own
+    lm_head then computes bf16 logits: the fused head follows the model (bf16 GEMMs, as fast as the model's
+    own head, where float32 ones would be several times slower on a GPU) and gives its log-probs."""
+    import rlhf_fast as rf
+    from rlhf_fast.integrations.transformers import final_hidden_states, head_inputs
+
+    if not rf.backends()[backend].available:
+        pytest.skip(rf.backends()[backend].detail)
+    torch.manual_seed(0)
+    model = _llama().float().eval()
+    input_ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = final_hidden_states(model, input_ids)
+        fused_inputs = head_inputs(model, hidden)
+        logp = lm_head_logprobs(model, input_ids, backend=backend)
+        logits = model(input_ids=input_ids).logits[:, :-1]
+    assert hidden.dtype == torch.float32 and logits.dtype == torch.bfloat16
+    assert fused_inputs[0].dtype == fused_inputs[1].dtype == torch.bfloat16
+    ref = reference.token_logprobs(logits.double(), input_ids[:, 1:])
+    torch.testing.assert_close(logp.double(), ref, rtol=0.0, atol=0.05)  # bf16 logits: 2^-8 of a few units
+
+
 def test_default_labels_ignore_padding():
     model = _gpt2()
     input_ids = torch.randint(0, VOCAB, (2, 7))

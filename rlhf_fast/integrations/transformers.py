@@ -59,8 +59,12 @@ def lm_head(model):
 
 def head_inputs(model, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor | None, float | None]:
     """``(hidden, weight, bias, softcap)`` for a ``linear_*`` op that gives the model's own logits from
-    its final hidden states: the logit scale folded into ``hidden`` and ``bias``, all in ``hidden``'s dtype."""
+    its final hidden states: the logit scale folded into ``hidden`` and ``bias``, all in the dtype the
+    model's own head would compute in: ``hidden``'s, or under autocast the autocast dtype (a float32
+    model's final norm returns float32 hidden states even then, while its ``lm_head`` runs in bfloat16)."""
     weight, bias, scale, softcap = lm_head(model)
+    if torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
     bias = None if bias is None else bias.to(hidden.dtype)
     if scale is not None and scale != 1.0:
         hidden = hidden * scale
@@ -97,13 +101,14 @@ def _check_head(model, weight: Tensor, bias: Tensor | None, scale: float | None,
     elif hidden.shape[-1] != weight.shape[1]:
         problem = f"its final hidden states have {hidden.shape[-1]} features, its head reads {weight.shape[1]}"
     else:
-        ours = hidden.float() @ weight.float().T
-        if bias is not None:
-            ours = ours + bias.float()
-        if scale is not None:
-            ours = ours * scale
-        if softcap is not None:
-            ours = softcap * torch.tanh(ours / softcap)
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):  # float32 whatever the caller's
+            ours = hidden.float() @ weight.float().T
+            if bias is not None:
+                ours = ours + bias.float()
+            if scale is not None:
+                ours = ours * scale
+            if softcap is not None:
+                ours = softcap * torch.tanh(ours / softcap)
         # float32 agrees to ~1e-6; a 16-bit head rounds its logits to 2^-8 (bf16) relative
         rtol = 1e-4 if weight.dtype == torch.float32 else 4 * torch.finfo(weight.dtype).eps
         err = (ours - theirs).abs().max().item()

@@ -150,7 +150,7 @@ class DPOLoss:
         else:
             hidden, weight, bias, softcap = _head(model, batch)  # hidden: [2B, T, H]
             head = dict(bias=bias, chunk_bytes=cfg.chunk_bytes, softcap=softcap, backend=cfg.backend)
-            # the head runs in the hidden states' dtype (bf16 under autocast), accumulating in float32
+            # the head runs in bf16 under autocast (head_inputs casts), accumulating in float32
             with torch.autocast(hidden.device.type, enabled=False):
                 loss, stats = rf.linear_dpo_loss(
                     hidden[:B], targets[:B], hidden[B:], targets[B:], weight, ref_chosen, ref_rejected,

@@ -199,8 +199,8 @@ class PPOLoss:
         inputs = dict(attention_mask=batch["attention_mask"], use_cache=False)
         if cfg.fused:
             hidden = gather_positions(final_hidden_states(model.policy, batch["input_ids"], **inputs), batch["index"])
+            hidden, weight, bias, softcap = head_inputs(model.policy, hidden)  # bf16 under autocast
             with torch.autocast(hidden.device.type, enabled=False):
-                hidden, weight, bias, softcap = head_inputs(model.policy, hidden)
                 pg_loss, stats = rf.linear_ppo_loss(
                     hidden, weight, *args, bias=bias, softcap=softcap, chunk_bytes=cfg.chunk_bytes, **kw
                 )
@@ -234,8 +234,8 @@ class PPOLoss:
             logits = policy(batch["ptx_input_ids"], **inputs).logits
             return rf.cross_entropy(logits, targets, backend=cfg.backend)
         hidden = final_hidden_states(policy, batch["ptx_input_ids"], **inputs)
+        hidden, weight, bias, softcap = head_inputs(policy, hidden)  # bf16 under autocast
         with torch.autocast(hidden.device.type, enabled=False):
-            hidden, weight, bias, softcap = head_inputs(policy, hidden)
             return rf.linear_cross_entropy(
                 hidden, weight, targets, bias=bias, softcap=softcap, chunk_bytes=cfg.chunk_bytes, backend=cfg.backend
             )
@@ -396,7 +396,7 @@ class PPOTrainer:
                 logits = gather_positions(model(input_ids, **inputs).logits, index)
                 return rf.token_logprobs_and_entropy(logits, labels, temperature=cfg.temperature, backend=cfg.backend)
             hidden = gather_positions(final_hidden_states(model, input_ids, **inputs), index)
-        hidden, weight, bias, softcap = head_inputs(model, hidden)
+            hidden, weight, bias, softcap = head_inputs(model, hidden)  # bf16 under autocast
         return rf.linear_token_logprobs_and_entropy(
             hidden, weight, labels, bias=bias, temperature=cfg.temperature, chunk_bytes=cfg.chunk_bytes,
             softcap=softcap, backend=cfg.backend,

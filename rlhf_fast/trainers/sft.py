@@ -69,10 +69,9 @@ class SFTLoss:
                 logits, targets, reduction="sum", label_smoothing=cfg.label_smoothing, backend=cfg.backend
             )
             return loss, {}
-        hidden = final_hidden_states(model, batch["input_ids"], **inputs)  # [B, T, H]
-        # the head runs in the hidden states' dtype (bf16 under autocast), accumulating in float32
+        # the head runs in bf16 under autocast (head_inputs casts), accumulating in float32
+        hidden, weight, bias, softcap = head_inputs(model, final_hidden_states(model, batch["input_ids"], **inputs))
         with torch.autocast(hidden.device.type, enabled=False):
-            hidden, weight, bias, softcap = head_inputs(model, hidden)
             loss = rf.linear_cross_entropy(
                 hidden, weight, targets, bias=bias,
                 reduction="sum", label_smoothing=cfg.label_smoothing, chunk_bytes=cfg.chunk_bytes, softcap=softcap,
