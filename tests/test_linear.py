@@ -280,8 +280,8 @@ def _softcap_forms(hidden, weight, b, labels, kw):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_softcap_reaches_every_linear_form(backend, form, dtype):
     # Gemma 2's final soft cap changes every output; a form that dropped it would match the uncapped logits.
-    # A capped half-precision head takes the chunked path on every backend, whose weight gradient comes
-    # from the vocabulary-outer pass (on Triton too: it once had no block gradient there and raised).
+    # On cpp and torch a capped head takes the chunked path (a half-precision one gets its weight gradient
+    # from the vocabulary-outer pass); on Triton the tl.dot kernels apply the cap tile by tile.
     _skip_unavailable(backend)
     hidden, weight, b, labels = _inputs((2, 7), 24, 257, dtype, bias=True, seed=51)
     kw = dict(softcap=1.5, chunk_bytes=3 * linear._row_bytes(257, 4, softcap=True), backend=backend)

@@ -73,8 +73,12 @@ def test_a_launch_runs_on_the_gpu_of_its_first_tensor(gpus):
 def test_rocm_launches_leave_out_maxnreg(monkeypatch):
     """Triton's HIP backend has no maxnreg option and refuses a launch that passes one (KeyError in its
     argument packing): a ROCm build of PyTorch (``torch.version.hip`` set) gets the config without it."""
-    capped = next(config for config in _common.CONFIGS if config.maxnreg)
-    monkeypatch.setattr(torch.version, "hip", None)
-    assert capped.launch()["maxnreg"] == capped.maxnreg
-    monkeypatch.setattr(torch.version, "hip", "6.4.0")
-    assert "maxnreg" not in capped.launch() and capped.launch()["num_warps"] == capped.num_warps
+    from rlhf_fast.kernels.linear_token_stats import CONFIGS as LINEAR_CONFIGS
+
+    row_config = next(config for config in _common.CONFIGS if config.maxnreg)
+    tile_config = next(config for configs in LINEAR_CONFIGS.values() for config in configs if config.maxnreg)
+    for capped in (row_config, tile_config):
+        monkeypatch.setattr(torch.version, "hip", None)
+        assert capped.launch()["maxnreg"] == capped.maxnreg
+        monkeypatch.setattr(torch.version, "hip", "6.4.0")
+        assert "maxnreg" not in capped.launch() and capped.launch()["num_warps"] == capped.num_warps

@@ -14,8 +14,12 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton
+import triton.language as tl
+
 from rlhf_fast import reference as ref
 from rlhf_fast.kernels._common import TileConfig
+from rlhf_fast.kernels._linear_tile import tanh as kernel_tanh
 from rlhf_fast.kernels.linear_kl import linear_kl_bwd, linear_kl_fwd
 from rlhf_fast.kernels.linear_token_stats import linear_token_stats_bwd, linear_token_stats_fwd
 
@@ -78,6 +82,56 @@ def test_forward_and_backward_match_float64(n, v, with_bias, dtype):
         assert grad.dtype == dtype and grad.shape == leaf.shape, name
         assert _rel_err(grad, leaf.grad) < tol_grad, name
     assert (grads[0][ignored] == 0).all()
+
+
+@triton.jit
+def _tanh_kernel(y_ptr, out_ptr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, kernel_tanh(tl.load(y_ptr + i)))
+
+
+def test_tanh_of_the_soft_cap_is_accurate_to_a_few_ulp():
+    """The kernels' tanh (exp-based: the interpreter has no libdevice) against float64: within 5 ulp at every
+    magnitude (series and exp branches), both signs, 0, and 1 where it saturates."""
+    mags = torch.logspace(-8, 2, 511, dtype=torch.float64)
+    y = torch.cat([-mags.flip(0), torch.zeros(1, dtype=torch.float64), mags]).float()  # 1023 values
+    y = torch.cat([y, torch.tensor([88.0])])  # exp(-2|y|) underflows to 0
+    out = torch.empty_like(y)
+    _tanh_kernel[(1,)](y, out, BLOCK=1024)
+    exact = torch.tanh(y.double())
+    assert ((out.double() - exact).abs() / exact.abs().clamp_min(1e-300)).max() < 5 * 2.0**-24
+    assert out[511] == 0.0 and out[-1] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_soft_cap_from_tiny_to_saturated_logits(dtype):
+    """Gemma 2's final soft cap ``c * tanh(z / c)`` inside the kernels, on raw logits from 1e-4 (the series
+    branch of the kernels' tanh) through c (its exp branch) to 50 c (saturated, slope ~ 0), with a mean log-prob
+    term, over several vocabulary tiles and splits."""
+    c, n, v = 2.0, 37, 301
+    hidden, weight, bias, labels = _inputs(n, 40, v, dtype, True)
+    weight = (weight.float() * torch.logspace(-4, 2, v)[:, None] / 3).to(dtype)  # raw logits from ~1e-4 to ~1e2
+    tol_out, tol_grad = TOL[dtype]
+    out = linear_token_stats_fwd(
+        hidden, weight, bias, labels, TEMPERATURE, IGNORE, True, True, True, softcap=c, config=SMALL, splits=2
+    )
+    logp, entropy, lse, mean_logp = out
+    leaves = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    raw = leaves[0] @ leaves[1].T + leaves[2]
+    assert raw.abs().max() > 50 * c and (raw.abs() < c / 2).any()  # both branches, and saturation
+    x = c * torch.tanh(raw / c) / TEMPERATURE
+    ref_logp, ref_entropy = ref.token_logprobs_and_entropy(x, labels, ignore_index=IGNORE)
+    ref_mean = torch.where(labels != IGNORE, torch.log_softmax(x, -1).mean(-1), 0.0)
+    for ours, theirs in ((logp, ref_logp), (entropy, ref_entropy), (mean_logp, ref_mean)):
+        assert _rel_err(ours, theirs) < tol_out
+    g_lp, g_h, g_m = torch.randn(n), torch.randn(n), torch.randn(n)
+    (ref_logp * g_lp + ref_entropy * g_h + ref_mean * g_m).sum().backward()
+    grads = linear_token_stats_bwd(
+        hidden, weight, bias, labels, lse, entropy, g_lp, g_h, TEMPERATURE, IGNORE, True, True, True,
+        grad_mean_logp=g_m, softcap=c, config=SMALL, splits=2,
+    )  # fmt: skip
+    for name, grad, leaf in zip(("hidden", "weight", "bias"), grads, leaves, strict=True):
+        assert _rel_err(grad, leaf.grad) < tol_grad, name
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 40])

@@ -54,16 +54,19 @@ class TileConfig:
     block_h: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None  # as in KernelConfig
 
     def __str__(self) -> str:
-        return f"N{self.block_n}xV{self.block_v}xH{self.block_h},warps={self.num_warps},stages={self.num_stages}"
+        cap = f",maxnreg={self.maxnreg}" if self.maxnreg else ""
+        return f"N{self.block_n}xV{self.block_v}xH{self.block_h},warps={self.num_warps},stages={self.num_stages}{cap}"
 
     def constexprs(self) -> dict[str, int]:
         return {"BLOCK_N": self.block_n, "BLOCK_V": self.block_v, "BLOCK_H": self.block_h}
 
     def launch(self) -> dict[str, int]:
-        """The block sizes, warps and stages: the keyword arguments of a launch."""
-        return {**self.constexprs(), "num_warps": self.num_warps, "num_stages": self.num_stages}
+        """The block sizes, warps, stages and (when set, not on ROCm) maxnreg: the keyword arguments of a launch."""
+        cap = {"maxnreg": self.maxnreg} if self.maxnreg and torch.version.hip is None else {}
+        return {**self.constexprs(), "num_warps": self.num_warps, "num_stages": self.num_stages, **cap}
 
 
 # Sized for H100/A100-class GPUs. 4096 columns over 8 warps is 16 values per thread per step:

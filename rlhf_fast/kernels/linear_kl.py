@@ -77,12 +77,12 @@ def _both_tiles(
 ):  # fmt: skip
     """``(x_p, x_q)``: both heads' float32 logits tiles over ``T``, ``-inf`` in padded columns."""
     x_p = logits_tile(
-        p_hidden_ptr, p_weight_ptr, p_bias_ptr, rows, cols, row_ok, col_ok, H_P, inv_temperature,
-        HAS_P_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+        p_hidden_ptr, p_weight_ptr, p_bias_ptr, rows, cols, row_ok, col_ok, H_P, inv_temperature, 1.0,
+        HAS_P_BIAS, False, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
     )  # fmt: skip
     x_q = logits_tile(
-        q_hidden_ptr, q_weight_ptr, q_bias_ptr, rows, cols, row_ok, col_ok, H_Q, inv_temperature,
-        HAS_Q_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+        q_hidden_ptr, q_weight_ptr, q_bias_ptr, rows, cols, row_ok, col_ok, H_Q, inv_temperature, 1.0,
+        HAS_Q_BIAS, False, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
     )  # fmt: skip
     return x_p, x_q
 

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._common import TRITON_DTYPE, AotSpec, TileConfig, aot_spec, empty_f32, on_tensor_device, unused_f32
-from ._linear_tile import dot, load_rows, logits_tile, upcast_dot
+from ._linear_tile import cap_slope, dot, load_rows, logits_tile, upcast_dot
 from ._softmax_row import split_lse
 
 __all__ = ["CONFIGS", "aot_specs", "linear_token_stats_bwd", "linear_token_stats_fwd"]
@@ -67,8 +67,9 @@ CONFIGS: dict[torch.dtype, tuple[TileConfig, TileConfig, TileConfig]] = {
     torch.float32: (
         # 8 warps: over 4, the split bounds cost the forward with bias and entropy 8 B of spill on sm_90
         TileConfig(block_n=32, block_v=64, block_h=16, num_warps=8, num_stages=2),
-        # single-staged: the vocabulary split's bounds cost the two-stage dH 8 B of spill on sm_80
-        TileConfig(block_n=32, block_v=32, block_h=16, num_warps=8, num_stages=1),
+        # single-staged: the vocabulary split's bounds cost the two-stage dH 8 B of spill on sm_80; and
+        # allowed 128 registers: left to itself ptxas holds the soft-capped dH to 64 and spills 4 B
+        TileConfig(block_n=32, block_v=32, block_h=16, num_warps=8, num_stages=1, maxnreg=128),
         TileConfig(block_n=32, block_v=32, block_h=16, num_warps=8, num_stages=2),
     ),
 }
@@ -164,8 +165,10 @@ def _linear_fwd_kernel(
     # runtime scalars (never constexpr: each new value would recompile)
     inv_temperature,
     ignore_index,
+    softcap,  # c of the final soft cap; unused unless SOFTCAP
     # constexpr: feature switches and block sizes
     HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     HAS_LABELS: tl.constexpr,
     WITH_LOGP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
@@ -201,8 +204,8 @@ def _linear_fwd_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         x = logits_tile(
-            hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, cols < V, H, inv_temperature,
-            HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+            hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, cols < V, H, inv_temperature, softcap,
+            HAS_BIAS, SOFTCAP, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
         m_new = tl.maximum(m, tl.max(x, axis=1))
         # while a row has seen only -inf, use 0 as its reference: exp(-inf - -inf) would be NaN
@@ -282,8 +285,10 @@ def _linear_dh_kernel(
     # runtime scalars
     inv_temperature,
     ignore_index,
+    softcap,  # c of the final soft cap; unused unless SOFTCAP
     # constexpr: feature switches and block sizes
     HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     HAS_LABELS: tl.constexpr,
     GRAD_LOGP: tl.constexpr,
     GRAD_ENTROPY: tl.constexpr,
@@ -309,8 +314,8 @@ def _linear_dh_kernel(
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_ok = cols < V
         x = logits_tile(
-            hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H, inv_temperature,
-            HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+            hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H, inv_temperature, softcap,
+            HAS_BIAS, SOFTCAP, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
         # loaded per vocabulary tile (BLOCK_N values against a BLOCK_N x BLOCK_V x H tile of work), not held
         # across the loop: held, its two float32 per row made the float32 kernel spill on sm_80
@@ -319,6 +324,8 @@ def _linear_dh_kernel(
             x, cols, col_ok, row_ok, lse_hi, lse_lo, label, g_lp, g_h, entropy, g_m, 1.0 / V,
             GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN,
         )  # fmt: skip
+        if SOFTCAP:  # through the cap to the raw logits
+            g *= cap_slope(x, col_ok, inv_temperature, softcap)
         g = g.to(weight_ptr.dtype.element_ty)
         # d_hidden[rows] += g @ weight[cols], H in BLOCK_H slices (an [N, H] accumulator would not fit)
         for k0 in range(0, H, BLOCK_H):
@@ -351,8 +358,10 @@ def _linear_dw_kernel(
     # runtime scalars
     inv_temperature,
     ignore_index,
+    softcap,  # c of the final soft cap; unused unless SOFTCAP
     # constexpr: feature switches and block sizes
     HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     HAS_LABELS: tl.constexpr,
     GRAD_LOGP: tl.constexpr,
     GRAD_ENTROPY: tl.constexpr,
@@ -378,13 +387,15 @@ def _linear_dw_kernel(
         # a tile of ignored tokens adds nothing: skip its matmuls
         if tl.max(row_ok.to(tl.int32), axis=0) > 0:
             x = logits_tile(
-                hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H, inv_temperature,
-                HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+                hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H, inv_temperature, softcap,
+                HAS_BIAS, SOFTCAP, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
             )  # fmt: skip
             g = _grad_tile(
                 x, cols, col_ok, row_ok, lse_hi, lse_lo, label, g_lp, g_h, entropy, g_m, 1.0 / V,
                 GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN,
             )  # fmt: skip
+            if SOFTCAP:  # through the cap to the raw logits
+                g *= cap_slope(x, col_ok, inv_temperature, softcap)
             if NEED_BIAS:
                 db += tl.sum(g, axis=0)
             if NEED_WEIGHT:
@@ -454,10 +465,12 @@ def linear_token_stats_fwd(
     with_entropy: bool,
     with_mean_logp: bool = False,
     *,
+    softcap: float | None = None,
     config: TileConfig | None = None,
     splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token ``(logp, entropy, lse, mean_logp)`` of ``softmax(x)``, ``x = (hidden @ weight.T + bias) / T``.
+    """Per-token ``(logp, entropy, lse, mean_logp)`` of ``softmax(x)``, ``x = softcap(hidden @ weight.T + bias) / T``
+    (``softcap(z) = c * tanh(z / c)`` for ``softcap = c``; the identity for None).
 
     Args:
         hidden: ``[N, H]`` contiguous, float32/bfloat16/float16.
@@ -490,8 +503,9 @@ def linear_token_stats_fwd(
     _linear_fwd_kernel[(triton.cdiv(n_rows, config.block_n), n_splits)](
         hidden, weight, m if bias is None else bias, m if labels is None else labels, m, s, t, x_label, x_sum,
         n_rows, hidden.shape[1], vocab, v_per_split,
-        1.0 / temperature, ignore_index,
-        HAS_BIAS=bias is not None, HAS_LABELS=labels is not None, WITH_LOGP=with_logp, WITH_ENTROPY=with_entropy,
+        1.0 / temperature, ignore_index, softcap or 1.0,
+        HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, HAS_LABELS=labels is not None, WITH_LOGP=with_logp,
+        WITH_ENTROPY=with_entropy,
         WITH_MEAN=with_mean_logp, UPCAST=upcast_dot(hidden), **config.launch(),
     )  # fmt: skip
     row_ok = labels != ignore_index if labels is not None else torch.ones(n_rows, dtype=torch.bool, device=device)
@@ -522,6 +536,7 @@ def linear_token_stats_bwd(
     need_bias: bool,
     *,
     grad_mean_logp: torch.Tensor | None = None,
+    softcap: float | None = None,
     config: TileConfig | None = None,
     splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -529,11 +544,11 @@ def linear_token_stats_bwd(
     ``weight``, ``bias``.
 
     With ``g = (g_lp (1[v == label] - p) - g_H p (log p + H) + g_m (1/V - p)) / temperature`` per logits entry
-    (0 on ignored tokens): ``d_hidden = g @ weight``, ``d_weight = g.T @ hidden``, ``d_bias = g.sum(0)``,
-    accumulated in float32 and cast to the inputs' dtype once.
+    (0 on ignored tokens), times ``1 - tanh^2`` of the cap with ``softcap``: ``d_hidden = g @ weight``,
+    ``d_weight = g.T @ hidden``, ``d_bias = g.sum(0)``, accumulated in float32 and cast to the inputs' dtype once.
 
     Args:
-        hidden, weight, bias, labels, temperature, ignore_index: as in :func:`linear_token_stats_fwd`.
+        hidden, weight, bias, labels, temperature, ignore_index, softcap: as in :func:`linear_token_stats_fwd`.
         lse: ``[N]`` float64 from the forward; entropy: ``[N]`` float32 from the forward (None when
             ``grad_entropy`` is None).
         grad_logp, grad_entropy, grad_mean_logp: ``[N]`` float32 incoming gradients, or None for "no
@@ -568,12 +583,12 @@ def linear_token_stats_bwd(
             off if grad_entropy is None else grad_entropy, off if grad_mean_logp is None else grad_mean_logp,
         )  # fmt: skip
         switches = {
-            "HAS_BIAS": bias is not None, "HAS_LABELS": labels is not None,
+            "HAS_BIAS": bias is not None, "SOFTCAP": softcap is not None, "HAS_LABELS": labels is not None,
             "GRAD_LOGP": grad_logp is not None, "GRAD_ENTROPY": grad_entropy is not None,
             "GRAD_MEAN": grad_mean_logp is not None,
         }  # fmt: skip
         upcast = upcast_dot(hidden)
-        scalars = (1.0 / temperature, ignore_index)
+        scalars = (1.0 / temperature, ignore_index, softcap or 1.0)
         if need_hidden:
             n_splits, v_per_split = vocabulary_splits(n_rows, vocab, dh_config, device, splits)
             parts = torch.zeros((n_splits, n_rows, h_dim), dtype=torch.float32, device=device)
@@ -605,9 +620,11 @@ def linear_token_stats_bwd(
 # on) and one that turns the rest off, so that every value of every switch is compiled per dtype.
 # (HAS_BIAS, HAS_LABELS, WITH_LOGP / GRAD_LOGP, WITH_ENTROPY / GRAD_ENTROPY, WITH_MEAN / GRAD_MEAN
 #  [, NEED_WEIGHT, NEED_BIAS])
-_FWD_SWITCHES = [(0, 1, 1, 0, 0), (1, 1, 1, 1, 1), (1, 0, 0, 1, 0)]
-_DH_SWITCHES = [(0, 1, 1, 0, 0), (1, 1, 1, 1, 1), (1, 0, 0, 1, 0)]
-_DW_SWITCHES = [(0, 1, 1, 0, 0, 1, 0), (1, 1, 1, 1, 1, 1, 1), (1, 0, 0, 1, 0, 0, 1)]
+# The soft cap (last switch) is on in the combination the losses of a soft-capped model (Gemma 2) launch
+# and in everything on.
+_FWD_SWITCHES = [(0, 1, 1, 0, 0, 0), (1, 1, 1, 1, 1, 1), (1, 0, 0, 1, 0, 0), (0, 1, 1, 1, 0, 1)]
+_DH_SWITCHES = [(0, 1, 1, 0, 0, 0), (1, 1, 1, 1, 1, 1), (1, 0, 0, 1, 0, 0), (0, 1, 1, 0, 0, 1)]
+_DW_SWITCHES = [(0, 1, 1, 0, 0, 1, 0, 0), (1, 1, 1, 1, 1, 1, 1, 1), (1, 0, 0, 1, 0, 0, 1, 0), (0, 1, 1, 0, 0, 1, 0, 1)]
 
 
 def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
@@ -615,14 +632,14 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     exists for the interpreter only). ``H`` is marked divisible by 16 like the pointers, as the
     runtime does for hidden sizes such as 1024 or 4096: it is the row stride of every tile."""
     dt = TRITON_DTYPE[dtype]
-    types = {"hidden_ptr": f"*{dt}", "weight_ptr": f"*{dt}", "inv_temperature": "fp32"}
+    types = {"hidden_ptr": f"*{dt}", "weight_ptr": f"*{dt}", "inv_temperature": "fp32", "softcap": "fp32"}
     cases = [
-        (_linear_fwd_kernel, CONFIGS[dtype][0], ("HAS_BIAS", "HAS_LABELS", "WITH_LOGP", "WITH_ENTROPY", "WITH_MEAN"),
-         _FWD_SWITCHES),
-        (_linear_dh_kernel, CONFIGS[dtype][1], ("HAS_BIAS", "HAS_LABELS", "GRAD_LOGP", "GRAD_ENTROPY", "GRAD_MEAN"),
-         _DH_SWITCHES),
+        (_linear_fwd_kernel, CONFIGS[dtype][0], ("HAS_BIAS", "HAS_LABELS", "WITH_LOGP", "WITH_ENTROPY", "WITH_MEAN",
+                                           "SOFTCAP"), _FWD_SWITCHES),
+        (_linear_dh_kernel, CONFIGS[dtype][1], ("HAS_BIAS", "HAS_LABELS", "GRAD_LOGP", "GRAD_ENTROPY", "GRAD_MEAN",
+                                          "SOFTCAP"), _DH_SWITCHES),
         (_linear_dw_kernel, CONFIGS[dtype][2], ("HAS_BIAS", "HAS_LABELS", "GRAD_LOGP", "GRAD_ENTROPY", "GRAD_MEAN",
-                                          "NEED_WEIGHT", "NEED_BIAS"), _DW_SWITCHES),
+                                          "NEED_WEIGHT", "NEED_BIAS", "SOFTCAP"), _DW_SWITCHES),
     ]  # fmt: skip
     specs = []
     for kernel, config, names, combos in cases:

@@ -281,15 +281,15 @@ class _TritonLinearTokenStats(torch.autograd.Function):
     kernels as per-token upstream gradients."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, wanted):
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, wanted, softcap):
         from rlhf_fast.kernels import linear_token_stats as k
 
         logp, ent, lse, mean_logp = k.linear_token_stats_fwd(
-            hidden, weight, bias, labels, temperature, ignore_index, *wanted
+            hidden, weight, bias, labels, temperature, ignore_index, *wanted, softcap=softcap
         )
         outs = (logp, ent, mean_logp)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if wanted[1] else None)
-        ctx.args = (temperature, ignore_index, wanted)
+        ctx.args = (temperature, ignore_index, wanted, softcap)
         ctx.mark_non_differentiable(*(o for o, w in zip(outs, wanted, strict=True) if not w))
         # an output the loss does not use (PPO's entropy without a bonus) must not cost a kernel term
         ctx.set_materialize_grads(False)
@@ -300,26 +300,26 @@ class _TritonLinearTokenStats(torch.autograd.Function):
         from rlhf_fast.kernels import linear_token_stats as k
 
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-        temperature, ignore_index, wanted = ctx.args
+        temperature, ignore_index, wanted, softcap = ctx.args
         g_lp, g_h, g_m = (g.contiguous() if w and g is not None else None for g, w in zip(grads, wanted, strict=True))
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if g_lp is None and g_h is None and g_m is None:
-            return (None,) * 7
+            return (None,) * 8
         d_h, d_w, d_b = k.linear_token_stats_bwd(
             hidden, weight, bias, labels, lse, entropy, g_lp, g_h, temperature, ignore_index, need_h, need_w, need_b,
-            grad_mean_logp=g_m,
+            grad_mean_logp=g_m, softcap=softcap,
         )  # fmt: skip
-        return (d_h if need_h else None), (d_w if need_w else None), (d_b if need_b else None), None, None, None, None
+        return (d_h if need_h else None), (d_w if need_w else None), (d_b if need_b else None), *(None,) * 5
 
 
-def _triton_stats(h2d, weight, bias, labels, temperature, ignore_index, wanted):
+def _triton_stats(h2d, weight, bias, labels, temperature, ignore_index, wanted, softcap):
     """``(logp, entropy, mean_logp)`` ``[N]`` of the Triton fused-linear kernels (``wanted`` switches them on).
     Labels are range-checked here: the kernels trust them."""
     if labels is not None:
         _custom.check_labels_in_range(labels, weight.shape[0], ignore_index)
     return _TritonLinearTokenStats.apply(
         h2d.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), labels, temperature,
-        ignore_index, wanted,
+        ignore_index, wanted, softcap,
     )  # fmt: skip
 
 
@@ -396,8 +396,9 @@ def _block_grad(labels, lse, entropy, coefs, vocab, temperature, ignore_index, b
     """``block_grad`` of :meth:`_HeadGrads.weight_by_vocab` for per-token upstream gradients ``coefs [3, N]``
     (``(g_lp, g_H, g_u)``), with the whole rows' ``lse`` (and ``entropy`` for the ``g_H`` term).
 
-    The Triton backend reaches this pass only on a soft-capped half-precision head (the chunked path); it
-    has no kernel for a block of columns, so the ``torch`` implementation does that step on the device."""
+    Only the chunked path (``cpp`` and ``torch``) comes here: the Triton backend's tl.dot kernels, soft cap
+    included, hold no logits chunks. Were a ``triton`` call to arrive, it has no kernel for a block of columns,
+    so the ``torch`` implementation would do that step on the device."""
     impl = "torch" if backend == "triton" else backend
 
     def block_grad(block, c0, sl):
@@ -452,10 +453,10 @@ def _linear_stats(
     h2d, flat, temperature, ignore_index, backend, rows = _prepare_linear(
         hidden, weight, labels, bias, temperature, ignore_index, chunk_bytes, backend, softcap=softcap
     )
-    if backend == "triton" and softcap is None:
+    if backend == "triton":
         # tl.dot kernels: the logits exist only tile by tile, in registers
         wanted = (with_logp, with_entropy, False)
-        logp, ent, _ = _triton_stats(h2d, weight, bias, flat, temperature, ignore_index, wanted)
+        logp, ent, _ = _triton_stats(h2d, weight, bias, flat, temperature, ignore_index, wanted, softcap)
     else:
         logp, ent, _ = _LinearTokenStats.apply(
             h2d, weight, bias, flat, temperature, ignore_index, (with_logp, with_entropy, False), rows, softcap, backend
@@ -637,12 +638,12 @@ def linear_cross_entropy(
     )
     valid = (flat != ignore_index).float()
     weight_r = valid / valid.sum().clamp(min=1) if reduction == "mean" else valid
-    if reduction == "none" or (backend == "triton" and softcap is None):
+    if reduction == "none" or backend == "triton":
         # Per-token statistics with autograd; the loss's per-token gradients reach their backward, which
         # recomputes the logits: on triton a tl.dot kernel pass (no logits chunk at all), else by chunks.
         wanted = (True, False, eps > 0.0)
-        if backend == "triton" and softcap is None:
-            logp, _, mean_logp = _triton_stats(h2d, weight, bias, flat, 1.0, ignore_index, wanted)
+        if backend == "triton":
+            logp, _, mean_logp = _triton_stats(h2d, weight, bias, flat, 1.0, ignore_index, wanted, softcap)
         else:
             logp, _, mean_logp = _LinearTokenStats.apply(
                 h2d, weight, bias, flat, 1.0, ignore_index, wanted, rows, softcap, backend
@@ -699,9 +700,11 @@ def linear_ppo_loss(
     )  # fmt: skip
     if setup.side_inputs_need_grad:
         raise ValueError("linear_ppo_loss does not differentiate old_logprobs, advantages or ref_logprobs")
-    if backend == "triton" and softcap is None:
+    if backend == "triton":
         # log-prob and entropy in one tl.dot pass; the entropy term reaches the backward only with a bonus
-        logp, entropy, _ = _triton_stats(h2d, weight, bias, flat, temperature, ignore_index, (True, True, False))
+        logp, entropy, _ = _triton_stats(
+            h2d, weight, bias, flat, temperature, ignore_index, (True, True, False), softcap
+        )
         return setup.finish(logp.view(labels.shape), entropy.view(labels.shape))
     need = _needs(hidden, weight, bias)
     (logp, entropy, _, _), grads = _fused_chunks(
