@@ -59,3 +59,27 @@ def test_a_checkpoint_keeps_the_training_gpus_generator_only(gpu_generators):
     loop._set_rng_state({**state, "cuda": [torch.tensor([6], dtype=torch.uint8)]}, gpu)  # fewer GPUs then
     assert gpu_generators[1].item() == 5
     assert "cuda" not in loop._rng_state(torch.device("cpu"))
+
+
+def test_each_process_of_a_distributed_run_takes_its_own_gpu(monkeypatch):
+    """``LOCAL_RANK`` under a launcher; in a process group the caller joined itself (no launcher environment),
+    the device it made current, not an index-less ``cuda`` (DDP's ``device_ids=[None]`` fails)."""
+    from rlhf_fast.trainers import distributed
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(torch.device(device)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    for var in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cuda = torch.device("cuda")
+    assert distributed.local_device(cuda) == cuda and not current  # one process: left as it is
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.local_device(cuda) == torch.device("cuda", 3) == current[-1]
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda group=None: 2)
+    assert distributed.local_device(cuda) == torch.device("cuda", 1) == current[-1]
+    assert distributed.local_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert distributed.local_device(torch.device("cpu")) == torch.device("cpu")

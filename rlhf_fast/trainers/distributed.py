@@ -177,12 +177,17 @@ def fsdp_load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def local_device(device: torch.device) -> torch.device:
-    """Under a launcher, a CUDA device without an index becomes the process's own (``LOCAL_RANK``),
-    made the current device, as NCCL needs; other devices are returned as they are."""
-    if device.type != "cuda" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """In a process of a distributed run, a CUDA device without an index becomes the process's own, made the
+    current device, as NCCL needs: ``LOCAL_RANK``'s under a launcher; in a process group the caller joined
+    without one, the device it made current. Other devices are returned as they are."""
+    if device.type != "cuda":
+        return device
+    initialized = dist.is_available() and dist.is_initialized()
+    if (dist.get_world_size() if initialized else int(os.environ.get("WORLD_SIZE", "1"))) <= 1:
         return device
     if device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = os.environ.get("LOCAL_RANK")
+        device = torch.device("cuda", int(local_rank) if local_rank is not None else torch.cuda.current_device())
     torch.cuda.set_device(device)
     return device
 
