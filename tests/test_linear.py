@@ -333,6 +333,10 @@ def test_bad_inputs_name_the_argument():
         rf.linear_token_entropy(hidden.long(), weight)
     with pytest.raises(ValueError, match="softcap"):
         rf.linear_token_logprobs(hidden, weight, labels, softcap=float("inf"))
+    with pytest.raises(ValueError, match="softcap"):  # 1 / c and c past float32's range: NaN in the kernels
+        rf.linear_token_logprobs(hidden, weight, labels, softcap=1e-39)
+    with pytest.raises(ValueError, match=r"softcap / temperature"):
+        rf.linear_token_entropy(hidden, weight, softcap=1e-20, temperature=1e20)
     # the two heads of the KL name their own arguments
     with pytest.raises(ValueError, match="q_bias"):
         rf.linear_kl_divergence(hidden, weight, hidden, weight, q_bias=b[:5])

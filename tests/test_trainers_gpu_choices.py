@@ -33,14 +33,18 @@ def gpu_generators(monkeypatch):
     """Per-device generator states of a pretend machine with two GPUs."""
     states = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
 
+    def index(device):
+        return 1 if torch.device(device).index is None else torch.device(device).index  # cuda:1 is current
+
     def get(device="cuda"):
-        return states[torch.device(device).index].clone()
+        return states[index(device)].clone()
 
     def set_(state, device="cuda"):
-        states[torch.device(device).index] = state.clone()
+        states[index(device)] = state.clone()
 
     monkeypatch.setattr(torch.cuda, "get_rng_state", get)
     monkeypatch.setattr(torch.cuda, "set_rng_state", set_)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     return states
 
 
@@ -58,6 +62,9 @@ def test_a_checkpoint_keeps_the_training_gpus_generator_only(gpu_generators):
     assert gpu_generators[1].item() == 5
     loop._set_rng_state({**state, "cuda": [torch.tensor([6], dtype=torch.uint8)]}, gpu)  # fewer GPUs then
     assert gpu_generators[1].item() == 5
+    old = [torch.tensor([8], dtype=torch.uint8), torch.tensor([9], dtype=torch.uint8)]
+    loop._set_rng_state({**state, "cuda": old}, torch.device("cuda"))  # "cuda": the current device's entry
+    assert gpu_generators[1].item() == 9 and gpu_generators[0].item() == 0
     assert "cuda" not in loop._rng_state(torch.device("cpu"))
 
 

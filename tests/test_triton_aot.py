@@ -19,7 +19,7 @@ shared/local memory and access widths go to ``record_property`` (``--junitxml``)
 assertion message; ``python -m rlhf_fast.kernels.aot`` prints them as a table.
 Everything is compiled once per session (``tests/_aot.py``; in a subprocess when this process runs
 the interpreter, see ``rlhf_fast/kernels/aot.py``): the row kernels take ~75 s of CPU time with a
-cold Triton cache, the 102 fused-linear cases (token stats and the two-head KL) ~2 min more (2.5-5 min of wall time
+cold Triton cache, the 138 fused-linear cases (token stats and the two-head KL) ~2 min more (2.5-5 min of wall time
 with the two cores shared by other jobs), ~20 s with a warm cache.
 The token-stats kernels are compiled in a chosen subset of their switch combinations (every value of
 every switch, the combinations the losses launch, and everything on: see ``aot_specs`` in

@@ -21,7 +21,6 @@ float32 buffer right before the GEMM that reads it, which costs no measurable ti
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -91,11 +90,16 @@ def _chunk_rows(n_rows: int, vocab: int, elem_bytes: int, chunk_bytes: int | Non
     return max(1, min(n_rows, chunk_bytes // _row_bytes(vocab, elem_bytes, softcap)))
 
 
+# The kernels work with c, 1 / c and c / T in float32: each must be comfortably inside its range.
+SOFTCAP_RANGE = (1e-30, 1e30)
+
+
 def _check_softcap(softcap) -> float | None:
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf:
-        raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap!r}")
+    low, high = SOFTCAP_RANGE
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not low <= softcap <= high:
+        raise ValueError(f"softcap must be a float in [{low:g}, {high:g}] or None, got {softcap!r}")
     return float(softcap)
 
 
@@ -439,6 +443,11 @@ def _prepare_linear(
         v.check_labels(labels, hidden, ref_name="hidden")
         flat = v.flat_labels(labels)
     temperature = v.check_temperature(temperature)
+    if softcap is not None and not SOFTCAP_RANGE[0] <= softcap / temperature <= SOFTCAP_RANGE[1]:
+        raise ValueError(
+            f"softcap / temperature must be in [{SOFTCAP_RANGE[0]:g}, {SOFTCAP_RANGE[1]:g}] (the capped logits' "
+            f"scale), got softcap={softcap!r}, temperature={temperature!r}"
+        )
     ignore_index = v.check_ignore_index(ignore_index)
     backend = _dispatch.resolve(backend, hidden.device)
     h2d = hidden.reshape(-1, hidden.shape[-1])

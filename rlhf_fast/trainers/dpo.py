@@ -95,7 +95,8 @@ def _targets(batch: Batch) -> Tensor:
 
 def _head(model, batch: Batch) -> tuple[Tensor, Tensor, Tensor | None, float | None]:
     """``(hidden [2B, T, H], weight [V, H], bias [V] | None, softcap)``: the inputs of a ``linear_*`` op
-    that give the model's own logits (logit scale applied to ``hidden``), all in the hidden dtype."""
+    that give the model's own logits (logit scale applied to ``hidden``), all in the dtype the model's head
+    computes in (the autocast dtype under autocast; see ``head_inputs``)."""
     return head_inputs(model, final_hidden_states(model, batch["input_ids"], batch["attention_mask"], use_cache=False))
 
 

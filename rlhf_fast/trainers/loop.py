@@ -206,7 +206,7 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))  # noqa: NPY002
     cuda = state.get("cuda") if device.type == "cuda" else None
     if isinstance(cuda, (list, tuple)):  # written when every visible GPU's state was kept: this device's
-        index = device.index or 0
+        index = device.index if device.index is not None else torch.cuda.current_device()
         cuda = cuda[index] if index < len(cuda) else None
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
