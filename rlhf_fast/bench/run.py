@@ -507,10 +507,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dtypes = list(dict.fromkeys(DTYPES[d] for d in dtypes))
     if args.device == "cuda" and "bfloat16" in args.dtypes and not torch.cuda.is_bf16_supported(False):
         # before sm_80 cuBLAS and tl.dot have no bfloat16: the matmul-rate measurement would end the run
+        why = "this GPU has no bfloat16 arithmetic (it needs sm_80 or newer)"
         if args.dtype is not None:
-            p.error("--dtype bfloat16: this GPU has no bfloat16 arithmetic (it needs sm_80 or newer)")
+            p.error(f"--dtype bfloat16: {why}")
         args.dtypes.remove("bfloat16")
-        print("bfloat16 left out: this GPU has no bfloat16 arithmetic (it needs sm_80 or newer)", file=sys.stderr)
+        print(f"bfloat16 left out: {why}", file=sys.stderr)
     # --quick leaves out the peers that compile on their first call (tens of seconds per case)
     args.providers = _csv_list(args.providers, tuple(p for p in PROVIDERS if not (args.quick and p in COMPILING)))
     unknown = [x for x in args.providers if x not in PROVIDERS]

@@ -22,6 +22,12 @@ from dataclasses import dataclass
 import torch
 
 
+def _maxnreg_option(maxnreg: int | None) -> dict[str, int]:
+    """``maxnreg`` as a launch keyword when set, except on ROCm builds of PyTorch: Triton's HIP backend has
+    no such option and refuses a launch that passes one."""
+    return {"maxnreg": maxnreg} if maxnreg and torch.version.hip is None else {}
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     block_v: int  # columns per loop step; a power of two
@@ -37,10 +43,8 @@ class KernelConfig:
         return {"BLOCK_V": self.block_v}
 
     def launch(self) -> dict[str, int]:
-        """The block size, warps and (when set) maxnreg: the keyword arguments of a launch. ROCm builds of
-        PyTorch leave maxnreg out: Triton's HIP backend has no such option and refuses the launch."""
-        cap = {"maxnreg": self.maxnreg} if self.maxnreg and torch.version.hip is None else {}
-        return {**self.constexprs(), "num_warps": self.num_warps, **cap}
+        """The block size, warps and maxnreg (see :func:`_maxnreg_option`): the keyword arguments of a launch."""
+        return {**self.constexprs(), "num_warps": self.num_warps, **_maxnreg_option(self.maxnreg)}
 
 
 @dataclass(frozen=True)
@@ -64,9 +68,10 @@ class TileConfig:
         return {"BLOCK_N": self.block_n, "BLOCK_V": self.block_v, "BLOCK_H": self.block_h}
 
     def launch(self) -> dict[str, int]:
-        """The block sizes, warps, stages and (when set, not on ROCm) maxnreg: the keyword arguments of a launch."""
-        cap = {"maxnreg": self.maxnreg} if self.maxnreg and torch.version.hip is None else {}
-        return {**self.constexprs(), "num_warps": self.num_warps, "num_stages": self.num_stages, **cap}
+        """The block sizes, warps, stages and maxnreg (see :func:`_maxnreg_option`): the keyword arguments of a
+        launch."""
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages, **_maxnreg_option(self.maxnreg)}
+        return {**self.constexprs(), **options}
 
 
 # Sized for H100/A100-class GPUs. 4096 columns over 8 warps is 16 values per thread per step:
