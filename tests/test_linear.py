@@ -296,6 +296,31 @@ def test_softcap_reaches_every_linear_form(backend, form, dtype):
     _grads_vs_float64(loss, ref_loss, [hidden, weight, b], leaves64, dtype)
 
 
+@pytest.mark.parametrize("softcap", [None, 2.5], ids=["plain", "softcap"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_hidden_view_of_a_shifted_sequence(backend, softcap):
+    """``hidden[:, :-1]`` (next-token prediction: not contiguous), with and without the cap, temperature != 1,
+    ignored labels and an upstream gradient != 1: the view's gradient lands in its own positions, 0 in the last."""
+    _skip_unavailable(backend)
+    full, weight, b, _ = _inputs((2, 8), 24, 257, torch.float32, bias=True, seed=61)
+    _, _, _, labels = _inputs((2, 7), 24, 257, torch.float32, bias=False, seed=62)
+    hidden = full[:, :-1]
+    assert not hidden.is_contiguous()
+    kw = dict(bias=b, temperature=0.8, softcap=softcap, chunk_bytes=3 * linear._row_bytes(257, 4, softcap=True))
+    w_tok = torch.randn(labels.shape, generator=torch.Generator().manual_seed(63))
+    loss = (rf.linear_token_logprobs(hidden, weight, labels, backend=backend, **kw) * w_tok).sum()
+    leaves64 = [t.detach().double().requires_grad_() for t in (full, weight, b)]
+    raw = leaves64[0][:, :-1] @ leaves64[1].T + leaves64[2]
+    logits = raw if softcap is None else softcap * torch.tanh(raw / softcap)
+    ref_loss = (reference.token_logprobs(logits, labels, temperature=0.8) * w_tok).sum()
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * max(1.0, abs(ref_loss.item()))
+    _grads_vs_float64(loss, ref_loss, [full, weight, b], leaves64, torch.float32)
+    (d_full,) = torch.autograd.grad(
+        (rf.linear_token_logprobs(hidden, weight, labels, backend=backend, **kw) * w_tok).sum(), full
+    )
+    assert (d_full[:, -1] == 0).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_second_backward_of_linear_cross_entropy(backend):
     # cpp/torch compute the head's gradients in the forward and scale them in place in the backward: a
