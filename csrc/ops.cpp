@@ -128,6 +128,12 @@ const float* optional_f32(const OptTensor& t, int64_t n, const char* name) {
   return t->const_data_ptr<float>();
 }
 
+const double* optional_f64(const OptTensor& t, int64_t n, const char* name) {
+  if (!t.has_value()) return nullptr;
+  check_per_row(*t, n, at::kDouble, name);
+  return t->const_data_ptr<double>();
+}
+
 float checked_inv_temp(double temperature) {
   TORCH_CHECK(temperature > 0.0, "temperature must be > 0, got ", temperature);
   return static_cast<float>(1.0 / temperature);
@@ -161,7 +167,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_stats_fwd(const Tensor& logits,
   const int64_t* label_data = checked_labels(labels, n, rows.V, ignore_index);
 
   Tensor logp = per_row(with_logp ? n : 0, logits);
-  Tensor entropy = per_row(with_entropy ? n : 0, logits);
+  Tensor entropy = per_row(with_entropy ? n : 0, logits, at::kDouble);
   Tensor lse = per_row(n, logits, at::kDouble);
   Tensor mean_logp = per_row(with_mean_logp ? n : 0, logits);
   const k::TokenStatsFwdArgs args{rows,
@@ -169,7 +175,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_stats_fwd(const Tensor& logits,
                                   ignore_index,
                                   checked_inv_temp(temperature),
                                   with_logp ? logp.data_ptr<float>() : nullptr,
-                                  with_entropy ? entropy.data_ptr<float>() : nullptr,
+                                  with_entropy ? entropy.data_ptr<double>() : nullptr,
                                   lse.data_ptr<double>(),
                                   with_mean_logp ? mean_logp.data_ptr<float>() : nullptr};
   const auto kernel = kernels().token_stats_fwd;
@@ -192,7 +198,7 @@ Tensor token_stats_bwd(const Tensor& logits, const OptTensor& labels, const Tens
                                   ignore_index,
                                   checked_inv_temp(temperature),
                                   lse.const_data_ptr<double>(),
-                                  optional_f32(grad_entropy.has_value() ? entropy : std::nullopt, n, "entropy"),
+                                  optional_f64(grad_entropy.has_value() ? entropy : std::nullopt, n, "entropy"),
                                   optional_f32(grad_logp, n, "grad_logp"),
                                   optional_f32(grad_entropy, n, "grad_entropy"),
                                   optional_f32(grad_mean_logp, n, "grad_mean_logp"),
@@ -225,7 +231,7 @@ void token_stats_block_grad_(const Tensor& block, const Tensor& labels, const Te
                                   ignore_index,
                                   checked_inv_temp(temperature),
                                   lse.const_data_ptr<double>(),
-                                  optional_f32(entropy, n, "entropy"),
+                                  optional_f64(entropy, n, "entropy"),
                                   c,
                                   entropy.has_value() ? c + n : nullptr,
                                   c + 2 * n,
@@ -268,7 +274,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_stats_fused(const Tensor& logit
   }
 
   Tensor logp = per_row(n, logits);
-  Tensor entropy = per_row(with_entropy ? n : 0, logits);
+  Tensor entropy = per_row(with_entropy ? n : 0, logits, at::kDouble);
   Tensor lse = per_row(n, logits, at::kDouble);
   Tensor mean_logp = per_row(with_mean_logp ? n : 0, logits);
   const k::TokenStatsFusedArgs args{rows,
@@ -280,7 +286,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_stats_fused(const Tensor& logit
                                     n,
                                     ppo,
                                     logp.data_ptr<float>(),
-                                    with_entropy ? entropy.data_ptr<float>() : nullptr,
+                                    with_entropy ? entropy.data_ptr<double>() : nullptr,
                                     lse.data_ptr<double>(),
                                     with_mean_logp ? mean_logp.data_ptr<float>() : nullptr,
                                     grad.data_ptr(),

@@ -50,8 +50,9 @@ def _lse64(m, log_s):
 
 
 def _minus_lse(x, lse):
-    """``x - lse`` for float32 rows and their float64 ``lse``: against its float32 part ``hi``, exact next to
-    the max, then the rest ``lo`` (as the kernels' ``SplitLse``)."""
+    """``x - lse`` for float32 rows and a float64 ``lse`` per row (or any other float64 centre, such as
+    ``E_p[x]``): against its float32 part ``hi``, exact next to the values it is near, then the rest ``lo`` (as
+    the kernels' ``SplitLse``)."""
     hi = lse.float()
     lo = torch.where(torch.isfinite(hi), (lse - hi.double()).float(), 0.0)
     return (x - hi[:, None]).sub_(lo[:, None])
@@ -64,10 +65,11 @@ def _row_stats(x, lab, ignore_index, with_entropy, with_mean_logp):
     ent = mean_logp = logp = None
     valid = None
     if with_entropy:
-        # -sum p log p with log p = (x - m) - log_s formed first: lse - sum p x would cancel catastrophically
-        # for large logits.
-        log_p = d - log_s[:, None]
-        ent = -_p_times(torch.exp(log_p), log_p).sum(-1)
+        # log_s - sum p (x - m), in float64 from its float32 parts like lse (the interface's): the backward's
+        # E_p[x] = lse - entropy is then m + sum p (x - m). Relative to m: lse - sum p x would cancel
+        # catastrophically for large logits.
+        p = torch.exp(d - log_s[:, None])
+        ent = log_s.double() - _p_times(p, d).sum(-1).double()
     if with_mean_logp:
         # each term divided by V before the sum: x.mean(-1) sums the logits first and overflows float32 once
         # sum |x| > 3.4e38, every logit finite
@@ -81,11 +83,11 @@ def _row_stats(x, lab, ignore_index, with_entropy, with_mean_logp):
 
 
 def _outputs(N, like, with_logp, with_entropy, with_mean_logp):
-    def f32(wanted):
-        return torch.empty(N if wanted else 0, dtype=torch.float32, device=like.device)
+    def per_row(wanted, dtype=torch.float32):
+        return torch.empty(N if wanted else 0, dtype=dtype, device=like.device)
 
-    lse = torch.empty(N, dtype=torch.float64, device=like.device)
-    return f32(with_logp), f32(with_entropy), lse, f32(with_mean_logp)
+    f64 = torch.float64
+    return per_row(with_logp), per_row(with_entropy, f64), per_row(True, f64), per_row(with_mean_logp)
 
 
 def token_stats_fwd(logits, labels, temperature, ignore_index, with_logp, with_entropy, with_mean_logp):
@@ -115,7 +117,8 @@ def _grad_rows(x, lab, lse, ent, g_lp, g_h, g_u, ignore_index, temperature, col0
         in_block = (lab != ignore_index) & (col >= 0) & (col < x.shape[-1])
         g.scatter_add_(1, torch.where(in_block, col, 0)[:, None], torch.where(in_block, g_lp, 0.0)[:, None])
     if g_h is not None:
-        g -= g_h[:, None] * _p_times(p, log_p + ent[:, None])
+        # log p + H as x - E_p[x]: log p and H are both ~log V on a near-uniform row, and would cancel
+        g -= g_h[:, None] * _p_times(p, _minus_lse(x, lse - ent))
     if g_u is not None:
         g += g_u[:, None] * (1.0 / (vocab or x.shape[-1]) - p)
     if lab is not None:

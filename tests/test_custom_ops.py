@@ -46,8 +46,8 @@ def _dtype_params():
     return [pytest.param(dtype, id=name) for name, dtype in DTYPES.items()]
 
 
-def _empty(t):
-    return t.shape == (0,) and t.dtype == torch.float32
+def _empty(t, dtype=torch.float32):
+    return t.shape == (0,) and t.dtype == dtype
 
 
 # -------------------------------------------------------------------------- the kernel interface
@@ -71,12 +71,14 @@ def test_token_stats_interface(backend, with_logp, with_entropy, with_mean_logp,
     want_ent = -(log_p.exp() * log_p).sum(-1)
     valid = labels != IGNORE_INDEX if with_logp else torch.ones(N, dtype=torch.bool)
     slack = row_slack(logits.reshape(N, V), temperature=temperature)
-    wanted = ((logp, with_logp), (ent, with_entropy), (mean_logp, with_mean_logp))
-    # lse is float64: the backward needs it finer than float32 next to large logits
+    f32, f64 = torch.float32, torch.float64
+    wanted = ((logp, with_logp, f32), (ent, with_entropy, f64), (mean_logp, with_mean_logp, f32))
+    # lse and entropy are float64: the backward needs lse finer than float32 next to large logits, and
+    # E_p[x] = lse - entropy finer than two float32 numbers near log V give it
     assert lse.shape == (N,) and lse.dtype == torch.float64 and lse.is_contiguous()
-    for t in (t for t, w in wanted if w):
-        assert t.shape == (N,) and t.dtype == torch.float32 and t.is_contiguous()
-    assert all((not w) == _empty(t) for t, w in wanted)
+    for t, _, dtype_ in (c for c in wanted if c[1]):
+        assert t.shape == (N,) and t.dtype == dtype_ and t.is_contiguous()
+    assert all((not w) == _empty(t, dtype_) for t, w, dtype_ in wanted)
     # ignored rows are skipped: logp = entropy = lse = 0 there
     assert_close(lse, torch.where(valid, want_lse, 0), dtype=dtype, kind="out", slack=slack, what="lse")
     if with_logp:

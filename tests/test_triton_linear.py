@@ -62,7 +62,7 @@ def test_forward_and_backward_match_float64(n, v, with_bias, dtype):
         hidden, weight, bias, labels, TEMPERATURE, IGNORE, True, True, config=SMALL
     )
     ref_logp, ref_entropy, leaves = _reference(hidden, weight, bias, labels)
-    assert logp.dtype == entropy.dtype == torch.float32 and lse.dtype == torch.float64
+    assert logp.dtype == torch.float32 and entropy.dtype == lse.dtype == torch.float64
     assert _rel_err(logp, ref_logp) < tol_out
     assert _rel_err(entropy, ref_entropy) < tol_out
     ignored = labels == IGNORE

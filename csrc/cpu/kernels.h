@@ -29,7 +29,7 @@ struct TokenStatsFwdArgs {
   int64_t ignore_index;
   float inv_temp;
   float* logp;       // nullptr unless asked for
-  float* entropy;    // nullptr unless asked for
+  double* entropy;   // nullptr unless asked for; double, so that lse - entropy = E[x] (see bwd_rows)
   double* lse;       // double: see SplitLse in vec_utils.h
   float* mean_logp;  // nullptr unless asked for
 };
@@ -40,7 +40,7 @@ struct TokenStatsBwdArgs {
   int64_t ignore_index;
   float inv_temp;
   const double* lse;
-  const float* entropy;       // needed with grad_entropy
+  const double* entropy;      // needed with grad_entropy (the forward's, see TokenStatsFwdArgs)
   const float* grad_logp;       // nullptr: no log-prob term (then labels only mark ignored rows)
   const float* grad_entropy;    // nullptr: no entropy term
   const float* grad_mean_logp;  // nullptr: no mean-log-prob term
@@ -71,7 +71,7 @@ struct TokenStatsFusedArgs {
   int64_t n;           // rows
   PpoParams ppo;
   float* logp;
-  float* entropy;    // nullptr unless asked for (then no entropy term either)
+  double* entropy;   // nullptr unless asked for (then no entropy term either)
   double* lse;
   float* mean_logp;  // nullptr unless asked for
   // [A, B, V] in the logits dtype, last dim contiguous; may be the logits themselves: every

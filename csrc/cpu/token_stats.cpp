@@ -135,8 +135,9 @@ RowSums row_sums(const T* x, int64_t V, float inv_temp, const T* next, bool entr
 
 // The statistics of one row that is not ignored (label: its label, or any index when there are none).
 struct RowStats {
-  double lse;  // m + log s, exact (see SplitLse)
-  float logp, entropy, mean_logp;
+  double lse;      // m + log s, exact (see SplitLse)
+  double entropy;  // log s - t / s, exact for its float parts: lse - entropy = m + t / s = E[x] (see RowGrads)
+  float logp, mean_logp;
 };
 
 // mean_v log p_v = sum_d / V - log s. The float32 running sum of x - m overflows to -inf once sum_v |x_v - m|
@@ -155,6 +156,13 @@ float mean_logp_of(const T* x, int64_t V, float inv_temp, float m, float log_s, 
   return static_cast<float>((sum / static_cast<double>(V) - m) - log_s);
 }
 
+// H = log s - t / s in double from its float parts, like lse = m + log s: the backward takes E[x] as
+// lse - H, which is then m + t / s to double rounding, where a float32 H (and lse) would be off by
+// their ulp, ~1e-6 at H ~ log V.
+double entropy_of(float log_s, const RowSums& acc) {
+  return static_cast<double>(log_s) - static_cast<double>(acc.t / acc.s);
+}
+
 template <typename T>
 RowStats row_stats(const T* x, int64_t V, float inv_temp, int64_t label, const T* next, bool entropy,
                    bool mean_logp) {
@@ -164,7 +172,7 @@ RowStats row_stats(const T* x, int64_t V, float inv_temp, int64_t label, const T
   st.lse = static_cast<double>(acc.m) + log_s;
   // (x - m) - log s: never subtracts two large numbers.
   st.logp = (static_cast<float>(x[label]) * inv_temp - acc.m) - log_s;
-  if (entropy) st.entropy = log_s - acc.t / acc.s;
+  if (entropy) st.entropy = entropy_of(log_s, acc);
   if (mean_logp) st.mean_logp = mean_logp_of(x, V, inv_temp, acc.m, log_s, acc.sum_d);
   return st;
 }
@@ -186,18 +194,22 @@ void fwd_rows(const TokenStatsFwdArgs& args, int64_t begin, int64_t end) {
 }
 
 // The per-row upstream gradients of g_lp * logp + g_H * H + g_u * mean_v log p_v; absent terms are
-// off (the entropy term needs H).
+// off (the entropy term needs mu).
 struct RowGrads {
   bool has_lp, has_h, has_u;
-  float g_lp, g_h, h, g_u;
+  float g_lp, g_h, g_u;
+  double mu;  // E_p[x] = lse - H, the entropy term's centre
 };
 
-// With log p_v = x_v - lse, the gradient is
-//   g_lp * (1[v == label] - p_v) - g_H * p_v * (log p_v + H) + g_u * (1/V - p_v),
-// divided by T. Off the label that is p_v * (c0 + c1 * log p_v) + k with c0 = -(g_lp + g_H H + g_u) / T,
+// With log p_v = x_v - lse and log p_v + H = x_v - mu, the gradient is
+//   g_lp * (1[v == label] - p_v) - g_H * p_v * (x_v - mu) + g_u * (1/V - p_v),
+// divided by T. Off the label that is p_v * (c0 + c1 * (x_v - mu)) + k with c0 = -(g_lp + g_u) / T,
 // c1 = -g_H / T, k = g_u / (V T); the label element is rewritten in float afterwards (label_grad).
+// The entropy factor is taken as x_v - mu, not log p_v + H: on a near-uniform row both of those are
+// ~log V, and their float32 roundings (~5e-7) would be most of a factor of ~1e-3 (relative error 1e-3).
 struct GradCoefs {
   float c0, c1, k, g_lp;
+  double mu;
 };
 
 // The coefficients of a row that is a block of `vocab` columns (the mean term's 1/vocab), each through
@@ -206,14 +218,14 @@ GradCoefs grad_coefs(const RowGrads& rg, float inv_temp, int64_t vocab) {
   const float g_lp = rg.has_lp ? rg.g_lp : 0.0f;
   const float g_h = rg.has_h ? rg.g_h : 0.0f;
   const float g_u = rg.has_u ? rg.g_u : 0.0f;
-  return {plain_nan(-(g_lp + g_h * (rg.has_h ? rg.h : 0.0f) + g_u) * inv_temp), plain_nan(-g_h * inv_temp),
-          plain_nan(g_u * inv_temp / static_cast<float>(vocab)), g_lp};
+  return {plain_nan(-(g_lp + g_u) * inv_temp), plain_nan(-g_h * inv_temp),
+          plain_nan(g_u * inv_temp / static_cast<float>(vocab)), g_lp, rg.has_h ? rg.mu : 0.0};
 }
 
 // Calls f.template operator()<kEntropy, kMean, kStream>() for a gradient row with coefficients c: the
 // entropy and mean terms switch on only where their coefficient is nonzero. A row whose g_H is 0 (PPO's
 // default entropy_coef = 0, where the entropy is still computed for its statistics) or whose g_u is 0 (cross
-// entropy without label smoothing) takes the cheaper pass; c1 = 0 makes the entropy term exactly 0 (its log p
+// entropy without label smoothing) takes the cheaper pass; c1 = 0 makes the entropy term exactly 0 (its factor
 // is clamped, never -inf), and k = 0 adds nothing.
 template <typename F>
 inline void with_terms(const GradCoefs& c, bool stream, F&& f) {
@@ -235,31 +247,40 @@ inline void with_terms(const GradCoefs& c, bool stream, F&& f) {
 // The gradient at the label, from its log-probability, computed in float after the row is written. Its
 // log-prob term is taken as g_lp (1 - p) / T = -g_lp expm1(log p) / T: both g_lp - g_lp p and a g_lp / T
 // added to the rounded value cancel when p is close to 1 (a confident token), leaving only the rounding error.
-float label_grad(const GradCoefs& c, float label_logp, float inv_temp) {
+// `label_x`: the label's scaled logit x, for the entropy factor x - mu.
+float label_grad(const GradCoefs& c, float label_logp, float label_x, float inv_temp) {
   const float logp = std::max(label_logp, kLogFloor);
   const float c0_rest = c.c0 + c.g_lp * inv_temp;  // c0 without its log-prob part
   const float lp_term = -c.g_lp * inv_temp * std::expm1(logp);
-  return lp_term + std::exp(logp) * (c0_rest + c.c1 * logp) + c.k;
+  const float centred = c.c1 == 0.0f ? 0.0f : std::max(static_cast<float>(label_x - c.mu), kLogFloor);
+  return lp_term + std::exp(logp) * (c0_rest + c.c1 * centred) + c.k;
 }
 
-// The row is taken against lse.hi alone: with log p = l - lo, l = x - hi, the term is
-// p (c0 + c1 log p) = exp(l) (c0' + c1' l) with c0' = e^-lo (c0 - c1 lo) and c1' = e^-lo c1.
+// The row is taken against one float R: R = lse.hi, or with the entropy term R = float(mu), next to the
+// logits that the factor x - mu compares. With l = x - R, log p = l - (lse - R) and x - mu = l - (mu - R),
+// so p (c0 + c1 (x - mu)) = exp(l) (c0' + c1' l) with c0' = e^(R - lse) (c0 - c1 (mu - R)) and
+// c1' = e^(R - lse) c1. l <= max x - mu <= H <= log V: exp(l) cannot overflow.
 // With kStream, the step that starts at `plain_at` (the label's, rewritten afterwards) takes plain stores.
 template <typename T, bool kEntropy, bool kMean, bool kStream = false>
 void grad_row(const T* x, T* g, int64_t V, float inv_temp, SplitLse lse, GradCoefs c, const T* next,
               int64_t plain_at) {
-  const float scale = std::exp(-lse.lo);
-  const Vec vinv(inv_temp), vlse(plain_nan(lse.hi)), vc0(plain_nan(scale * (c.c0 - c.c1 * lse.lo))),
+  const float ref = kEntropy ? static_cast<float>(c.mu) : lse.hi;
+  // in double, then rounded once: R - lse is up to log V, and rounding it to float first would put its ulp
+  // (5e-7 at 10) into every p. With R = hi it is -lo, exactly (hi + lo is exact in double).
+  const double ref_minus_lse = static_cast<double>(ref) - (static_cast<double>(lse.hi) + lse.lo);
+  const float scale = static_cast<float>(std::exp(ref_minus_lse));
+  const float off = kEntropy ? static_cast<float>(c.mu - static_cast<double>(ref)) : 0.0f;
+  const Vec vinv(inv_temp), vref(plain_nan(ref)), vc0(plain_nan(scale * (c.c0 - c.c1 * off))),
       vc1(plain_nan(scale * c.c1)), vk(c.k), floor(kLogFloor);
   auto row = [&]<bool kScale>() {
     auto grad = [&](const Vec& v) {
-      Vec logp = (kScale ? v * vinv : v) - vlse;
+      Vec l = (kScale ? v * vinv : v) - vref;
       Vec out;
       if constexpr (kEntropy) {
-        logp = at::vec::clamp_min(logp, floor);  // p = 0 stays 0 instead of 0 * -inf
-        out = vexp(logp) * at::vec::fmadd(vc1, logp, vc0);
+        l = at::vec::clamp_min(l, floor);  // p = 0 stays 0 instead of 0 * -inf
+        out = vexp(l) * at::vec::fmadd(vc1, l, vc0);
       } else {
-        out = vexp(logp) * vc0;
+        out = vexp(l) * vc0;
       }
       if constexpr (kMean) {
         out = out + vk;
@@ -294,12 +315,14 @@ template <typename T>
 void write_grad_row(const T* x, T* g, int64_t V, int64_t vocab, float inv_temp, SplitLse lse, int64_t label,
                     float label_logp, const RowGrads& rg, const T* next, bool stream = false) {
   const GradCoefs c = grad_coefs(rg, inv_temp, vocab);
-  const int64_t plain_at = rg.has_lp && label >= 0 ? label / kStep * kStep : -1;
+  const bool has_label = rg.has_lp && label >= 0;
+  const int64_t plain_at = has_label ? label / kStep * kStep : -1;
+  const float label_x = has_label ? static_cast<float>(x[label]) * inv_temp : 0.0f;  // before g overwrites x
   with_terms(c, stream, [&]<bool kEntropy, bool kMean, bool kStream>() {
     grad_row<T, kEntropy, kMean, kStream>(x, g, V, inv_temp, lse, c, next, plain_at);
   });
-  if (rg.has_lp && label >= 0) {
-    g[label] = static_cast<T>(label_grad(c, label_logp, inv_temp));
+  if (has_label) {
+    g[label] = static_cast<T>(label_grad(c, label_logp, label_x, inv_temp));
   }
 }
 
@@ -323,8 +346,8 @@ void bwd_rows(const TokenStatsBwdArgs& args, int64_t begin, int64_t end) {
                       args.grad_mean_logp != nullptr,
                       args.grad_logp ? args.grad_logp[r] : 0.0f,
                       args.grad_entropy ? args.grad_entropy[r] : 0.0f,
-                      args.grad_entropy ? args.entropy[r] : 0.0f,
-                      args.grad_mean_logp ? args.grad_mean_logp[r] : 0.0f};
+                      args.grad_mean_logp ? args.grad_mean_logp[r] : 0.0f,
+                      args.grad_entropy ? args.lse[r] - args.entropy[r] : 0.0};
     const bool in_block = col >= 0 && col < V;
     const SplitLse lse = split_lse(args.lse[r]);
     const float label_logp =
@@ -361,7 +384,7 @@ void ppo_coefs(const PpoParams& pp, float logp, float old_logp, float adv, float
 
 // The row's upstream gradients in token_stats_fused, from its statistics.
 void fused_coefs(const TokenStatsFusedArgs& args, int64_t r, const RowStats& st, RowGrads& rg) {
-  rg = RowGrads{true, args.entropy != nullptr, false, 0.0f, 0.0f, st.entropy, 0.0f};
+  rg = RowGrads{true, args.entropy != nullptr, false, 0.0f, 0.0f, 0.0f, args.entropy ? st.lse - st.entropy : 0.0};
   if (args.mode == 0) {
     rg.g_lp = args.coefs[r];
     rg.g_h = args.coefs[args.n + r];
@@ -428,9 +451,9 @@ bool scratch_sums(const T* x, int64_t V, float inv_temp, const T* next, Scratch&
 }
 
 // The gradient row from the scratch. With q_c = (m_c - m) - log s = m_c - lse, p_v = e_v exp(q_c) and
-// log p_v = d_v + q_c, so p_v (c0 + c1 log p_v) + k = e_v (a_c + b_c d_v) + k with
-// a_c = exp(q_c) (c0 + c1 q_c) and b_c = exp(q_c) c1 (both 0 when exp(q_c) is: a chunk whose p are all
-// below float range, or all masked, with q_c = -inf and e = 0). d_v is formed again from the row, in
+// x_v - mu = d_v - (mu - m_c), so p_v (c0 + c1 (x_v - mu)) + k = e_v (a_c + b_c d_v) + k with
+// a_c = exp(q_c) (c0 - c1 (mu - m_c)) and b_c = exp(q_c) c1 (both 0 when exp(q_c) is: a chunk whose p are
+// all below float range, or all masked, with q_c = -inf and e = 0). d_v is formed again from the row, in
 // cache since the first pass, only when the entropy term needs it (clamped at kLogFloor: e = 0 there,
 // and 0 * -inf would be NaN).
 template <typename T, bool kEntropy, bool kMean, bool kStream>
@@ -443,7 +466,7 @@ void scratch_grad_row(const T* x, const Scratch& sc, T* g, int64_t V, float inv_
       const float m_c = sc.chunk_m[k];
       const float q = (m_c - m) - log_s;
       const float scale = std::exp(q);
-      const Vec va(scale == 0.0f ? 0.0f : scale * (c.c0 + c.c1 * q));
+      const Vec va(scale == 0.0f ? 0.0f : scale * (c.c0 - c.c1 * static_cast<float>(c.mu - m_c)));
       const Vec vb(scale == 0.0f ? 0.0f : scale * c.c1);
       const Vec vm_c(m_c == -kInf ? 0.0f : m_c);
       const float* e = sc.e.get() + c0;
@@ -503,9 +526,10 @@ bool scratch_row(const TokenStatsFusedArgs& args, int64_t r, const T* x, T* g, c
   }
   if (!ok || acc.m == -kInf) return false;
   const float m = acc.m, log_s = std::log(acc.s);
+  const float label_x = static_cast<float>(x[label]) * inv_temp;  // read before the gradient may overwrite x
   st.lse = static_cast<double>(m) + log_s;
-  st.logp = (static_cast<float>(x[label]) * inv_temp - m) - log_s;
-  if (entropy) st.entropy = log_s - acc.t / acc.s;
+  st.logp = (label_x - m) - log_s;
+  if (entropy) st.entropy = entropy_of(log_s, acc);
   if (mean_logp) st.mean_logp = mean_logp_of(x, V, inv_temp, m, log_s, acc.sum_d);
   fused_coefs(args, r, st, rg);
 
@@ -514,7 +538,7 @@ bool scratch_row(const TokenStatsFusedArgs& args, int64_t r, const T* x, T* g, c
   with_terms(c, stream_grad(g, x), [&]<bool kEntropy, bool kMean, bool kStream>() {
     scratch_grad_row<T, kEntropy, kMean, kStream>(x, sc, g, V, inv_temp, m, log_s, c, plain_at);
   });
-  g[label] = static_cast<T>(label_grad(c, st.logp, inv_temp));
+  g[label] = static_cast<T>(label_grad(c, st.logp, label_x, inv_temp));
   return true;
 }
 

@@ -163,6 +163,12 @@ def unused_f32(device: torch.device) -> torch.Tensor:
     return torch.empty(1, dtype=torch.float32, device=device)
 
 
+@functools.cache
+def unused_f64(device: torch.device) -> torch.Tensor:
+    """``unused_f32`` for the float64 pointers (``entropy_ptr``, see ``aot_spec``)."""
+    return torch.empty(1, dtype=torch.float64, device=device)
+
+
 # Triton's name for each logits dtype, as used in a kernel signature ("*bf16").
 TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -207,7 +213,8 @@ def aot_spec(
     or small integers such as a mode; the variant name lists the flags that are on and every integer).
 
     Argument types follow the kernels' naming: ``*_ptr`` are pointers (``*fp32`` unless ``types``
-    says otherwise; ``lse*_ptr`` ``*fp64``, the interface's log-sum-exps), ``*stride*`` are ``index_type``
+    says otherwise; ``lse*_ptr`` and ``entropy_ptr`` ``*fp64``, the interface's log-sum-exps and entropies, which
+    the launchers type float64 even when switched off), ``*stride*`` are ``index_type``
     (the runtime passes i64 once a stride reaches
     2**31), other scalars ``i32`` unless in ``types``. Pointers, strides and ``V`` are marked
     divisible by 16, as the runtime does for aligned tensors and a vocabulary like 32000.
@@ -220,7 +227,7 @@ def aot_spec(
         elif name in types:
             signature[name] = types[name]
         elif name.endswith("_ptr"):
-            signature[name] = "*fp64" if name.startswith("lse") else "*fp32"
+            signature[name] = "*fp64" if name.startswith(("lse", "entropy")) else "*fp32"
         else:
             signature[name] = index_type if "stride" in name else "i32"
     aligned = tuple(n for n in kernel.arg_names if n.endswith("_ptr") or "stride" in n or n == "V")

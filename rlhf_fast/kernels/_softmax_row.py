@@ -11,7 +11,12 @@ With ``x = row / T``, ``p = softmax(x)``, ``lse = log sum_v exp(x_v)``::
     entropy   = lse - sum_v p_v x_v
     mean_logp = (1/V) sum_v log p_v = (1/V) sum_v x_v - lse        (-inf if any x_v = -inf)
     d/dx_v [g_lp logp + g_H entropy + g_u mean_logp]
-              = g_lp (1[v == label] - p_v) - g_H p_v (log p_v + entropy) + g_u (1/V - p_v)
+              = g_lp (1[v == label] - p_v) - g_H p_v (x_v - mu) + g_u (1/V - p_v)
+
+with ``mu = E_p[x] = lse - entropy``. The entropy factor is taken as ``x_v - mu``, not as ``log p_v + entropy``:
+on a near-uniform row both of those are ~log V and their float32 roundings (~5e-7) would be most of the factor.
+The interface keeps ``lse`` and ``entropy`` in float64 (``lse64``, ``entropy64``), so that ``lse - entropy`` gives
+``mu`` to double rounding.
 """
 
 from __future__ import annotations
@@ -24,6 +29,13 @@ import triton.language as tl
 def lse64(m, log_s):
     """The saved log-sum-exp ``m + log_s`` in float64 (the kernel interface's; see ``split_lse``)."""
     return m.to(tl.float64) + log_s.to(tl.float64)
+
+
+@triton.jit
+def entropy64(log_s, t_over_s):
+    """The saved entropy ``log_s - t_over_s`` in float64 from its float32 parts, like ``lse64``: ``lse64 -
+    entropy64`` is then ``m + t_over_s = E_p[x]`` (see the module doc)."""
+    return log_s.to(tl.float64) - t_over_s.to(tl.float64)
 
 
 @triton.jit
@@ -60,9 +72,10 @@ def row_stats(
     WITH_MEAN_LOGP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """``(m, log_s, entropy, mean_logp)`` of one row, float32 scalars: ``lse = m + log_s`` with ``m`` the
+    """``(m, log_s, t_over_s, mean_logp)`` of one row, float32 scalars: ``lse = m + log_s`` with ``m`` the
     row's max (kept apart so that ``x - lse`` can be taken as ``(x - m) - log_s`` without rounding
-    ``log_s`` into a large ``m``); ``entropy``/``mean_logp`` are 0 unless asked for."""
+    ``log_s`` into a large ``m``), ``t_over_s = E_p[x] - m``, so ``entropy = log_s - t_over_s``;
+    ``t_over_s``/``mean_logp`` are 0 unless asked for."""
     cols = tl.arange(0, BLOCK_V)
     # Running max m is one scalar per row (a cross-warp max per block), so the per-lane sums
     # share one reference point and are only reduced once, after the loop:
@@ -104,13 +117,13 @@ def row_stats(
 
     s = tl.sum(s_acc, axis=0)
     log_s = tl.log(s)
-    entropy = tl.zeros((), tl.float32)
+    t_over_s = tl.zeros((), tl.float32)
     mean_logp = tl.zeros((), tl.float32)
     if WITH_ENTROPY:
-        entropy = log_s - tl.sum(t_acc, axis=0) / s
+        t_over_s = tl.sum(t_acc, axis=0) / s
     if WITH_MEAN_LOGP:
         mean_logp = (tl.sum(u_acc, axis=0) + u_shift) - log_s
-    return m, log_s, entropy, mean_logp
+    return m, log_s, t_over_s, mean_logp
 
 
 @triton.jit
@@ -125,7 +138,8 @@ def write_grad_row(
     label,  # used if GRAD_LOGP
     g_lp,  # incoming gradients, already divided by T; each used only if its switch is on
     g_h,
-    entropy,
+    mu_hi,  # mu = E_p[x] = mu_hi + mu_lo, float32 parts (used if GRAD_ENTROPY)
+    mu_lo,
     g_u,
     GRAD_LOGP: tl.constexpr,
     GRAD_ENTROPY: tl.constexpr,
@@ -134,13 +148,11 @@ def write_grad_row(
 ):
     """Write one gradient row; each block of the row is read before the same block is written, so
     ``out_ptr`` may point at the logits row itself (in-place backward)."""
-    # grad_v = p_v * (c - g_H * log p_v) + g_lp * 1[v == label] + g_u / V,
-    # with c = -g_lp - g_H * H - g_u per row.
+    # grad_v = p_v * (c - g_H * (x_v - mu)) + g_lp * 1[v == label] + g_u / V,
+    # with c = -g_lp - g_u per row.
     c = 0.0
     if GRAD_LOGP:
         c -= g_lp
-    if GRAD_ENTROPY:
-        c -= g_h * entropy
     if GRAD_MEAN_LOGP:
         c -= g_u
         g_u_per_col = g_u / V
@@ -153,8 +165,8 @@ def write_grad_row(
         logp = (x - lse_hi) - lse_lo
         p = tl.exp(logp)
         if GRAD_ENTROPY:
-            # p = 0 where x = -inf; zero log p there so p * log p is 0, not 0 * -inf
-            grad = p * (c - g_h * tl.where(x == float("-inf"), 0.0, logp))
+            # p = 0 where x = -inf; zero the factor there so that p times it is 0, not 0 * -inf
+            grad = p * (c - g_h * tl.where(x == float("-inf"), 0.0, (x - mu_hi) - mu_lo))
         else:
             grad = p * c
         if GRAD_MEAN_LOGP:

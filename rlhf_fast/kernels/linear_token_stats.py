@@ -14,7 +14,7 @@ Backward, with ``x`` the recomputed logits tile over ``T`` and ``p = exp((x - hi
 in float32 parts (``_softmax_row.split_lse``: ``x - hi`` is exact next to the row max, where a float32 ``lse``
 would be off by up to half its ulp, 1.2e-4 at ``|x| ~ 3000``, and so would every ``p``)::
 
-    g = (g_lp (1[v == label] - p) - g_H p (log p + H)) / T          [BLOCK_N, BLOCK_V], float32
+    g = (g_lp (1[v == label] - p) - g_H p (x - E_p[x])) / T         [BLOCK_N, BLOCK_V], float32
     g *= 1 - tanh^2                     (with a soft cap: its slope, tanh recovered from the capped x)
     d_hidden += g @ W_tile              d_weight_tile += g^T @ hidden_tile          d_bias += sum_n g
 
@@ -38,7 +38,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, AotSpec, TileConfig, aot_spec, empty_f32, on_tensor_device, unused_f32
+from ._common import (
+    TRITON_DTYPE,
+    AotSpec,
+    TileConfig,
+    aot_spec,
+    empty_f32,
+    on_tensor_device,
+    unused_f32,
+    unused_f64,
+)
 from ._linear_tile import cap_slope, dot, load_rows, logits_tile, upcast_dot
 from ._softmax_row import split_lse
 
@@ -89,7 +98,8 @@ def _grad_tile(
     label,  # [BLOCK_N] int64; used if GRAD_LOGP
     g_lp,  # [BLOCK_N] float32, already divided by T; used if GRAD_LOGP
     g_h,  # [BLOCK_N] float32, already divided by T; used if GRAD_ENTROPY
-    entropy,  # [BLOCK_N] float32; used if GRAD_ENTROPY
+    mu_hi,  # [BLOCK_N] float32: the rows' E_p[x] as _row_mu gives it; used if GRAD_ENTROPY
+    mu_lo,  # [BLOCK_N] float32
     g_m,  # [BLOCK_N] float32, already divided by T; used if GRAD_MEAN
     inv_vocab,  # 1 / V
     GRAD_LOGP: tl.constexpr,
@@ -104,8 +114,9 @@ def _grad_tile(
     if GRAD_LOGP:
         g += g_lp[:, None] * (tl.where(cols[None, :] == label[:, None], 1.0, 0.0) - p)
     if GRAD_ENTROPY:
-        # p = 0 where x = -inf: zero log p there so that p * log p is 0, not 0 * -inf
-        g -= g_h[:, None] * p * (tl.where(x == float("-inf"), 0.0, logp) + entropy[:, None])
+        # log p + H as x - E_p[x] (see _softmax_row); p = 0 where x = -inf: zero the factor there so that p times
+        # it is 0, not 0 * -inf
+        g -= g_h[:, None] * p * tl.where(x == float("-inf"), 0.0, (x - mu_hi[:, None]) - mu_lo[:, None])
     if GRAD_MEAN:
         # mean_logp = sum_v x_v / V - lse: d/dx_v = 1/V - p_v on real columns (-inf ones too: 1/V), 0 on padded ones
         g += g_m[:, None] * tl.where(col_ok[None, :], inv_vocab - p, 0.0)
@@ -115,12 +126,12 @@ def _grad_tile(
 
 @triton.jit
 def _row_grads(
-    labels_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr,
+    labels_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr,
     rows, N, inv_temperature, ignore_index,
     HAS_LABELS: tl.constexpr, GRAD_LOGP: tl.constexpr, GRAD_ENTROPY: tl.constexpr, GRAD_MEAN: tl.constexpr,
 ):  # fmt: skip
-    """Per-row inputs of :func:`_grad_tile` for token indices ``rows`` but the lse (see :func:`_row_lse`):
-    ``(row_ok, label, g_lp, g_h, entropy, g_m)``."""
+    """Per-row inputs of :func:`_grad_tile` for token indices ``rows`` but the lse and E_p[x] (see
+    :func:`_row_lse`): ``(row_ok, label, g_lp, g_h, g_m)``."""
     in_range = rows < N
     row_ok = in_range
     label = tl.zeros(rows.shape, tl.int64)
@@ -129,22 +140,27 @@ def _row_grads(
         row_ok = in_range & (label != ignore_index)
     g_lp = tl.zeros(rows.shape, tl.float32)
     g_h = tl.zeros(rows.shape, tl.float32)
-    entropy = tl.zeros(rows.shape, tl.float32)
     if GRAD_LOGP:
         g_lp = tl.load(grad_logp_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
     if GRAD_ENTROPY:
         g_h = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
-        entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
     g_m = tl.zeros(rows.shape, tl.float32)
     if GRAD_MEAN:
         g_m = tl.load(grad_mean_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
-    return row_ok, label, g_lp, g_h, entropy, g_m
+    return row_ok, label, g_lp, g_h, g_m
 
 
 @triton.jit
-def _row_lse(lse_ptr, rows, row_ok):
-    """The float64 lse of token indices ``rows`` as :func:`_grad_tile` takes it: ``(hi, lo)``, float32."""
-    return split_lse(tl.load(lse_ptr + rows, mask=row_ok, other=0.0))
+def _row_lse(lse_ptr, entropy_ptr, rows, row_ok, GRAD_ENTROPY: tl.constexpr):
+    """The float64 lse of token indices ``rows`` as :func:`_grad_tile` takes it, ``(hi, lo)``, float32, and with
+    ``GRAD_ENTROPY`` their ``E_p[x] = lse - entropy`` the same way (else zeros)."""
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    lse_hi, lse_lo = split_lse(lse)
+    mu_hi = tl.zeros(rows.shape, tl.float32)
+    mu_lo = tl.zeros(rows.shape, tl.float32)
+    if GRAD_ENTROPY:
+        mu_hi, mu_lo = split_lse(lse - tl.load(entropy_ptr + rows, mask=row_ok, other=0.0))
+    return lse_hi, lse_lo, mu_hi, mu_lo
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -244,7 +260,8 @@ def _linear_fwd_kernel(
 def _merge_splits(m, s, t, x_label, x_sum, row_ok):
     """``(lse, logp, entropy, mean_logp)`` [N] from the per-split states ``[splits, N]`` of the forward kernel
     (``t``, ``x_label``, ``x_sum`` None when not computed; their outputs are then None); 0 where not ``row_ok``.
-    ``lse`` is float64 (the sum of the float32 ``M`` and ``log s``, exact), the others float32.
+    ``lse`` and ``entropy`` are float64 (``M + log s`` and ``log s - t / s`` from float32 parts, exact: ``lse -
+    entropy`` is the backward's ``E_p[x]``, see ``_softmax_row``), the others float32.
 
     Each split's sums are taken against its own max; rescaled to the row's max ``M`` they add up, as between the
     vocabulary tiles of one program. A split whose columns are all ``-inf`` (a masked vocabulary) has ``m = -inf``
@@ -261,7 +278,7 @@ def _merge_splits(m, s, t, x_label, x_sum, row_ok):
     if t is not None:
         shift = torch.where(m == float("-inf"), 0.0, m - big_m)  # a finite m makes M finite
         t_all = (alpha * (t + shift * s)).sum(0)
-        entropy = torch.where(row_ok, log_s - t_all / total, zero)
+        entropy = torch.where(row_ok, log_s.double() - (t_all / total).double(), 0.0)
     if x_sum is not None:
         mean_logp = torch.where(row_ok, (x_sum.sum(0) - big_m) - log_s, zero)
     return lse, logp, entropy, mean_logp
@@ -275,7 +292,7 @@ def _linear_dh_kernel(
     bias_ptr,  # [V]; unused unless HAS_BIAS
     labels_ptr,  # [N] int64; unused unless HAS_LABELS
     lse_ptr,  # [N] float64
-    entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
+    entropy_ptr,  # [N] float64; unused unless GRAD_ENTROPY
     grad_logp_ptr,  # [N] float32; unused unless GRAD_LOGP
     grad_entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
     grad_mean_ptr,  # [N] float32; unused unless GRAD_MEAN
@@ -305,8 +322,8 @@ def _linear_dh_kernel(
     # into split s's own [N, H] slice of dh (the host sums the splits)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
-    row_ok, label, g_lp, g_h, entropy, g_m = _row_grads(
-        labels_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr, rows, N,
+    row_ok, label, g_lp, g_h, g_m = _row_grads(
+        labels_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr, rows, N,
         inv_temperature, ignore_index, HAS_LABELS, GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN,
     )  # fmt: skip
     v_start = split * v_per_split
@@ -322,9 +339,9 @@ def _linear_dh_kernel(
         )  # fmt: skip
         # loaded per vocabulary tile (BLOCK_N values against a BLOCK_N x BLOCK_V x H tile of work), not held
         # across the loop: held, its two float32 per row made the float32 kernel spill on sm_80
-        lse_hi, lse_lo = _row_lse(lse_ptr, rows, row_ok)
+        lse_hi, lse_lo, mu_hi, mu_lo = _row_lse(lse_ptr, entropy_ptr, rows, row_ok, GRAD_ENTROPY)
         g = _grad_tile(
-            x, cols, col_ok, row_ok, lse_hi, lse_lo, label, g_lp, g_h, entropy, g_m, 1.0 / V,
+            x, cols, col_ok, row_ok, lse_hi, lse_lo, label, g_lp, g_h, mu_hi, mu_lo, g_m, 1.0 / V,
             GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN,
         )  # fmt: skip
         if SOFTCAP:  # through the cap to the raw logits
@@ -348,7 +365,7 @@ def _linear_dw_kernel(
     bias_ptr,  # [V]; unused unless HAS_BIAS
     labels_ptr,  # [N] int64; unused unless HAS_LABELS
     lse_ptr,  # [N] float64
-    entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
+    entropy_ptr,  # [N] float64; unused unless GRAD_ENTROPY
     grad_logp_ptr,  # [N] float32; unused unless GRAD_LOGP
     grad_entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
     grad_mean_ptr,  # [N] float32; unused unless GRAD_MEAN
@@ -382,11 +399,11 @@ def _linear_dw_kernel(
     db = tl.zeros([BLOCK_V], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        row_ok, label, g_lp, g_h, entropy, g_m = _row_grads(
-            labels_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr, rows, N,
+        row_ok, label, g_lp, g_h, g_m = _row_grads(
+            labels_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr, rows, N,
             inv_temperature, ignore_index, HAS_LABELS, GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN,
         )  # fmt: skip
-        lse_hi, lse_lo = _row_lse(lse_ptr, rows, row_ok)
+        lse_hi, lse_lo, mu_hi, mu_lo = _row_lse(lse_ptr, entropy_ptr, rows, row_ok, GRAD_ENTROPY)
         # a tile of ignored tokens adds nothing: skip its matmuls
         if tl.max(row_ok.to(tl.int32), axis=0) > 0:
             x = logits_tile(
@@ -394,7 +411,7 @@ def _linear_dw_kernel(
                 HAS_BIAS, SOFTCAP, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
             )  # fmt: skip
             g = _grad_tile(
-                x, cols, col_ok, row_ok, lse_hi, lse_lo, label, g_lp, g_h, entropy, g_m, 1.0 / V,
+                x, cols, col_ok, row_ok, lse_hi, lse_lo, label, g_lp, g_h, mu_hi, mu_lo, g_m, 1.0 / V,
                 GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN,
             )  # fmt: skip
             if SOFTCAP:  # through the cap to the raw logits
@@ -488,8 +505,8 @@ def linear_token_stats_fwd(
         splits: force the number of vocabulary splits of the token tiles (tests; see :func:`vocabulary_splits`).
 
     Returns:
-        ``(logp, entropy, lse, mean_logp)``, ``[N]``, float32 but ``lse`` float64 (for the backward, see
-        ``_softmax_row.split_lse``); the optional ones are empty ``[0]`` when not asked for.
+        ``(logp, entropy, lse, mean_logp)``, ``[N]``, float32 but ``entropy`` and ``lse`` float64 (for the
+        backward, see ``_softmax_row``); the optional ones are empty ``[0]`` when not asked for.
     """
     n_rows, _, vocab = _check(hidden, weight, bias)
     if with_logp and labels is None:
@@ -546,13 +563,13 @@ def linear_token_stats_bwd(
     """Gradients of ``sum_n g_lp[n] logp[n] + g_H[n] entropy[n] + g_m[n] mean_logp[n]`` w.r.t. ``hidden``,
     ``weight``, ``bias``.
 
-    With ``g = (g_lp (1[v == label] - p) - g_H p (log p + H) + g_m (1/V - p)) / temperature`` per logits entry
+    With ``g = (g_lp (1[v == label] - p) - g_H p (x - E_p[x]) + g_m (1/V - p)) / temperature`` per logits entry
     (0 on ignored tokens), times ``1 - tanh^2`` of the cap with ``softcap``: ``d_hidden = g @ weight``,
     ``d_weight = g.T @ hidden``, ``d_bias = g.sum(0)``, accumulated in float32 and cast to the inputs' dtype once.
 
     Args:
         hidden, weight, bias, labels, temperature, ignore_index, softcap: as in :func:`linear_token_stats_fwd`.
-        lse: ``[N]`` float64 from the forward; entropy: ``[N]`` float32 from the forward (None when
+        lse: ``[N]`` float64 from the forward; entropy: ``[N]`` float64 from the forward (None when
             ``grad_entropy`` is None).
         grad_logp, grad_entropy, grad_mean_logp: ``[N]`` float32 incoming gradients, or None for "no
             such term".
@@ -582,7 +599,7 @@ def linear_token_stats_bwd(
         off = unused_f32(device)  # stands in for switched-off pointers, typed as aot_specs has them
         pointers = (
             hidden, weight, off if bias is None else bias, off if labels is None else labels, lse,
-            off if entropy is None else entropy, off if grad_logp is None else grad_logp,
+            unused_f64(device) if entropy is None else entropy, off if grad_logp is None else grad_logp,
             off if grad_entropy is None else grad_entropy, off if grad_mean_logp is None else grad_mean_logp,
         )  # fmt: skip
         switches = {

@@ -37,8 +37,9 @@ from ._common import (
     on_tensor_device,
     pick_config,
     unused_f32,
+    unused_f64,
 )
-from ._softmax_row import lse64, row_position, row_stats, split_lse, write_grad_row
+from ._softmax_row import entropy64, lse64, row_position, row_stats, split_lse, write_grad_row
 
 # The fused forward+gradient variant lives in its own file; re-exported so that this module holds
 # the whole token-stats interface (rlhf_fast._dispatch looks the launchers up here).
@@ -52,7 +53,7 @@ def _token_stats_fwd_kernel(
     logits_ptr,  # [A, B, V] view, stride(2) == 1
     labels_ptr,  # [N] int64; unused unless HAS_LABELS
     logp_ptr,  # [N] float32 out; unused unless WITH_LOGP
-    entropy_ptr,  # [N] float32 out; unused unless WITH_ENTROPY
+    entropy_ptr,  # [N] float64 out (see entropy64); unused unless WITH_ENTROPY
     lse_ptr,  # [N] float64 out (see split_lse)
     mean_logp_ptr,  # [N] float32 out; unused unless WITH_MEAN_LOGP
     # strides of logits, in elements
@@ -81,8 +82,11 @@ def _token_stats_fwd_kernel(
         # An ignored row is never read: the loop over it runs zero times.
         n_read = tl.where(valid, V, 0)
 
-    m, log_s, entropy, mean_logp = row_stats(row_ptr, n_read, V, inv_temperature, WITH_ENTROPY, WITH_MEAN_LOGP, BLOCK_V)
+    m, log_s, t_over_s, mean_logp = row_stats(
+        row_ptr, n_read, V, inv_temperature, WITH_ENTROPY, WITH_MEAN_LOGP, BLOCK_V
+    )
     lse = lse64(m, log_s)
+    entropy = entropy64(log_s, t_over_s)
     if HAS_LABELS:
         lse = tl.where(valid, lse, 0.0)
         entropy = tl.where(valid, entropy, 0.0)
@@ -105,7 +109,7 @@ def _token_stats_bwd_kernel(
     logits_ptr,  # [A, B, V] view, stride(2) == 1
     labels_ptr,  # [N] int64; unused unless HAS_LABELS
     lse_ptr,  # [N] float64
-    entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
+    entropy_ptr,  # [N] float64; unused unless GRAD_ENTROPY
     grad_logp_ptr,  # [N] float32; unused unless GRAD_LOGP
     grad_entropy_ptr,  # [N] float32; unused unless GRAD_ENTROPY
     grad_mean_logp_ptr,  # [N] float32; unused unless GRAD_MEAN_LOGP
@@ -132,13 +136,15 @@ def _token_stats_bwd_kernel(
     # The 1/T of d x / d logits is folded into the per-row coefficients.
     g_lp = 0.0
     g_h = 0.0
-    entropy = 0.0
+    mu_hi = 0.0
+    mu_lo = 0.0
     g_u = 0.0
+    lse = tl.load(lse_ptr + row)
     if GRAD_LOGP:
         g_lp = tl.load(grad_logp_ptr + row) * inv_temperature
     if GRAD_ENTROPY:
         g_h = tl.load(grad_entropy_ptr + row) * inv_temperature
-        entropy = tl.load(entropy_ptr + row)
+        mu_hi, mu_lo = split_lse(lse - tl.load(entropy_ptr + row))  # E_p[x], see _softmax_row
     if GRAD_MEAN_LOGP:
         g_u = tl.load(grad_mean_logp_ptr + row) * inv_temperature
 
@@ -149,10 +155,10 @@ def _token_stats_bwd_kernel(
         # An ignored row is never read; it gets a row of zeros.
         n_read = tl.where(label != ignore_index, V, 0)
 
-    lse_hi, lse_lo = split_lse(tl.load(lse_ptr + row))
+    lse_hi, lse_lo = split_lse(lse)
     write_grad_row(
         row_ptr, grad_logits_ptr + row * V, n_read, V, inv_temperature, lse_hi, lse_lo,
-        label, g_lp, g_h, entropy, g_u,
+        label, g_lp, g_h, mu_hi, mu_lo, g_u,
         GRAD_LOGP, GRAD_ENTROPY, GRAD_MEAN_LOGP, BLOCK_V,
     )  # fmt: skip
 
@@ -178,13 +184,15 @@ def token_stats_fwd(
             Rows whose label is ``ignore_index`` are not read and get 0 in every output.
         temperature: ``x = logits.float() / temperature``.
         with_logp: return ``logp[r] = x[r, labels[r]] - lse[r]`` (needs ``labels``).
-        with_entropy: return ``entropy[r] = lse[r] - sum_v softmax(x[r])_v x[r, v]``.
+        with_entropy: return ``entropy[r] = lse[r] - sum_v softmax(x[r])_v x[r, v]``, float64 (see
+            ``entropy64``).
         with_mean_logp: return ``mean_logp[r] = (1/V) sum_v log softmax(x[r])_v = mean_v x[r, v] - lse[r]``
             (``-inf`` if the row has a ``-inf`` logit).
         block_v: force the block size (a power of two); tests use it to make rows span blocks.
 
     Returns:
-        ``(logp, entropy, lse, mean_logp)``, ``[N]``, float32 but ``lse`` float64 (see ``split_lse``);
+        ``(logp, entropy, lse, mean_logp)``, ``[N]``, float32 but ``entropy`` and ``lse`` float64 (see
+        ``split_lse``, ``entropy64``);
         ``logp``/``entropy``/``mean_logp`` are empty ``[0]`` when not requested. ``lse`` is always
         returned: the backward needs it.
     """
@@ -195,7 +203,7 @@ def token_stats_fwd(
     device = logits.device
     lse = torch.empty(n_rows, dtype=torch.float64, device=device)
     logp = torch.empty(n_rows, dtype=torch.float32, device=device) if with_logp else empty_f32(device)
-    entropy = torch.empty(n_rows, dtype=torch.float32, device=device) if with_entropy else empty_f32(device)
+    entropy = torch.empty(n_rows if with_entropy else 0, dtype=torch.float64, device=device)
     mean_logp = torch.empty(n_rows, dtype=torch.float32, device=device) if with_mean_logp else empty_f32(device)
     if n_rows == 0:
         return logp, entropy, lse, mean_logp
@@ -204,7 +212,7 @@ def token_stats_fwd(
     off = unused_f32(device)
     _token_stats_fwd_kernel[(n_rows,)](
         logits, off if labels is None else labels, logp if with_logp else off,
-        entropy if with_entropy else off, lse, mean_logp if with_mean_logp else off,
+        entropy if with_entropy else unused_f64(device), lse, mean_logp if with_mean_logp else off,
         logits.stride(0), logits.stride(1),
         b_dim, vocab,
         1.0 / temperature, ignore_index,
@@ -231,15 +239,15 @@ def token_stats_bwd(
 ) -> torch.Tensor:
     """Gradient of ``sum_r g_lp[r] logp[r] + g_H[r] entropy[r] + g_u[r] mean_logp[r]`` w.r.t. ``logits``.
 
-    ``grad_x_v = g_lp (1[v == label] - p_v) - g_H p_v (log p_v + H) + g_u (1/V - p_v)``,
-    ``p = exp(x - lse)``, then divided by ``temperature``. Rows with ``labels[r] == ignore_index``
-    get a zero row, unread.
+    ``grad_x_v = g_lp (1[v == label] - p_v) - g_H p_v (x_v - mu) + g_u (1/V - p_v)``,
+    ``p = exp(x - lse)``, ``mu = lse - entropy = E_p[x]``, then divided by ``temperature``. Rows with
+    ``labels[r] == ignore_index`` get a zero row, unread.
 
     Args:
         logits: ``[A, B, V]`` view with ``stride(2) == 1``, as in the forward.
         labels: ``[N]`` int64 or None (needed when ``grad_logp`` is given).
         lse: ``[N]`` float64 from :func:`token_stats_fwd`.
-        entropy: ``[N]`` float32 from the forward; may be None when ``grad_entropy`` is None.
+        entropy: ``[N]`` float64 from the forward; may be None when ``grad_entropy`` is None.
         grad_logp, grad_entropy, grad_mean_logp: ``[N]`` float32 incoming gradients, or None for
             "no such term" (``mean_logp`` itself is not needed).
         temperature, ignore_index: as in the forward.
@@ -261,7 +269,7 @@ def token_stats_bwd(
     off = unused_f32(logits.device)  # stands in for the switched-off inputs
     _token_stats_bwd_kernel[(n_rows,)](
         logits, off if labels is None else labels, lse,
-        off if entropy is None else entropy,
+        unused_f64(logits.device) if entropy is None else entropy,
         off if grad_logp is None else grad_logp,
         off if grad_entropy is None else grad_entropy,
         off if grad_mean_logp is None else grad_mean_logp,

@@ -27,8 +27,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import CONFIGS, TRITON_DTYPE, AotSpec, aot_spec, check_rows, empty_f32, on_tensor_device, pick_config
-from ._softmax_row import lse64, row_position, row_stats, write_grad_row
+from ._common import (
+    CONFIGS,
+    TRITON_DTYPE,
+    AotSpec,
+    aot_spec,
+    check_rows,
+    empty_f32,
+    on_tensor_device,
+    pick_config,
+    unused_f64,
+)
+from ._softmax_row import entropy64, lse64, row_position, row_stats, write_grad_row
 
 __all__ = ["aot_specs", "token_stats_fused"]
 
@@ -48,7 +58,7 @@ def _token_stats_fused_kernel(
     coef2_ptr,  # [N] float32: g_u (MODE 0) | ref_logp (MODE 1, used if KL_KIND)
     coef3_ptr,  # [N] float32: unused (MODE 0) | w, the row's loss weight (MODE 1)
     logp_ptr,  # [N] float32 out
-    entropy_ptr,  # [N] float32 out; unused unless WITH_ENTROPY
+    entropy_ptr,  # [N] float64 out (see entropy64); unused unless WITH_ENTROPY
     lse_ptr,  # [N] float64 out (see split_lse)
     mean_logp_ptr,  # [N] float32 out; unused unless WITH_MEAN_LOGP
     grad_ptr,  # [A, B, V] out, logits dtype, stride(2) == 1; may be logits_ptr itself
@@ -85,9 +95,11 @@ def _token_stats_fused_kernel(
     n_read = tl.where(valid, V, 0)
 
     # pass 1: statistics (reads only)
-    m, log_s, entropy, mean_logp = row_stats(row_ptr, n_read, V, inv_temperature, WITH_ENTROPY, WITH_MEAN_LOGP, BLOCK_V)
+    m, log_s, t_over_s, mean_logp = row_stats(
+        row_ptr, n_read, V, inv_temperature, WITH_ENTROPY, WITH_MEAN_LOGP, BLOCK_V
+    )
     lse = tl.where(valid, lse64(m, log_s), 0.0)
-    entropy = tl.where(valid, entropy, 0.0)
+    entropy = tl.where(valid, entropy64(log_s, t_over_s), 0.0)
     # One scalar read of x[label], from L2, still before pass 2 can overwrite the row.
     x_label = tl.load(row_ptr + label, mask=valid, other=0.0).to(tl.float32) * inv_temperature
     logp = tl.where(valid, (x_label - m) - log_s, 0.0)
@@ -134,10 +146,10 @@ def _token_stats_fused_kernel(
             g_h = -w * entropy_coef
 
     # pass 2: the gradient, 1/T folded into the coefficients; log p = (x - m) - log_s, as split_lse would
-    # give it from the saved lse, exact next to the max
+    # give it from the saved lse, exact next to the max, and x - E_p[x] = (x - m) - t_over_s likewise
     write_grad_row(
         row_ptr, out_ptr, n_read, V, inv_temperature, m, log_s,
-        label, g_lp * inv_temperature, g_h * inv_temperature, entropy, g_u * inv_temperature,
+        label, g_lp * inv_temperature, g_h * inv_temperature, m, t_over_s, g_u * inv_temperature,
         True, WITH_ENTROPY, MODE == 0, BLOCK_V,
     )  # fmt: skip
 
@@ -179,8 +191,8 @@ def token_stats_fused(
         block_v: force the block size (tests).
 
     Returns:
-        ``(logp, entropy, lse, mean_logp)``, float32 ``[N]`` (``lse`` float64); ``entropy``/``mean_logp``
-        are empty ``[0]`` when not requested.
+        ``(logp, entropy, lse, mean_logp)``, float32 ``[N]`` (``entropy`` and ``lse`` float64);
+        ``entropy``/``mean_logp`` are empty ``[0]`` when not requested.
     """
     a_dim, b_dim, vocab = check_rows("logits", logits)
     if check_rows("grad", grad) != (a_dim, b_dim, vocab) or grad.dtype != logits.dtype:
@@ -205,14 +217,14 @@ def token_stats_fused(
     device = logits.device
     logp = torch.empty(n_rows, dtype=torch.float32, device=device)
     lse = torch.empty(n_rows, dtype=torch.float64, device=device)
-    entropy = torch.empty(n_rows, dtype=torch.float32, device=device) if with_entropy else empty_f32(device)
+    entropy = torch.empty(n_rows if with_entropy else 0, dtype=torch.float64, device=device)
     mean_logp = torch.empty(n_rows, dtype=torch.float32, device=device) if with_mean_logp else empty_f32(device)
     if n_rows == 0:
         return logp, entropy, lse, mean_logp
     config = pick_config(vocab, block_v)
     _token_stats_fused_kernel[(n_rows,)](
         logits, labels, coefs[0], coefs[1], coefs[2], coefs[n_coefs - 1],
-        logp, entropy if with_entropy else logp, lse, mean_logp if with_mean_logp else logp, grad,
+        logp, entropy if with_entropy else unused_f64(device), lse, mean_logp if with_mean_logp else logp, grad,
         logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
         b_dim, vocab,
         1.0 / temperature, ignore_index,

@@ -5,17 +5,19 @@ two leading strides arbitrary, so a ``logits[:, :-1]`` slice arrives without a c
 rows; per-row tensors are contiguous ``[N]``; labels int64):
 
 ``token_stats_fwd(logits, labels?, temperature, ignore_index, with_logp, with_entropy, with_mean_logp)``
-    -> ``(logp [N], entropy [N], lse [N], mean_logp [N])``, float32 except ``lse``, which is float64 (the
-    backward's ``p = exp(x - lse)`` needs more than float32 holds once ``|x|`` is large; see ``SplitLse`` in
-    ``csrc/cpu/vec_utils.h``). With ``x = logits / T``:
+    -> ``(logp [N], entropy [N], lse [N], mean_logp [N])``, float32 except ``lse`` and ``entropy``, which are
+    float64: the backward's ``p = exp(x - lse)`` needs more than float32 holds once ``|x|`` is large (see
+    ``SplitLse`` in ``csrc/cpu/vec_utils.h``), and its entropy factor ``x - E_p[x]`` takes ``E_p[x]`` as
+    ``lse - entropy``, which float32 parts near ``log V`` would leave off by their ulp (~5e-7, most of the factor
+    on a near-uniform row). The callers hand users a float32 entropy. With ``x = logits / T``:
     ``lse = logsumexp(x)``, ``logp = x[label] - lse``, ``entropy = lse - sum softmax(x) * x`` and
     ``mean_logp = mean_v log softmax(x)_v`` (what label smoothing needs). Rows whose label is
     ``ignore_index`` are skipped (all outputs 0). Outputs not asked for are empty ``[0]`` tensors.
 ``token_stats_bwd(logits, labels?, lse, entropy?, grad_logp?, grad_entropy?, grad_mean_logp?, temperature,
 ignore_index)``
     -> ``grad_logits [A, B, V]`` in the logits' dtype:
-    ``(g_lp * (onehot - p) - g_H * p * (log p + H) + g_u * (1/V - p)) / T``, zero rows where the
-    label is ignored.
+    ``(g_lp * (onehot - p) - g_H * p * (x - E_p[x]) + g_u * (1/V - p)) / T`` (``log p + H = x - E_p[x]``,
+    formed that way: see ``entropy`` above), zero rows where the label is ignored.
 ``token_stats_fused(logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, mode, coefs,
 params, grad)`` -> the outputs of ``token_stats_fwd``, and writes the gradient of a loss into ``grad``
     (a fresh buffer, or the logits themselves for an in-place backward) in the same pass: each row is
@@ -101,7 +103,7 @@ def _check_labels(labels: Tensor | None, vocab: int, ignore_index: int, backend:
 def _token_stats_fwd(logits, labels, temperature, ignore_index, with_logp, with_entropy, with_mean_logp, backend):
     _check_labels(labels, logits.shape[-1], ignore_index, backend)
     if _rows(logits) == 0:
-        return _f32(0, logits), _f32(0, logits), _f64(0, logits), _f32(0, logits)
+        return _stats_outputs(logits, with_logp, with_entropy, with_mean_logp)
     return TABLE[backend].token_stats_fwd(
         logits, labels, temperature, ignore_index, with_logp, with_entropy, with_mean_logp
     )
@@ -123,8 +125,8 @@ def _token_stats_fwd_op(
 
 def _stats_outputs(logits, with_logp, with_entropy, with_mean_logp):
     n = _rows(logits)
-    logp, entropy, mean_logp = (_f32(n if w else 0, logits) for w in (with_logp, with_entropy, with_mean_logp))
-    return logp, entropy, _f64(n, logits), mean_logp
+    logp, mean_logp = (_f32(n if w else 0, logits) for w in (with_logp, with_mean_logp))
+    return logp, _f64(n if with_entropy else 0, logits), _f64(n, logits), mean_logp
 
 
 @_token_stats_fwd_op.register_fake
@@ -176,8 +178,9 @@ def _stats_setup(ctx, inputs, output):
 def _stats_backward(ctx, grad_logp, grad_entropy, _grad_lse, grad_mean_logp):
     logits, labels, lse, entropy = ctx.saved_tensors
     temperature, ignore_index, wanted, backend = ctx.args
+    # float32 for the kernels: the entropy's arrives in float64 (the callers' cast to float32 sends it back so)
     grads = [
-        g.contiguous() if w and g is not None else None
+        g.to(torch.float32).contiguous() if w and g is not None else None
         for g, w in zip((grad_logp, grad_entropy, grad_mean_logp), wanted, strict=True)
     ]
     if all(g is None for g in grads):
@@ -227,7 +230,7 @@ def _fused(
 ):
     _check_labels(labels, logits.shape[-1], ignore_index, backend)
     if _rows(logits) == 0:
-        return _f32(0, logits), _f32(0, logits), _f64(0, logits), _f32(0, logits)
+        return _stats_outputs(logits, True, with_entropy, with_mean_logp)
     return TABLE[backend].token_stats_fused(
         logits, labels, temperature, ignore_index, with_entropy, with_mean_logp, loss_mode, coefs, params, grad
     )

@@ -291,7 +291,7 @@ class _TritonLinearTokenStats(torch.autograd.Function):
         logp, ent, lse, mean_logp = k.linear_token_stats_fwd(
             hidden, weight, bias, labels, temperature, ignore_index, *wanted, softcap=softcap
         )
-        outs = (logp, ent, mean_logp)
+        outs = (logp, ent.float(), mean_logp)  # the float64 entropy is the backward's (see _custom)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if wanted[1] else None)
         ctx.args = (temperature, ignore_index, wanted, softcap)
         ctx.mark_non_differentiable(*(o for o, w in zip(outs, wanted, strict=True) if not w))
@@ -334,8 +334,10 @@ class _LinearTokenStats(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, wanted, rows, softcap, backend):
         # hidden: [N, H], weight: [V, H], bias: [V] or None, labels: [N] or None
         N = hidden.shape[0]
-        outs = [torch.empty(N if w else 0, dtype=torch.float32, device=hidden.device) for w in wanted]
-        # float64, as the kernels give it: the backward's exp(x - lse) needs more than float32 holds at large |x|
+        # float64 lse and entropy, as the kernels give them: the backward's exp(x - lse) needs more than float32
+        # holds at large |x|, and its entropy factor x - E_p[x] takes E_p[x] = lse - entropy (see _custom)
+        dtypes = (torch.float32, torch.float64, torch.float32)
+        outs = [torch.empty(N if w else 0, dtype=d, device=hidden.device) for w, d in zip(wanted, dtypes, strict=True)]
         lse = torch.empty(N, dtype=torch.float64, device=hidden.device)
         chunk_logits = _ChunkLogits(weight, bias, softcap, min(rows, N), hidden)
         for r0 in range(0, N, rows):
@@ -351,6 +353,7 @@ class _LinearTokenStats(torch.autograd.Function):
         # the backward recomputes the logits; lse and entropy let its vocabulary-outer form skip the token pass
         ctx.save_for_backward(hidden, weight, bias, labels, lse, outs[1])
         ctx.args = (temperature, ignore_index, wanted, rows, softcap, backend)
+        outs[1] = outs[1].float()
         ctx.mark_non_differentiable(*(o for o, w in zip(outs, wanted, strict=True) if not w))
         return tuple(outs)
 
@@ -490,8 +493,9 @@ def _fused_chunks(h2d, weight, bias, labels, temperature, ignore_index, *, with_
     def per_token(wanted, dtype=torch.float32):
         return torch.empty(N if wanted else 0, dtype=dtype, device=h2d.device)
 
-    # logp, entropy, lse (float64, as the kernels return it) and mean_logp
-    outs = [per_token(True), per_token(True), per_token(True, torch.float64), per_token(with_mean_logp)]
+    # logp, entropy, lse (those two float64, as the kernels return them) and mean_logp
+    f64 = torch.float64
+    outs = [per_token(True), per_token(True, f64), per_token(True, f64), per_token(with_mean_logp)]
     head = _HeadGrads(h2d, weight, bias, need, by_vocab=True)
     with torch.no_grad():
         chunk_logits = _ChunkLogits(weight, bias, softcap, min(rows, N), h2d)
@@ -720,7 +724,7 @@ def linear_ppo_loss(
         h2d, weight, bias, flat, temperature, ignore_index, with_mean_logp=False, mode=1, coefs=setup.coefs(),
         params=setup.params(), rows=rows, backend=backend, need=need, softcap=softcap,
     )  # fmt: skip
-    loss, stats = setup.finish(logp.view(labels.shape), entropy.view(labels.shape))
+    loss, stats = setup.finish(logp.view(labels.shape), entropy.float().view(labels.shape))
     return (_attach(loss, grads, hidden, weight, bias) if any(need) else loss), stats
 
 

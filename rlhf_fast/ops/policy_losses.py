@@ -151,7 +151,7 @@ def ppo_loss(
             logits, rows, flat, temperature, ignore_index, with_entropy=True, with_mean_logp=False, mode=1,
             coefs=setup.coefs(), params=setup.params(), inplace=inplace_backward, backend=backend,
         )  # fmt: skip
-        loss, stats = setup.finish(logp.view(labels.shape), entropy.view(labels.shape))
+        loss, stats = setup.finish(logp.view(labels.shape), entropy.float().view(labels.shape))
         return fused.attach_gradient(logits, loss, grad), stats
     logp, entropy = token_logprobs_and_entropy(
         logits, labels, temperature=temperature, ignore_index=ignore_index, backend=backend

@@ -61,7 +61,7 @@ def token_entropy(logits: Tensor, *, temperature: float = 1.0, backend=None) -> 
     """
     rows, _, temperature, _, backend = _prepare(logits, None, temperature, -100, backend)
     _, entropy, _, _ = _custom.token_stats_fwd(rows, None, temperature, -100, False, True, False, backend)
-    return entropy.view(logits.shape[:-1])
+    return entropy.float().view(logits.shape[:-1])  # float64 from the kernels (for their backward)
 
 
 def token_logprobs_and_entropy(
@@ -74,7 +74,7 @@ def token_logprobs_and_entropy(
     """
     rows, flat, temperature, ignore_index, backend = _prepare(logits, labels, temperature, ignore_index, backend)
     logp, entropy, _, _ = _custom.token_stats_fwd(rows, flat, temperature, ignore_index, True, True, False, backend)
-    return logp.view(labels.shape), entropy.view(labels.shape)
+    return logp.view(labels.shape), entropy.float().view(labels.shape)
 
 
 def kl_divergence(p_logits: Tensor, q_logits: Tensor, *, temperature: float = 1.0, backend=None) -> Tensor:
