@@ -8,6 +8,7 @@ compiled backend runs, and an independent check of their analytic gradients.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -56,6 +57,17 @@ def _minus_lse(x, lse):
     hi = lse.float()
     lo = torch.where(torch.isfinite(hi), (lse - hi.double()).float(), 0.0)
     return (x - hi[:, None]).sub_(lo[:, None])
+
+
+def _centred(x, lse):
+    """``(x - R, lse - R)`` for float32 rows ``x: [rows, V]`` and their float64 ``lse``, ``R = float32(lse - log V)``
+    (``lse - R`` float64): ``R`` lies between a row's mean and max logit, so ``x - R`` is as exact as ``x - max``,
+    also on near-uniform rows, where ``x - float32(lse)`` would round to the ulp of ``lse ~ log V``. As the kernels'
+    ``centred_lse``; a non-finite ``lse`` is its own reference."""
+    r = (lse - math.log(x.shape[-1])).float()
+    finite = torch.isfinite(r)
+    r = torch.where(finite, r, lse.float())
+    return x - r[:, None], torch.where(finite, lse - r.double(), 0.0)
 
 
 def _row_stats(x, lab, ignore_index, with_entropy, with_mean_logp):
@@ -228,11 +240,16 @@ def kl_bwd(p_logits, q_logits, lse_p, lse_q, kl, grad_kl, temperature, need_p, n
     for a, b0, b1 in _row_chunks(p_logits):
         r0, r1 = a * B + b0, a * B + b1
         g = grad_kl[r0:r1, None] / temperature
-        log_p = _minus_lse(p_logits[a, b0:b1].float() / temperature, lse_p[r0:r1])
-        log_q = _minus_lse(q_logits[a, b0:b1].float() / temperature, lse_q[r0:r1])
-        p = torch.exp(log_p)
+        x = p_logits[a, b0:b1].float() / temperature
+        y = q_logits[a, b0:b1].float() / temperature
+        # log P - log Q - KL = (u_x - u_y) - (rest_x - rest_y + KL), each side against a reference inside its row
+        # (see _centred): against float32(lse), u_x and u_y are both ~-log V on a near-uniform row, and cancel
+        u_x, rest_x = _centred(x, lse_p[r0:r1])
+        u_y, rest_y = _centred(y, lse_q[r0:r1])
+        p = torch.exp(u_x) * torch.exp(-rest_x).float()[:, None]
         if need_p:
-            grad_p[a, b0:b1] = g * _p_times(p, log_p - log_q - kl[r0:r1, None])
+            centre = (rest_x - rest_y + kl[r0:r1].double()).float()
+            grad_p[a, b0:b1] = g * _p_times(p, (u_x - u_y) - centre[:, None])
         if need_q:
-            grad_q[a, b0:b1] = g * (torch.exp(log_q) - p)
+            grad_q[a, b0:b1] = g * (torch.exp(u_y) * torch.exp(-rest_y).float()[:, None] - p)
     return grad_p, grad_q

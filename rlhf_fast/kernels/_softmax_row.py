@@ -39,6 +39,22 @@ def entropy64(log_s, t_over_s):
 
 
 @triton.jit
+def centred_lse(lse, log_v):
+    """A float64 ``lse`` (scalar or block) against a float32 reference inside its row's logits: ``(R, rest)``,
+    ``R = float32(lse - log V)`` and ``rest = lse - R`` in float64 (~log V).
+
+    ``lse - log V`` lies between the row's mean and max logit, so ``x - R`` is as exact as ``x - max``: next to
+    1e4-sized logits, and on near-uniform rows, where ``x - float32(lse)`` would round to the ulp of ``lse ~ log V``
+    (5e-7 where the differences that matter are ~1e-3). ``x - R <= max - R <= log V``: its exp cannot overflow.
+    A non-finite ``lse`` is its own reference, ``rest = 0``.
+    """
+    r = (lse - log_v).to(tl.float32)
+    finite = tl.abs(r) < float("inf")
+    r = tl.where(finite, r, lse.to(tl.float32))
+    return r, tl.where(finite, lse - r.to(tl.float64), 0.0)
+
+
+@triton.jit
 def split_lse(lse):
     """A float64 ``lse`` (scalar or block) as float32 ``(hi, lo)``, ``lse = hi + lo``.
 

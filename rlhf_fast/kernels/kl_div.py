@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._common import CONFIGS, TRITON_DTYPE, AotSpec, aot_spec, check_rows, empty_f32, on_tensor_device, pick_config
-from ._softmax_row import lse64, row_position, split_lse
+from ._softmax_row import centred_lse, lse64, row_position
 
 __all__ = ["CONFIGS", "aot_specs", "kl_bwd", "kl_fwd"]
 
@@ -90,7 +90,9 @@ def _kl_fwd_kernel(
     sy = tl.sum(s_y, axis=0)
     log_sx = tl.log(sx)
     log_sy = tl.log(sy)
-    kl = tl.sum(t, axis=0) / sx - log_sx + log_sy
+    # log_sx - log_sy first, as the cpp kernel: both are ~log V on near-uniform rows, and (t / sx - log_sx) would
+    # round the small KL to the ulp of log V (the backward's lse_p - lse_q + KL relies on the same cancellation)
+    kl = tl.sum(t, axis=0) / sx - (log_sx - log_sy)
     tl.store(kl_ptr + row, kl)
     tl.store(lse_p_ptr + row, lse64(m_x, log_sx))
     tl.store(lse_q_ptr + row, lse64(m_y, log_sy))
@@ -126,11 +128,17 @@ def _kl_bwd_kernel(
     p_row = p_ptr + a * p_stride_a + b * p_stride_b
     q_row = q_ptr + a * q_stride_a + b * q_stride_b
 
-    hi_x, lo_x = split_lse(tl.load(lse_p_ptr + row))
-    hi_y, lo_y = split_lse(tl.load(lse_q_ptr + row))
-    # 1/T folded into the incoming gradient once per row
+    # Each side against R = float32(lse - log V), inside the row's logits (see centred_lse): p = exp(x - R_x) e^-rest_x
+    # with e^-rest_x (and 1/T) folded into the row's coefficient, and log P - log Q - KL = (u_x - u_y) - centre,
+    # u = x - R, centre = rest_x - rest_y + KL from float64. Against float32(lse) instead, u_x and u_y are both
+    # ~-log V on a near-uniform row and their roundings (~5e-7) most of a difference of ~1e-3.
+    log_v = tl.log(V * 1.0).to(tl.float64)
+    r_x, rest_x = centred_lse(tl.load(lse_p_ptr + row), log_v)
+    r_y, rest_y = centred_lse(tl.load(lse_q_ptr + row), log_v)
     g = tl.load(grad_kl_ptr + row) * inv_temperature
-    kl = tl.load(kl_ptr + row)
+    coef_x = g * tl.exp(-rest_x).to(tl.float32)
+    coef_y = g * tl.exp(-rest_y).to(tl.float32)
+    centre = ((rest_x - rest_y) + tl.load(kl_ptr + row).to(tl.float64)).to(tl.float32)
 
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
@@ -138,15 +146,15 @@ def _kl_bwd_kernel(
         mask = offs < V
         x = tl.load(p_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
         y = tl.load(q_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
-        log_p = (x - hi_x) - lo_x
-        log_q = (y - hi_y) - lo_y
-        p = tl.exp(log_p)
+        u_x = x - r_x
+        u_y = y - r_y
+        e_x = tl.exp(u_x)
         if NEED_P:
             # P_v = 0 contributes nothing (and -inf - -inf must not leak a NaN); a NaN P_v stays NaN
-            grad_x = tl.where(p == 0.0, 0.0, g * p * (log_p - log_q - kl))
+            grad_x = tl.where(e_x == 0.0, 0.0, coef_x * e_x * ((u_x - u_y) - centre))
             tl.store(grad_p_ptr + row * V + offs, grad_x.to(grad_p_ptr.dtype.element_ty), mask=mask)
         if NEED_Q:
-            grad_y = g * (tl.exp(log_q) - p)
+            grad_y = coef_y * tl.exp(u_y) - coef_x * e_x
             tl.store(grad_q_ptr + row * V + offs, grad_y.to(grad_q_ptr.dtype.element_ty), mask=mask)
 
 

@@ -23,8 +23,9 @@ and accumulates ``dH_p``/``dH_q``; ``_linear_kl_dw_kernel`` owns a vocabulary ti
 ``dW_p``/``dW_q`` (and the biases' gradients), all in float32 buffers only that program touches, cast
 once at the end. Padded columns are ``-inf`` on both sides and contribute nothing; a column where
 ``P`` puts no mass (``x_p = -inf``) contributes nothing to the KL. Each side's float64 ``lse`` comes as
-float32 ``hi + lo`` (``_softmax_row.split_lse``): ``x - hi`` is exact next to the max, and ``lo`` goes
-into per-row factors (see ``_kl_grad_tiles``).
+a float32 reference ``hi`` inside the row's logits and a float64 rest (``_softmax_row.centred_lse``): ``x - hi``
+is exact next to the max and on near-uniform rows, and the rest goes into per-row factors (see
+``_kl_grad_tiles``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import triton.language as tl
 
 from ._common import TRITON_DTYPE, AotSpec, TileConfig, aot_spec, empty_f32, on_tensor_device
 from ._linear_tile import dot, load_rows, logits_tile, upcast_dot
-from ._softmax_row import split_lse
+from ._softmax_row import centred_lse, split_lse
 from .linear_token_stats import rescale_splits, vocabulary_splits
 
 __all__ = ["CONFIGS", "aot_specs", "linear_kl_bwd", "linear_kl_fwd"]
@@ -63,7 +64,9 @@ CONFIGS: dict[torch.dtype, tuple[TileConfig, TileConfig, TileConfig]] = {
     torch.float32: (
         TileConfig(block_n=32, block_v=64, block_h=16, num_warps=8, num_stages=2),
         TileConfig(block_n=32, block_v=32, block_h=16, num_warps=8, num_stages=1),
-        TileConfig(block_n=16, block_v=32, block_h=16, num_warps=8, num_stages=1),
+        # maxnreg: left to ptxas, sm_90 held it to 64 registers and spilled 4 B once the backward took each
+        # side's lse against a reference inside the row (centred_lse), as linear_token_stats.py's float32 dW
+        TileConfig(block_n=16, block_v=32, block_h=16, num_warps=8, num_stages=1, maxnreg=128),
     ),
 }
 
@@ -93,7 +96,7 @@ def _kl_grad_tiles(x_p, x_q, row_ok, hi_p, hi_q, kl_lo, coef_p, coef_q):
     past ``N``; per-row inputs from :func:`_row_inputs`.
 
     With ``u = x - hi``: ``g p = coef_p exp(u_p)``, ``g q = coef_q exp(u_q)`` and
-    ``log p - log q - KL = u_p - u_q - kl_lo``. Five float32 per row, where each side's ``(hi, lo)``, ``KL``
+    ``log p - log q - KL = u_p - u_q - kl_lo``. Five float32 per row, where each side's ``(hi, rest)``, ``KL``
     and ``g`` would be six: with six, the dH kernel spilled (float32 on sm_80 and sm_90, 16-bit on sm_90), and
     so did the float32 dW kernel on sm_90."""
     u_p = x_p - hi_p[:, None]
@@ -109,16 +112,25 @@ def _kl_grad_tiles(x_p, x_q, row_ok, hi_p, hi_q, kl_lo, coef_p, coef_q):
 
 
 @triton.jit
-def _row_inputs(lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr, rows, N, inv_temperature):
+def _row_inputs(lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr, rows, N, V, inv_temperature):
     """``(row_ok, hi_p, hi_q, kl_lo, coef_p, coef_q)`` of token indices ``rows``, for :func:`_kl_grad_tiles`:
-    each side's ``lse = hi + lo`` (``split_lse``), ``kl_lo = KL + lo_p - lo_q`` and ``coef = g / T * exp(-lo)``.
-    Rows past ``N`` get ``lse = +inf`` (``lo = 0``) and ``g = 0``."""
+    each side's ``lse = hi + rest`` against a reference inside the row's logits (``centred_lse``: on near-uniform
+    rows ``u = x - float32(lse)`` would be ~-log V on both sides, their roundings most of ``u_p - u_q``),
+    ``kl_lo = KL + rest_p - rest_q`` and ``coef = g / T * exp(-rest)``, from float64. Rows past ``N`` get
+    ``lse = +inf`` (``rest = 0``) and ``g = 0``."""
     row_ok = rows < N
-    hi_p, lo_p = split_lse(tl.load(lse_p_ptr + rows, mask=row_ok, other=float("inf")))
-    hi_q, lo_q = split_lse(tl.load(lse_q_ptr + rows, mask=row_ok, other=float("inf")))
+    log_v = tl.log(V * 1.0).to(tl.float64)
+    hi_p, rest_p = centred_lse(tl.load(lse_p_ptr + rows, mask=row_ok, other=float("inf")), log_v)
+    hi_q, rest_q = centred_lse(tl.load(lse_q_ptr + rows, mask=row_ok, other=float("inf")), log_v)
     kl = tl.load(kl_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
-    return row_ok, hi_p, hi_q, kl + (lo_p - lo_q), g * tl.exp(-lo_p), g * tl.exp(-lo_q)
+    kl_lo = (kl.to(tl.float64) + (rest_p - rest_q)).to(tl.float32)
+    # exp(-rest) from rest's float32 parts: a float64 exp held the float32 dW kernel to 64 registers and spilled
+    rest_p_hi, rest_p_lo = split_lse(rest_p)
+    rest_q_hi, rest_q_lo = split_lse(rest_q)
+    coef_p = g * (tl.exp(-rest_p_hi) * tl.exp(-rest_p_lo))
+    coef_q = g * (tl.exp(-rest_q_hi) * tl.exp(-rest_q_lo))
+    return row_ok, hi_p, hi_q, kl_lo, coef_p, coef_q
 
 
 @triton.jit
@@ -260,7 +272,7 @@ def _linear_kl_dh_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     row_ok, hi_p, hi_q, kl_lo, coef_p, coef_q = _row_inputs(
-        lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr, rows, N, inv_temperature
+        lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr, rows, N, V, inv_temperature
     )
     dh_p_ptr += split.to(tl.int64) * N * H_P
     dh_q_ptr += split.to(tl.int64) * N * H_Q
@@ -308,7 +320,7 @@ def _linear_kl_dw_kernel(
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok, hi_p, hi_q, kl_lo, coef_p, coef_q = _row_inputs(
-            lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr, rows, N, inv_temperature
+            lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr, rows, N, V, inv_temperature
         )
         x_p, x_q = _both_tiles(
             p_hidden_ptr, p_weight_ptr, p_bias_ptr, q_hidden_ptr, q_weight_ptr, q_bias_ptr,

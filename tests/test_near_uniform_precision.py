@@ -1,9 +1,14 @@
-"""Entropy gradients of near-uniform rows, every backend and form, against float64 autograd.
+"""Entropy and KL gradients of near-uniform rows, every backend and form, against float64 autograd.
 
 ``d H / d x_v = -p_v (log p_v + H) / T = -p_v (x_v - E_p[x]) / T`` for ``x = logits / T``. Formed in float32
 as ``log p_v + H``, the factor is the difference of two numbers near ``log V`` (~8 at V = 3001) that cancel
 where the row is nearly uniform, as a freshly initialized policy's is (logits ~ randn * 1e-3): their float32
 rounding, ~1e-6 absolute, is then ~1e-3 of the ~1e-3 factor. Formed against ``E_p[x]`` it is exact to float32.
+
+The exact KL's gradient to P, ``P_v (log P_v - log Q_v - KL) / T``, has the same trap: ``log P_v`` and ``log Q_v``
+are both ~``-log V``. It is formed as ``(x_v - y_v) - (lse_P - lse_Q + KL)``, the row constant in float64.
+(Q's gradient ``Q - P`` is held to the bound on well-spread rows only: between two near-uniform rows its
+error is set by the float32 sums behind each log-sum-exp, ~1e-7 absolute, as in eager PyTorch.)
 
 Every test compares ``max |g - g64| / max |g64|`` per gradient tensor with the float64 gradient of the same
 inputs (``rlhf_fast.reference`` in float64, or ``hidden.double() @ weight.double().T`` for the linear forms).
@@ -198,3 +203,45 @@ def test_linear_bf16_widened_entropy_gradients(backend, scale, form, monkeypatch
         assert ours.dtype == torch.bfloat16
         excess = ((ours.double() - truth).abs() - dtype_ulp(truth, torch.bfloat16)).max() / truth.abs().max()
         assert excess.item() <= REL_TOL, f"{name}: error beyond one bfloat16 ulp {excess.item():.2e} > {REL_TOL:.0e}"
+
+
+# ------------------------------------------------------------------------------------------ exact KL
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("scale", _scale_params())
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_kl_divergence_gradients(backend, scale, temperature):
+    rows, V = _shape(SHAPES, backend)
+    p_logits = (torch.randn(rows, V) * scale).requires_grad_()  # [rows, V], independent of q: KL ~ scale^2
+    q_logits = (torch.randn(rows, V) * scale).requires_grad_()
+    w = torch.randn(rows)
+    kl = rf.kl_divergence(p_logits, q_logits, temperature=temperature, backend=backend)
+    grads = torch.autograd.grad((kl * w).sum(), (p_logits, q_logits))
+
+    p64, q64 = (t.detach().double().requires_grad_() for t in (p_logits, q_logits))
+    ref = reference.kl_divergence(p64, q64, temperature=temperature)
+    grads64 = torch.autograd.grad((ref * w.double()).sum(), (p64, q64))
+    assert_rel_close(grads[0], grads64[0], "p_logits")
+    if scale == SCALES["spread-3"]:
+        assert_rel_close(grads[1], grads64[1], "q_logits")
+
+
+@pytest.mark.parametrize("scale", _scale_params())
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_linear_kl_divergence_gradients(backend, scale):
+    N, H, V = _shape(LINEAR_SHAPES, backend)
+    p_hidden, p_weight = _head(N, H, V, scale)
+    q_hidden, q_weight = _head(N, H, V, scale)
+    w = torch.randn(N)
+    budget = 4 * linear._row_bytes(V, 4)  # several chunks and a ragged last one on the CPU backends
+    kl = rf.linear_kl_divergence(
+        p_hidden, p_weight, q_hidden, q_weight, temperature=0.7, chunk_bytes=budget, backend=backend
+    )
+    grads = torch.autograd.grad((kl * w).sum(), (p_hidden, p_weight))
+
+    h64, w64 = (t.detach().double().requires_grad_() for t in (p_hidden, p_weight))
+    ref = reference.kl_divergence(
+        h64 @ w64.T, q_hidden.detach().double() @ q_weight.detach().double().T, temperature=0.7
+    )
+    grads64 = torch.autograd.grad((ref * w.double()).sum(), (h64, w64))
+    for name, ours, truth in zip(["p_hidden", "p_weight"], grads, grads64, strict=True):
+        assert_rel_close(ours, truth, name)
