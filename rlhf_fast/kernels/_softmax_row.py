@@ -40,18 +40,23 @@ def entropy64(log_s, t_over_s):
 
 @triton.jit
 def centred_lse(lse, log_v):
-    """A float64 ``lse`` (scalar or block) against a float32 reference inside its row's logits: ``(R, rest)``,
-    ``R = float32(lse - log V)`` and ``rest = lse - R`` in float64 (~log V).
+    """A float64 ``lse`` (scalar or block) against a float32 reference inside its row's logits:
+    ``(R, rest, scale)``, ``R = float32(lse - log V)``, ``rest = lse - R`` in float64 (~log V) and
+    ``scale = exp(-rest)`` in float32, so that ``p = exp(x - R) * scale``.
 
     ``lse - log V`` lies between the row's mean and max logit, so ``x - R`` is as exact as ``x - max``: next to
     1e4-sized logits, and on near-uniform rows, where ``x - float32(lse)`` would round to the ulp of ``lse ~ log V``
     (5e-7 where the differences that matter are ~1e-3). ``x - R <= max - R <= log V``: its exp cannot overflow.
-    A non-finite ``lse`` is its own reference, ``rest = 0``.
+    A non-finite ``lse`` is its own reference, ``rest = 0``. ``scale`` comes from ``rest``'s float32 parts
+    (``split_lse``), not a float64 exp: that held the fused-linear KL's float32 dW kernel to 64 registers, and it
+    spilled.
     """
     r = (lse - log_v).to(tl.float32)
     finite = tl.abs(r) < float("inf")
     r = tl.where(finite, r, lse.to(tl.float32))
-    return r, tl.where(finite, lse - r.to(tl.float64), 0.0)
+    rest = tl.where(finite, lse - r.to(tl.float64), 0.0)
+    rest_hi, rest_lo = split_lse(rest)
+    return r, rest, tl.exp(-rest_hi) * tl.exp(-rest_lo)
 
 
 @triton.jit

@@ -133,11 +133,11 @@ def _kl_bwd_kernel(
     # u = x - R, centre = rest_x - rest_y + KL from float64. Against float32(lse) instead, u_x and u_y are both
     # ~-log V on a near-uniform row and their roundings (~5e-7) most of a difference of ~1e-3.
     log_v = tl.log(V * 1.0).to(tl.float64)
-    r_x, rest_x = centred_lse(tl.load(lse_p_ptr + row), log_v)
-    r_y, rest_y = centred_lse(tl.load(lse_q_ptr + row), log_v)
+    r_x, rest_x, scale_x = centred_lse(tl.load(lse_p_ptr + row), log_v)
+    r_y, rest_y, scale_y = centred_lse(tl.load(lse_q_ptr + row), log_v)
     g = tl.load(grad_kl_ptr + row) * inv_temperature
-    coef_x = g * tl.exp(-rest_x).to(tl.float32)
-    coef_y = g * tl.exp(-rest_y).to(tl.float32)
+    coef_x = g * scale_x
+    coef_y = g * scale_y
     centre = ((rest_x - rest_y) + tl.load(kl_ptr + row).to(tl.float64)).to(tl.float32)
 
     cols = tl.arange(0, BLOCK_V)

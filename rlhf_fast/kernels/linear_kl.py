@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ._common import TRITON_DTYPE, AotSpec, TileConfig, aot_spec, empty_f32, on_tensor_device
 from ._linear_tile import dot, load_rows, logits_tile, upcast_dot
-from ._softmax_row import centred_lse, split_lse
+from ._softmax_row import centred_lse
 from .linear_token_stats import rescale_splits, vocabulary_splits
 
 __all__ = ["CONFIGS", "aot_specs", "linear_kl_bwd", "linear_kl_fwd"]
@@ -116,21 +116,16 @@ def _row_inputs(lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr, rows, N, V, inv_temperat
     """``(row_ok, hi_p, hi_q, kl_lo, coef_p, coef_q)`` of token indices ``rows``, for :func:`_kl_grad_tiles`:
     each side's ``lse = hi + rest`` against a reference inside the row's logits (``centred_lse``: on near-uniform
     rows ``u = x - float32(lse)`` would be ~-log V on both sides, their roundings most of ``u_p - u_q``),
-    ``kl_lo = KL + rest_p - rest_q`` and ``coef = g / T * exp(-rest)``, from float64. Rows past ``N`` get
+    ``kl_lo = KL + rest_p - rest_q`` (from float64) and ``coef = g / T * exp(-rest)``. Rows past ``N`` get
     ``lse = +inf`` (``rest = 0``) and ``g = 0``."""
     row_ok = rows < N
     log_v = tl.log(V * 1.0).to(tl.float64)
-    hi_p, rest_p = centred_lse(tl.load(lse_p_ptr + rows, mask=row_ok, other=float("inf")), log_v)
-    hi_q, rest_q = centred_lse(tl.load(lse_q_ptr + rows, mask=row_ok, other=float("inf")), log_v)
+    hi_p, rest_p, scale_p = centred_lse(tl.load(lse_p_ptr + rows, mask=row_ok, other=float("inf")), log_v)
+    hi_q, rest_q, scale_q = centred_lse(tl.load(lse_q_ptr + rows, mask=row_ok, other=float("inf")), log_v)
     kl = tl.load(kl_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
     kl_lo = (kl.to(tl.float64) + (rest_p - rest_q)).to(tl.float32)
-    # exp(-rest) from rest's float32 parts: a float64 exp held the float32 dW kernel to 64 registers and spilled
-    rest_p_hi, rest_p_lo = split_lse(rest_p)
-    rest_q_hi, rest_q_lo = split_lse(rest_q)
-    coef_p = g * (tl.exp(-rest_p_hi) * tl.exp(-rest_p_lo))
-    coef_q = g * (tl.exp(-rest_q_hi) * tl.exp(-rest_q_lo))
-    return row_ok, hi_p, hi_q, kl_lo, coef_p, coef_q
+    return row_ok, hi_p, hi_q, kl_lo, g * scale_p, g * scale_q
 
 
 @triton.jit

@@ -98,7 +98,7 @@ def _grad_tile(
     label,  # [BLOCK_N] int64; used if GRAD_LOGP
     g_lp,  # [BLOCK_N] float32, already divided by T; used if GRAD_LOGP
     g_h,  # [BLOCK_N] float32, already divided by T; used if GRAD_ENTROPY
-    mu_hi,  # [BLOCK_N] float32: the rows' E_p[x] as _row_mu gives it; used if GRAD_ENTROPY
+    mu_hi,  # [BLOCK_N] float32: the rows' E_p[x] as _row_lse gives it; used if GRAD_ENTROPY
     mu_lo,  # [BLOCK_N] float32
     g_m,  # [BLOCK_N] float32, already divided by T; used if GRAD_MEAN
     inv_vocab,  # 1 / V
